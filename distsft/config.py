@@ -1,0 +1,279 @@
+"""Configuration stage: the typed config tree, its registration with Hydra, and batch arithmetic.
+
+Every option is a dataclass field with a default and a one-line docstring (the ``#:``
+comment above it). Hydra composes the YAML groups under ``conf/`` over these schemas, so an
+unknown key or a wrong type fails at compose time naming the key. Cross-field rules that a
+schema cannot express (batch arithmetic, warmup bounds) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but cannot run; the message names the key(s)."""
+
+
+@dataclass
+class ModelConfig:
+    #: Hub name or local directory of a causal LM (config + weights + tokenizer).
+    name_or_path: str = str(ASSETS / "tiny-llama")
+    #: Tokenizer name or directory; null means the same as name_or_path.
+    tokenizer: Optional[str] = None
+    #: "pretrained" loads weights; "config" builds random weights from the config (embedded tiny model).
+    init: str = "pretrained"
+    #: Dtype the weights are loaded in: float32 or bfloat16 (mixed precision is trainer.precision).
+    dtype: str = "float32"
+    #: Attention implementation passed to transformers: sdpa, eager, flash_attention_2.
+    attn_implementation: str = "sdpa"
+    #: Allow code from the model repository (needed by some hub models).
+    trust_remote_code: bool = False
+    #: Hub revision (branch, tag or commit) when loading by name.
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    #: Training data files (jsonl/json/parquet/csv), loaded with datasets.load_dataset.
+    train_files: list[str] = field(default_factory=lambda: [str(ASSETS / "data" / "tiny_sft.jsonl")])
+    #: Validation files; when empty, val_fraction of the training data is held out.
+    val_files: list[str] = field(default_factory=list)
+    #: Fraction of the training rows held out for eval when val_files is empty (0 disables eval).
+    val_fraction: float = 0.05
+    #: Row format: auto, messages or alpaca.
+    format: str = "auto"
+    #: Tokens per packed sequence (and the longest example kept).
+    max_seq_len: int = 512
+    #: "pack": best-fit-decreasing packing into max_seq_len; "pad": pad to the longest row in a micro-batch.
+    mode: str = "pack"
+    #: Which tokens carry loss: assistant (all assistant turns), last_assistant, or all.
+    loss_on: str = "assistant"
+    #: Examples longer than max_seq_len: drop (counted) or truncate.
+    overlong: str = "drop"
+    #: Seed of the split, the shuffling and the packing order (epoch e uses seed + e).
+    seed: int = 1234
+    #: DataLoader worker processes (0 collates in the training process).
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    #: Optimizer: adamw (torch; fused on CUDA).
+    name: str = "adamw"
+    #: Peak learning rate.
+    lr: float = 2e-5
+    #: Decoupled weight decay; never applied to biases, norm weights or other 1-D parameters.
+    weight_decay: float = 0.0
+    #: Adam beta1.
+    beta1: float = 0.9
+    #: Adam beta2.
+    beta2: float = 0.999
+    #: Adam epsilon.
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    #: Shape after warmup: cosine, linear or constant.
+    name: str = "cosine"
+    #: Warmup as a fraction of total optimizer steps (ignored when warmup_steps is set).
+    warmup_ratio: float = 0.05
+    #: Warmup steps; null derives them from warmup_ratio.
+    warmup_steps: Optional[int] = None
+    #: Final LR as a fraction of the peak (eta_min = min_lr_ratio * lr).
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class ParallelConfig:
+    #: Strategy: ddp (plain data parallel; one process also uses this).
+    strategy: str = "ddp"
+    #: Collective backend on CPU (DDP over gloo); GPUs always use nccl.
+    cpu_backend: str = "gloo"
+
+
+@dataclass
+class TrainerConfig:
+    #: Sequences per micro-batch per process; null derives it from the other two.
+    micro_batch_size: Optional[int] = 4
+    #: Micro-batches accumulated per optimizer step; null derives it.
+    grad_accum: Optional[int] = None
+    #: Sequences per optimizer step over all processes; null derives it.
+    global_batch_size: Optional[int] = 8
+    #: Passes over the training data (ignored when max_steps > 0).
+    epochs: float = 1.0
+    #: Optimizer steps to run; 0 means epochs decide.
+    max_steps: int = 0
+    #: Gradient clipping by global norm; 0 disables clipping (the norm is still logged).
+    max_grad_norm: float = 1.0
+    #: fp32 or bf16 (autocast, fp32 master weights).
+    precision: str = "fp32"
+    #: Evaluate every N optimizer steps (0: only at the end).
+    eval_every: int = 50
+    #: Write a checkpoint every N optimizer steps (0: none).
+    save_every: int = 100
+    #: Keep only the newest N complete checkpoints (0 keeps all).
+    save_total_limit: int = 2
+    #: auto resumes from the newest complete checkpoint in output_dir; never; or a checkpoint path.
+    resume: str = "auto"
+    #: Seed of model init and of every process's RNG.
+    seed: int = 42
+    #: Use the GPU when one is visible; false forces CPU.
+    use_cuda: bool = True
+    #: Stop after this many optimizer steps in this invocation (0: no limit); for tests and preemption drills.
+    stop_after: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    #: Log scalars and a console line every N optimizer steps.
+    log_every: int = 10
+    #: Write TensorBoard event files under output_dir/tensorboard.
+    tensorboard: bool = True
+    #: Show a progress bar with ETA (main process only).
+    progress_bar: bool = True
+
+
+@dataclass
+class ExportConfig:
+    #: Write the final model (safetensors + config + tokenizer) to output_dir/final.
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    #: Run directory: config.yaml, tensorboard/, checkpoints/, final/, summary.json. Deterministic.
+    output_dir: str = "outputs/${run_name}"
+    #: Name of the run (used in the default output_dir).
+    run_name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+    "parallel": ParallelConfig, "trainer": TrainerConfig, "logging": LoggingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema (first in ``conf/config.yaml``'s defaults) and the asset resolver."""
+    ConfigStore.instance().store(name="distsft_schema", node=Config)
+    if not OmegaConf.has_resolver("distsft_asset"):
+        # ${distsft_asset:tiny-llama} -> the embedded asset shipped inside the package
+        OmegaConf.register_new_resolver("distsft_asset", lambda rel: str(ASSETS / rel))
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.init": ("pretrained", "config"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "data.format": ("auto", "messages", "alpaca"),
+    "data.mode": ("pack", "pad"),
+    "data.loss_on": ("assistant", "last_assistant", "all"),
+    "data.overlong": ("drop", "truncate"),
+    "optim.name": ("adamw",),
+    "schedule.name": ("cosine", "linear", "constant"),
+    "parallel.strategy": ("ddp",),
+    "trainer.precision": ("fp32", "bf16"),
+}
+
+
+def to_object(cfg: DictConfig | Config) -> Config:
+    """Resolve a composed DictConfig into the typed dataclass tree and validate it."""
+    obj = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    t, d = cfg.trainer, cfg.data
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if d.max_seq_len < 2:
+        raise ConfigError(f"data.max_seq_len={d.max_seq_len} must be >= 2")
+    if t.max_steps < 0 or t.epochs <= 0 and t.max_steps == 0:
+        raise ConfigError(f"set trainer.max_steps > 0 or trainer.epochs > 0 (got {t.max_steps}, {t.epochs})")
+    if not 0.0 <= cfg.schedule.warmup_ratio < 1.0:
+        raise ConfigError(f"schedule.warmup_ratio={cfg.schedule.warmup_ratio} must be in [0, 1)")
+    if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1]")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir must be set")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """global_batch_size = micro_batch_size x grad_accum x world_size, all resolved."""
+
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    global_batch_size: int
+
+    def describe(self) -> str:
+        return (f"micro_batch_size {self.micro_batch_size} x grad_accum {self.grad_accum} x "
+                f"world_size {self.world_size} = global_batch_size {self.global_batch_size}")
+
+
+def resolve_batch(micro: Optional[int], accum: Optional[int], global_: Optional[int],
+                  world_size: int) -> BatchPlan:
+    """Derive the unset one of (micro, accum, global) from the other two and the world size.
+
+    >>> resolve_batch(4, None, 32, 2).grad_accum
+    4
+    """
+    given = {"trainer.micro_batch_size": micro, "trainer.grad_accum": accum,
+             "trainer.global_batch_size": global_}
+    for key, value in given.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    unset = [k for k, v in given.items() if v is None]
+    if len(unset) > 1:
+        raise ConfigError(f"set at least two of {', '.join(given)}; unset: {', '.join(unset)}")
+    w = world_size
+    if micro is None:
+        if global_ % (accum * w):
+            raise ConfigError(
+                f"trainer.global_batch_size={global_} is not divisible by grad_accum {accum} x "
+                f"world_size {w} = {accum * w}; cannot derive trainer.micro_batch_size")
+        micro = global_ // (accum * w)
+    elif accum is None:
+        if global_ % (micro * w):
+            raise ConfigError(
+                f"trainer.global_batch_size={global_} is not divisible by micro_batch_size {micro} x "
+                f"world_size {w} = {micro * w}; cannot derive trainer.grad_accum "
+                f"(choose a global batch that is a multiple of {micro * w})")
+        accum = global_ // (micro * w)
+    elif global_ is None:
+        global_ = micro * accum * w
+    elif micro * accum * w != global_:
+        raise ConfigError(
+            f"micro_batch_size {micro} x grad_accum {accum} x world_size {w} = {micro * accum * w} "
+            f"!= trainer.global_batch_size={global_}; set one of them to null to derive it")
+    return BatchPlan(micro, accum, w, global_)

@@ -1,0 +1,93 @@
+"""Data stage 5 (collate): turn rows of example ids into model-ready tensors.
+
+Packed mode, micro-batch of 2 rows, examples A (3 tokens), B (2), C (4), P = pad::
+
+    row 0: A0 A1 A2 B0 B1        row 1: C0 C1 C2 C3 P
+    input_ids     [[a0 a1 a2 b0 b1], [c0 c1 c2 c3 pad]]
+    position_ids  [[ 0  1  2  0  1], [ 0  1  2  3   0]]    restart at 0 for every document
+    labels        [[-100 l1 l2 -100 l1], [-100 l1 l2 l3 -100]]  first token of each doc ignored
+    cu_seqlens    [0, 3, 5, 9, 10]       document boundaries in the flattened [B*T] layout
+    max_seqlen    4
+
+The model is called with ``input_ids`` and ``position_ids`` only, no ``attention_mask`` and
+``use_cache=False``: transformers then builds a block-diagonal causal mask from the restarting
+positions (flash varlen kernels read the same boundaries). The pad tail is its own segment,
+so it attends to nothing real and carries no loss.
+
+Padded mode (``data.mode=pad``) keeps one example per row, right-pads to the longest row and
+passes ``attention_mask``; positions are plain ``arange``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .tokenize import IGNORE
+
+
+class TokenStore:
+    """All tokenized examples as flat arrays (cheap to slice, cheap to send to workers)."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[list[int]]):
+        lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.tokens = np.fromiter((t for x in input_ids for t in x), dtype=np.int64, count=int(lengths.sum()))
+        self.labels = np.fromiter((t for x in labels for t in x), dtype=np.int64, count=int(lengths.sum()))
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[s:e], self.labels[s:e]
+
+    def supervised(self) -> np.ndarray:
+        """Supervised tokens per example."""
+        sup = (self.labels != IGNORE).astype(np.int64)
+        return np.add.reduceat(sup, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
+
+
+def collate_packed(store: TokenStore, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(int(store.lengths[r].sum()) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    pos = np.zeros((len(rows), width), dtype=np.int64)
+    seqlens = []
+    for b, row in enumerate(rows):
+        t = 0
+        for i in row:
+            x, y = store.example(i)
+            n = len(x)
+            ids[b, t:t + n], labels[b, t:t + n], pos[b, t:t + n] = x, y, np.arange(n)
+            seqlens.append(n)
+            t += n
+        if t < width:  # pad tail: a segment of its own, positions restart
+            pos[b, t:] = np.arange(width - t)
+            seqlens.append(width - t)
+    cu = np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int32)
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos), "cu_seqlens": torch.from_numpy(cu),
+            "max_seqlen": torch.tensor(max(seqlens))}
+
+
+def collate_padded(store: TokenStore, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    examples = [store.example(i) for row in rows for i in row]
+    width = max(len(x) for x, _ in examples)
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(examples), width), dtype=np.int64)
+    for b, (x, y) in enumerate(examples):
+        ids[b, :len(x)], labels[b, :len(x)], mask[b, :len(x)] = x, y, 1
+    pos = np.broadcast_to(np.arange(width), (len(examples), width)).copy()
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos), "attention_mask": torch.from_numpy(mask)}
+
+
+MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys the model's forward receives (never labels, never cu_seqlens)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}

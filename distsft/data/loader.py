@@ -1,0 +1,171 @@
+"""Data stage 6 (load for training): tokenize splits, pack them, and serve each rank its micro-batches.
+
+One optimizer step consumes ``global_batch_size`` rows of the epoch's row order. Inside
+step *s*, micro-batch *k* of rank *r* takes rows::
+
+    s*G + (k*W + r)*m  ...  + m          (G global batch, W world size, m micro-batch)
+
+so the rows of a step are the same whatever the split (1x8x1, 2x4x1, 2x2x2 ...); only who
+computes them changes. Rows that do not fill a last whole step are left out of that epoch
+(the row order is reshuffled every epoch, so different rows are left out each time).
+Resuming at (epoch, step) rebuilds the same order and starts there: the data position is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import BatchPlan, DataConfig
+from .collate import TokenStore, collate_packed, collate_padded
+from .formats import detect, to_messages
+from .packing import best_fit_decreasing, epoch_rows
+from .sources import DataError, load_splits
+from .tokenize import IGNORE, tokenize_messages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitStats:
+    rows_in: int
+    kept: int
+    dropped_overlong: int
+    truncated: int
+    dropped_unsupervised: int
+    tokens: int
+    supervised_tokens: int
+    sequences: int
+    packing_efficiency: float  # real tokens / (sequences x max_seq_len) in pack mode
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+datasets.disable_progress_bars()  # one line of stats per split is logged instead
+
+
+def tokenize_split(ds: datasets.Dataset, cfg: DataConfig, tokenizer) -> tuple[TokenStore, list[list[int]], SplitStats]:
+    fmt = detect(ds.column_names) if cfg.format == "auto" else cfg.format
+
+    def encode(row):
+        return tokenize_messages(tokenizer, to_messages(row, fmt), cfg.loss_on)
+
+    keep_cols = {"_source", "_row"}
+    enc = ds.map(encode, remove_columns=[c for c in ds.column_names if c not in keep_cols],
+                 desc="tokenize", load_from_cache_file=False)
+    ids, labels = enc["input_ids"], enc["labels"]
+    kept_ids, kept_labels = [], []
+    overlong = truncated = unsupervised = 0
+    for x, y in zip(ids, labels):
+        if len(x) > cfg.max_seq_len:
+            if cfg.overlong == "drop":
+                overlong += 1
+                continue
+            x, y, truncated = x[: cfg.max_seq_len], y[: cfg.max_seq_len], truncated + 1
+        if all(t == IGNORE for t in y):
+            unsupervised += 1
+            continue
+        kept_ids.append(x)
+        kept_labels.append(y)
+    if not kept_ids:
+        raise DataError(f"no usable examples in {sorted(set(ds['_source']))}: {overlong} longer than "
+                        f"data.max_seq_len={cfg.max_seq_len}, {unsupervised} without supervised tokens")
+    store = TokenStore(kept_ids, kept_labels)
+    if cfg.mode == "pack":
+        rows = best_fit_decreasing(store.lengths, cfg.max_seq_len, cfg.seed)
+        efficiency = float(store.lengths.sum()) / (len(rows) * cfg.max_seq_len)
+    else:
+        rows = [[i] for i in range(len(store))]
+        efficiency = float("nan")
+    stats = SplitStats(len(ds), len(store), overlong, truncated, unsupervised, int(store.lengths.sum()),
+                       int(store.supervised().sum()), len(rows), efficiency)
+    return store, rows, stats
+
+
+def collate_fn(mode: str):
+    return collate_packed if mode == "pack" else collate_padded
+
+
+class _MicroBatches(Dataset):
+    def __init__(self, store: TokenStore, batches: list[list[list[int]]], mode: str, pad_id: int):
+        self.store, self.batches, self.pad_id = store, batches, pad_id
+        self.collate = collate_fn(mode)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        batch = self.collate(self.store, self.batches[i], self.pad_id)
+        lab = batch["labels"]
+        batch["n_supervised"] = (lab != IGNORE).sum()
+        batch["n_tokens"] = torch.tensor(sum(int(self.store.lengths[i]) for r in self.batches[i] for i in r))
+        return batch
+
+
+class StepLoader:
+    """Serves one rank's micro-batches, grouped per optimizer step."""
+
+    def __init__(self, store: TokenStore, rows: list[list[int]], plan: BatchPlan, rank: int,
+                 cfg: DataConfig, pad_id: int, pin_memory: bool = False):
+        self.store, self.rows, self.plan, self.rank = store, rows, plan, rank
+        self.cfg, self.pad_id, self.pin_memory = cfg, pad_id, pin_memory
+        self.steps_per_epoch = len(rows) // plan.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(f"only {len(rows)} training sequences but one optimizer step needs "
+                            f"global_batch_size={plan.global_batch_size}; lower trainer.global_batch_size "
+                            "or add data")
+
+    def total_steps(self, epochs: float, max_steps: int) -> int:
+        return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def _micro_batches(self, epoch: int, start_step: int) -> list[list[list[int]]]:
+        order = epoch_rows(self.rows, self.cfg.seed, epoch)
+        m, w, g = self.plan.micro_batch_size, self.plan.world_size, self.plan.global_batch_size
+        out = []
+        for s in range(start_step, self.steps_per_epoch):
+            for k in range(self.plan.grad_accum):
+                first = s * g + (k * w + self.rank) * m
+                out.append(order[first:first + m])
+        return out
+
+    def steps(self, epoch: int, start_step: int = 0):
+        """Yield lists of ``grad_accum`` collated micro-batches, from ``start_step`` of ``epoch``."""
+        ds = _MicroBatches(self.store, self._micro_batches(epoch, start_step), self.cfg.mode, self.pad_id)
+        loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False)
+        group = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == self.plan.grad_accum:
+                yield group
+                group = []
+
+
+def eval_batches(store: TokenStore, rows: list[list[int]], micro: int, rank: int, world: int,
+                 cfg: DataConfig, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's share of the eval rows (rank::world), in micro-batches."""
+    mine = rows[rank::world]
+    collate = collate_fn(cfg.mode)
+    return [collate(store, mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)]
+
+
+def build_data(cfg: DataConfig, tokenizer):
+    """(train (store, rows, stats), eval (store, rows, stats) | None) for this config."""
+    train_ds, eval_ds = load_splits(cfg)
+    train = tokenize_split(train_ds, cfg, tokenizer)
+    evals = tokenize_split(eval_ds, cfg, tokenizer) if eval_ds is not None and len(eval_ds) else None
+    return train, evals
+
+
+def summarize(name: str, stats: SplitStats) -> str:
+    eff = "" if np.isnan(stats.packing_efficiency) else f", packing efficiency {stats.packing_efficiency:.1%}"
+    return (f"{name}: {stats.kept}/{stats.rows_in} examples kept (dropped {stats.dropped_overlong} over-long, "
+            f"{stats.dropped_unsupervised} unsupervised; truncated {stats.truncated}), {stats.tokens:,} tokens "
+            f"({stats.supervised_tokens:,} supervised) in {stats.sequences} sequences{eff}")

@@ -1,0 +1,50 @@
+"""Model stage 1 (load): tokenizer and causal LM from a hub name or a local directory.
+
+``model.init=config`` builds random weights from the directory's ``config.json`` (the embedded
+tiny model); ``pretrained`` loads weights with ``from_pretrained``. The KV cache is switched
+off for training: with a cache, transformers stops deriving block-diagonal masks from packed
+``position_ids`` and documents silently attend to each other.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path, revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        # Pads never carry loss or attention, so reusing eos is safe and saves resizing embeddings.
+        tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token; using eos %r for padding", tok.eos_token)
+    return tok
+
+
+def load_model(cfg: ModelConfig, seed: int):
+    dtype = getattr(torch, cfg.dtype)
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    if cfg.init == "config":
+        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+        torch.manual_seed(seed)  # same seed -> same random init on every rank and every run
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                                     dtype=dtype, **common)
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

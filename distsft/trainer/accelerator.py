@@ -1,0 +1,73 @@
+"""Trainer stage 1: the Accelerator for this machine and strategy, with a world-size guard.
+
+On a CPU-only machine Accelerate must be told to use gloo: otherwise it can report one process
+on every rank while the backend forms a bigger group underneath, and every rank believes it is
+the main one. :func:`check_world` stops such a run at start-up instead of training it wrongly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+from ..config import ConfigError, ParallelConfig, TrainerConfig
+
+
+def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig) -> Accelerator:
+    cuda = trainer.use_cuda and torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # a single process gets no process group at all (Accelerate would try to join one)
+    kwargs = [InitProcessGroupKwargs(backend="nccl" if cuda else parallel.cpu_backend,
+                                     timeout=timedelta(minutes=30))] if launched else []
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="bf16" if trainer.precision == "bf16" else "no",
+        kwargs_handlers=kwargs,
+        # the trainer steps its scheduler once per optimizer step itself (no per-process stepping)
+        step_scheduler_with_optimizer=False,
+    )
+    check_world(accelerator)
+    return accelerator
+
+
+def requested_by_launcher() -> int | None:
+    """--num_processes of an ``accelerate launch`` that is our parent process, if any.
+
+    On a machine without GPUs, ``accelerate launch --num_processes 2`` (no --multi_gpu) quietly
+    runs ONE process; this lets us stop instead of training with a different batch than asked.
+    """
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") for a in argv[:2]) or "launch" not in argv:
+        return None
+    for i, a in enumerate(argv):
+        if a.startswith("--num_processes="):
+            return int(a.split("=", 1)[1])
+        if a == "--num_processes" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return None
+
+
+def check_world(accelerator: Accelerator) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    asked = requested_by_launcher()
+    if asked and asked > 1 and launched == 1:
+        raise ConfigError(
+            f"`accelerate launch --num_processes {asked}` started a single process: without GPUs Accelerate "
+            "only starts several processes with --multi_gpu (torchrun; CPU processes then talk over gloo). "
+            f"Use `accelerate launch --multi_gpu --num_processes {asked} ...` or "
+            "`accelerate launch --config_file launch/cpu_2proc.yaml ...`")
+    backend = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not accelerator.num_processes == backend == launched:
+        raise ConfigError(
+            f"world size mismatch: launcher says {launched}, torch.distributed {backend}, Accelerate "
+            f"{accelerator.num_processes}; on CPU keep parallel.cpu_backend=gloo and launch with "
+            "`accelerate launch --num_processes N`")

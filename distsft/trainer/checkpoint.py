@@ -1,0 +1,106 @@
+"""Trainer stage 6: atomic checkpoints and exact resume.
+
+    output_dir/checkpoints/step_<N>/     model, optimizer, scheduler, RNG of every rank,
+                                         trainer state (step, data position), config.yaml, COMPLETE
+
+Every rank writes into ``.step_<N>.tmp``; after a barrier the main process renames it and
+only then writes ``COMPLETE``. A directory without ``COMPLETE`` (a crash mid-save) is never
+resumed from and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..config import ConfigError
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Position of the run; saved in every checkpoint (Accelerate's custom checkpoint object)."""
+
+    step: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / MARKER).exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def find_resume(resume: str, root: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).exists():
+        raise ConfigError(f"trainer.resume={resume}: not a complete checkpoint (no {MARKER} marker)")
+    return path
+
+
+# keys whose change makes a checkpoint's data position meaningless
+RESUME_INVARIANTS = ("data", "trainer.global_batch_size", "trainer.seed")
+
+
+def check_compatible(ckpt: Path, current: dict) -> None:
+    saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"))
+    for key in RESUME_INVARIANTS:
+        a, b = saved, current
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        if a != b:
+            raise ConfigError(f"cannot resume from {ckpt}: {key} was {a!r} there and is {b!r} now "
+                              "(set trainer.resume=never or use a new output_dir)")
+
+
+def save(accelerator, root: Path, step: int, resolved: dict, keep: int) -> Path:
+    final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        OmegaConf.save(OmegaConf.create(resolved), tmp / "config.yaml")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (final / MARKER).write_text(json.dumps({"step": step}) + "\n")
+        prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    for p in root.glob(".step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        for _, p in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,180 @@
+"""Trainer stage 5: the training loop (custom, on ``accelerate.Accelerator``).
+
+    for each optimizer step:
+        count supervised tokens of all its micro-batches, all-reduce  -> N
+        for each micro-batch (no gradient sync but on the last):
+            loss = sum token CE / N * world_size ; backward
+        clip, optimizer step, scheduler step
+        every log_every: reduce loss + counts, write scalars (main process)
+        every eval_every: eval loss ; every save_every: checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.collate import model_inputs
+from . import checkpoint
+from .loss import token_ce_sum
+from .metrics import Reporter
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's share of the step loss (sum over ranks = step loss)
+    grad_norm: torch.Tensor
+    counts: torch.Tensor  # [supervised, real] tokens of the step, all ranks
+
+
+def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # use_cache=False and no attention_mask on packed rows: that is what keeps documents apart
+    logits = model(**model_inputs(batch), use_cache=False).logits
+    return token_ce_sum(logits, batch["labels"])
+
+
+def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward every micro-batch of one optimizer step under the loss contract.
+
+    Returns (this rank's share of the step loss, [supervised, real] token counts of all ranks).
+    """
+    device = accelerator.device
+    counts = torch.stack([sum(mb["n_supervised"] for mb in micro_batches),
+                          sum(mb["n_tokens"] for mb in micro_batches)]).to(device)
+    counts = accelerator.reduce(counts, reduction="sum")  # N over all micro-batches and ranks
+    n_sup = counts[0].clamp(min=1)
+    scale = accelerator.num_processes / n_sup  # DDP averages over ranks; undo it, divide by N
+    total = torch.zeros((), device=device)
+    for k, mb in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            mb = {key: v.to(device, non_blocking=True) for key, v in mb.items()}
+            ce_sum = forward_loss_sum(model, mb)
+            accelerator.backward(ce_sum * scale)
+            total += ce_sum.detach()
+    return total / n_sup, counts
+
+
+def train_step(model, micro_batches: list[dict], accelerator, optimizer, scheduler,
+               max_grad_norm: float) -> StepResult:
+    loss_share, counts = accumulate_gradients(model, micro_batches, accelerator)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_share, torch.as_tensor(grad_norm, device=accelerator.device), counts)
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], accelerator) -> float:
+    """Token-weighted eval loss over all ranks' shares (sum CE / supervised tokens)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    # the unwrapped module: eval shards may differ in size per rank, so no per-batch collectives
+    inner = accelerator.unwrap_model(model)
+    with accelerator.autocast():
+        for mb in batches:
+            mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+            sums[0] += forward_loss_sum(inner, mb).double()
+            sums[1] += (mb["labels"][:, 1:] != -100).sum()
+    sums = accelerator.reduce(sums, reduction="sum")
+    model.train(was_training)
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+@dataclass
+class LoopParts:
+    accelerator: object
+    model: object
+    optimizer: object
+    scheduler: object
+    loader: object  # data.loader.StepLoader
+    eval_batches: list | None
+    state: checkpoint.TrainState
+    total_steps: int
+    output_dir: Path
+    resolved_config: dict
+    history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": []})
+
+
+def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
+    acc, st = p.accelerator, p.state
+    rep = Reporter(acc.is_main_process, p.output_dir, p.total_steps, st.step,
+                   logging_cfg.tensorboard, logging_cfg.progress_bar)
+    window = _Window(acc.device)
+    stop_at = min(p.total_steps, st.step + trainer_cfg.stop_after) if trainer_cfg.stop_after else p.total_steps
+    p.model.train()
+    while st.step < stop_at:
+        epoch, in_epoch = divmod(st.step, p.loader.steps_per_epoch)
+        for micro_batches in p.loader.steps(epoch, in_epoch):
+            lr = p.scheduler.get_last_lr()[0]
+            res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm)
+            st.step += 1
+            window.add(res)
+            rep.step()
+            saving = trainer_cfg.save_every and st.step % trainer_cfg.save_every == 0 or st.step == stop_at
+            if st.step % logging_cfg.log_every == 0 or saving:  # a checkpoint holds exact token counts
+                _log_window(p, rep, window, lr)
+            if p.eval_batches and trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0:
+                _log_eval(p, rep)
+            if saving:
+                checkpoint.save(acc, p.output_dir / "checkpoints", st.step, p.resolved_config,
+                                trainer_cfg.save_total_limit)
+            if st.step >= stop_at:
+                break
+    finished = st.step >= p.total_steps
+    if finished and p.eval_batches and not (trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0):
+        _log_eval(p, rep)
+    rep.close()
+    return {"finished": finished}
+
+
+class _Window:
+    """Accumulates step results on the device; read back (one host sync) only at log steps."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.counts = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self.grad_norm = None
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, res: StepResult):
+        self.loss += res.loss_sum
+        self.counts += res.counts.double()
+        self.grad_norm = res.grad_norm
+        self.steps += 1
+
+
+def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float) -> None:
+    acc, st = p.accelerator, p.state
+    loss = acc.reduce(w.loss.clone(), reduction="sum").item() / w.steps  # mean step loss of the window
+    sup, real = w.counts.tolist()
+    dt = time.perf_counter() - w.t0
+    st.tokens += int(real)
+    st.supervised_tokens += int(sup)
+    grad_norm = float(w.grad_norm)
+    p.history["train_loss"].append((st.step, loss))
+    rep.scalars(st.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                          "train/tokens_per_s": real / dt, "train/supervised_tokens_per_s": sup / dt,
+                          "train/step_time": dt / w.steps})
+    rep.line(f"step {st.step}/{p.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
+             f"tok/s {real / dt:,.0f} sup_tok/s {sup / dt:,.0f}")
+    w.reset()
+
+
+def _log_eval(p: LoopParts, rep: Reporter) -> None:
+    loss = evaluate(p.model, p.eval_batches, p.accelerator)
+    p.history["eval_loss"].append((p.state.step, loss))
+    rep.scalars(p.state.step, {"eval/loss": loss})
+    rep.line(f"step {p.state.step} eval loss {loss:.4f}")

@@ -1,0 +1,29 @@
+"""Trainer stage 4: the loss contract.
+
+The loss of an optimizer step is the sum of token cross-entropies over every supervised token
+of every micro-batch on every rank, divided by the number of those tokens (N). Each micro-batch
+therefore contributes ``sum_ce / N`` (N counted before the first forward, all-reduced over
+ranks); DDP averages gradients over W ranks, so the backward loss is scaled by W. A mean of
+per-micro-batch means would weight a short example's tokens more than a long one's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tokenize import IGNORE
+
+
+def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies in fp32. logits [B, T, V], labels [B, T] aligned with inputs."""
+    logits = logits[:, :-1, :].float()  # [B, T-1, V]: position t predicts token t+1
+    target = labels[:, 1:]  # [B, T-1]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] token losses (0 where unsupervised); for tests and diagnostics."""
+    logits = logits[:, :-1, :].float()
+    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")

@@ -1,0 +1,80 @@
+"""Shared test helpers: compose the real Hydra config, run the real pipeline, launch 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from distsft.config import register_configs, to_object
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def compose_cfg(*overrides: str):
+    """The DictConfig `python -m distsft.train <overrides>` would see."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def typed_cfg(*overrides: str):
+    return to_object(compose_cfg(*overrides))
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_tiny(out: Path, *overrides: str):
+    """Run the pipeline in this process (1 process, CPU) on the embedded default."""
+    from distsft.run import run
+
+    reset_accelerate()
+    try:
+        return run(typed_cfg(f"output_dir={out}", "logging.progress_bar=false", "trainer.use_cuda=false",
+                             *overrides))
+    finally:
+        reset_accelerate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 300) -> dict:
+    """`accelerate launch` num_processes CPU processes (gloo); returns summary.json."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
+           "--num_processes", str(num_processes), "--main_process_port", str(free_port()),
+           "-m", "distsft.train", f"output_dir={out}", "logging.progress_bar=false", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from distsft.model.load import load_tokenizer
+
+    return load_tokenizer(typed_cfg().model)
+
+
+@pytest.fixture
+def tiny_model():
+    from distsft.model.load import load_model
+
+    return load_model(typed_cfg().model, seed=0)

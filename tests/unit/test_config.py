@@ -1,0 +1,92 @@
+"""Config: every group option composes; typos and wrong types fail naming the key; batch arithmetic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from distsft.config import ConfigError, resolve_batch
+from tests.conftest import CONF, ROOT, compose_cfg, typed_cfg
+
+GROUPS = ["model", "data", "optim", "schedule", "parallel", "trainer", "logging", "experiment"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes(group, option):
+    extra = ["data.train_files=[some.jsonl]"] if (group, option) in {("data", "jsonl")} else []
+    if group == "experiment" and "data" in (CONF / group / f"{option}.yaml").read_text():
+        extra = ["data.train_files=[some.jsonl]"]
+    cfg = typed_cfg(f"{group}={option}", *extra)
+    assert cfg.output_dir
+
+
+def test_every_schema_field_has_a_docstring():
+    import inspect
+
+    import distsft.config as c
+
+    src = inspect.getsource(c)
+    for cls in (c.ModelConfig, c.DataConfig, c.OptimConfig, c.ScheduleConfig, c.ParallelConfig,
+                c.TrainerConfig, c.LoggingConfig, c.ExportConfig):
+        body = inspect.getsource(cls).splitlines()
+        for name in cls.__dataclass_fields__:
+            idx = next(i for i, line in enumerate(body) if line.strip().startswith(f"{name}:"))
+            assert body[idx - 1].strip().startswith("#:"), f"{cls.__name__}.{name} has no #: docstring"
+    assert src
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("trainer.lrr=1")
+    assert "lrr" in str(e.value.__cause__ or e.value)
+
+
+def test_wrong_type_fails_naming_key():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        compose_cfg("trainer.max_steps=abc")
+    msg = str(e.value) + str(e.value.__cause__)
+    assert "max_steps" in msg
+
+
+def test_bad_choice_names_key_and_allowed_values():
+    with pytest.raises(ConfigError, match=r"schedule.name='cosin' is not one of cosine, linear, constant"):
+        typed_cfg("schedule.name=cosin")
+
+
+def test_cli_typo_exits_with_message_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "distsft.train", "trainer.lrr=1", f"output_dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr and "TrainerConfig" in proc.stderr
+    assert not out.exists()
+
+
+def test_output_dir_is_deterministic():
+    assert "${now" not in (CONF / "config.yaml").read_text().split("output_dir:")[1].splitlines()[0]
+    assert typed_cfg().output_dir == typed_cfg().output_dir
+
+
+@pytest.mark.parametrize("micro,accum,glob,world,expect", [
+    (4, None, 32, 2, (4, 4, 2, 32)),
+    (None, 2, 16, 2, (4, 2, 2, 16)),
+    (2, 3, None, 4, (2, 3, 4, 24)),
+    (4, 2, 8, 1, (4, 2, 1, 8)),
+])
+def test_batch_arithmetic_derives_the_third(micro, accum, glob, world, expect):
+    p = resolve_batch(micro, accum, glob, world)
+    assert (p.micro_batch_size, p.grad_accum, p.world_size, p.global_batch_size) == expect
+
+
+def test_batch_arithmetic_indivisible_shows_numbers():
+    with pytest.raises(ConfigError, match=r"global_batch_size=10 is not divisible by micro_batch_size 4 x world_size 1 = 4"):
+        resolve_batch(4, None, 10, 1)
+    with pytest.raises(ConfigError, match=r"4 x grad_accum 2 x world_size 2 = 16 != trainer.global_batch_size=8"):
+        resolve_batch(4, 2, 8, 2)
+    with pytest.raises(ConfigError, match="set at least two"):
+        resolve_batch(4, None, None, 1)
