@@ -6,6 +6,7 @@ can name the file and row of anything that goes wrong.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,13 +33,28 @@ def load_file(path: str) -> datasets.Dataset:
             raise DataError(f"{path}: file not found (data.train_files / data.val_files)")
         try:
             ds = datasets.load_dataset(BUILDERS[p.suffix], data_files=str(p), split="train")
-        except Exception as e:  # datasets wraps JSON decode errors; keep the file name in front
-            raise DataError(f"{path}: could not be read as {p.suffix} ({type(e).__name__}: {e})") from e
+        except Exception as e:  # datasets wraps decode errors without the line; find it ourselves
+            where = _first_bad_json_line(p) if p.suffix == ".jsonl" else None
+            raise DataError(where or f"{path}: could not be read as {p.suffix} ({type(e).__name__}: {e})") from e
     elif os.sep in path or p.suffix:
         raise DataError(f"{path}: not found or unsupported suffix (expected one of {', '.join(BUILDERS)} or a dataset dir)")
     else:  # a hub dataset name; needs a network
         ds = datasets.load_dataset(path, split="train")
     return ds.map(lambda _, i: {"_source": str(path), "_row": i + 1}, with_indices=True)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return f"{path} line {n}: not valid JSON ({e})"
+            if not isinstance(row, dict):
+                return f"{path} line {n}: expected a JSON object per line, got {type(row).__name__}"
+    return None
 
 
 def load_files(paths: list[str]) -> datasets.Dataset:

@@ -46,7 +46,9 @@ def requested_by_launcher() -> int | None:
         argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
     except OSError:
         return None
-    if not any(a.endswith("accelerate") for a in argv[:2]) or "launch" not in argv:
+    head = argv[:3]  # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+    if not (any(a.endswith("accelerate") for a in head) and "launch" in argv
+            or "accelerate.commands.launch" in head):
         return None
     for i, a in enumerate(argv):
         if a.startswith("--num_processes="):

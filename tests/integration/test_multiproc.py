@@ -1,0 +1,45 @@
+"""Two CPU processes (accelerate launch, gloo) give the same per-step losses as one process with
+doubled accumulation: the loss contract holds across ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, launch, run_tiny
+
+pytestmark = pytest.mark.multiproc
+COMMON = ["trainer.max_steps=5", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
+          "trainer.eval_every=5", "trainer.save_every=0", "logging.log_every=1"]
+
+
+def test_two_processes_match_one(tmp_path):
+    one = run_tiny(tmp_path / "one", *COMMON).summary  # 4 x 2 x 1
+    two = launch(2, tmp_path / "two", *COMMON)  # 4 x 1 x 2
+    assert one["batch"]["grad_accum"] == 2 and two["batch"] == {
+        "micro_batch_size": 4, "grad_accum": 1, "world_size": 2, "global_batch_size": 8}
+    steps1, losses1 = zip(*one["train_loss_history"])
+    steps2, losses2 = zip(*two["train_loss_history"])
+    assert steps1 == steps2 == (1, 2, 3, 4, 5)
+    # fp32 on CPU; the only difference is the order of the cross-rank sum (gloo all-reduce)
+    for a, b in zip(losses1, losses2):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
+    assert two["tokens"] == one["tokens"] and two["supervised_tokens"] == one["supervised_tokens"]
+    assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+
+
+def test_plain_num_processes_on_cpu_is_refused(tmp_path):
+    """Without --multi_gpu Accelerate starts ONE process on a CPU machine; distsft says so."""
+    accelerate_cli = str(Path(sys.executable).parent / "accelerate")  # exactly what a user types
+    cmd = [accelerate_cli, "launch", "--num_processes", "2", "-m", "distsft.train",
+           f"output_dir={tmp_path / 'x'}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "started a single process" in proc.stderr and "--multi_gpu" in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,107 @@
+"""End to end on the embedded default: run dir, TensorBoard scalars, export, learning, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_tiny
+
+SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+           "train/supervised_tokens_per_s", "train/step_time", "eval/loss"}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The embedded default exactly as the quick start runs it (its own length and LR)."""
+    out = tmp_path_factory.mktemp("default")
+    return out, run_tiny(out)
+
+
+def test_run_dir_layout(default_run):
+    out, res = default_run
+    for name in ("config.yaml", "summary.json", "train.log", "final/model.safetensors", "final/config.json",
+                 "final/tokenizer.json", "final/generation_config.json"):
+        assert (out / name).exists(), name
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts and all((out / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
+    assert len(ckpts) <= 2  # save_total_limit
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "finished" and s["steps"] == s["total_steps"] > 0
+    assert s["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8}
+    assert s["tokens"] > s["supervised_tokens"] > 0 and s["wall_time_s"] > 0
+    assert s["final_eval_loss"] is not None
+
+
+def test_default_run_learns(default_run):
+    losses = [loss for _, loss in default_run[1].summary["train_loss_history"]]
+    assert losses[0] > 5.0  # starts near ln(vocab) = 6.46
+    assert losses[-1] < 0.4 * losses[0], losses
+    evals = [loss for _, loss in default_run[1].summary["eval_loss_history"]]
+    assert evals[-1] < evals[0]
+
+
+def test_tensorboard_scalars(default_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, res = default_run
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert SCALARS <= tags, SCALARS - tags
+    logged = {e.step: e.value for e in ea.Scalars("train/loss")}
+    for step, loss in res.summary["train_loss_history"]:
+        assert logged[step] == pytest.approx(loss, rel=1e-6)
+    assert all(e.value > 0 for e in ea.Scalars("train/tokens_per_s"))
+
+
+def test_export_reloads_with_same_logits(default_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, res = default_run
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    mem = res.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, mem(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_resume_is_exact(tmp_path):
+    common = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=0", "logging.log_every=1"]
+    straight = run_tiny(tmp_path / "a", *common)
+    first = run_tiny(tmp_path / "b", *common, "trainer.stop_after=3")
+    assert first.summary["status"] == "stopped" and first.summary["steps"] == 3
+    assert not (tmp_path / "b" / "final").exists()  # nothing a later run could mistake for a result
+    resumed = run_tiny(tmp_path / "b", *common)
+    assert resumed.summary["status"] == "finished" and resumed.summary["steps"] == 6
+    a = load_file(tmp_path / "a" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.summary["train_loss_history"] == straight.summary["train_loss_history"][3:]
+    assert resumed.summary["tokens"] == straight.summary["tokens"]
+
+
+def test_incomplete_checkpoint_is_not_resumed(tmp_path):
+    common = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=0"]
+    run_tiny(tmp_path, *common, "trainer.stop_after=2")
+    # a crash during the next save leaves a directory without the completion marker
+    broken = tmp_path / "checkpoints" / "step_4"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    res = run_tiny(tmp_path, *common)
+    assert res.summary["steps"] == 4 and (broken / "COMPLETE").exists()
+
+
+def test_resume_refuses_changed_data_config(tmp_path):
+    from distsft.config import ConfigError
+
+    run_tiny(tmp_path, "trainer.max_steps=4", "trainer.stop_after=2", "trainer.eval_every=0")
+    with pytest.raises(ConfigError, match="data was"):
+        run_tiny(tmp_path, "trainer.max_steps=4", "trainer.eval_every=0", "data.max_seq_len=128")

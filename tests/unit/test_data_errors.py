@@ -1,0 +1,79 @@
+"""Bad rows are reported with file, row/line and field; the run stops before writing anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distsft.config import DataConfig
+from distsft.data.loader import build_data
+from distsft.data.sources import DataError
+from tests.conftest import ROOT
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def write(tmp_path, rows, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return p
+
+
+@pytest.mark.parametrize("bad,expect", [
+    ('{"messages": [', r"line 3: not valid JSON"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]},
+     r"row 3: field 'messages\[1\].role' is 'robot'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["x"]}]},
+     r"row 3: field 'messages\[1\].content' must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]},
+     r"row 3: field 'messages' has no assistant turn"),
+    ({"messages": []}, r"row 3: field 'messages' must be a non-empty list"),
+])
+def test_bad_messages_rows(tmp_path, tokenizer, bad, expect):
+    p = write(tmp_path, [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(DataError, match=expect) as e:
+        build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+    assert str(p) in str(e.value)
+
+
+def test_bad_alpaca_row(tmp_path, tokenizer):
+    p = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a", "input": "c", "output": None}])
+    with pytest.raises(DataError, match=r"d.jsonl row 2: field 'output' must be a string"):
+        build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+
+
+def test_alpaca_rows_are_formatted(tmp_path, tokenizer):
+    p = write(tmp_path, [{"instruction": "Add", "input": "2 2", "output": "4"}] * 3)
+    (store, rows, stats), _ = build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+    ids, labels = store.example(0)
+    assert tokenizer.decode(ids) == "<|im_start|>user\nAdd\n\n2 2<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    assert tokenizer.decode([t for t, y in zip(ids, labels) if y != -100]) == "4<|im_end|>"
+
+
+def test_unknown_format_and_missing_file(tmp_path, tokenizer):
+    p = write(tmp_path, [{"question": "x", "answer": "y"}])
+    with pytest.raises(DataError, match=r"cannot detect the data format from columns \['_row', '_source', 'answer', 'question'\]"):
+        build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        build_data(DataConfig(train_files=[str(tmp_path / "nope.jsonl")], val_fraction=0), tokenizer)
+
+
+def test_overlong_examples_are_dropped_and_counted(tmp_path, tokenizer):
+    long = {"messages": [{"role": "user", "content": "apple " * 200}, {"role": "assistant", "content": "ok"}]}
+    p = write(tmp_path, [GOOD, long, GOOD])
+    (_, _, stats), _ = build_data(DataConfig(train_files=[str(p)], val_fraction=0, max_seq_len=64), tokenizer)
+    assert (stats.kept, stats.dropped_overlong) == (2, 1)
+
+
+def test_cli_bad_row_exits_cleanly_and_writes_nothing(tmp_path):
+    p = write(tmp_path, [GOOD, '{"messages": ['])
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "distsft.train", f"data.train_files=[{p}]", f"output_dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"distsft: error: {p} line 2: not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
