@@ -118,7 +118,7 @@ class TrainerConfig:
     precision: str = "fp32"
     #: Evaluate every N optimizer steps (0: only at the end).
     eval_every: int = 50
-    #: Write a checkpoint every N optimizer steps (0: none).
+    #: Write a checkpoint every N optimizer steps (the last step is always saved).
     save_every: int = 100
     #: Keep only the newest N complete checkpoints (0 keeps all).
     save_total_limit: int = 2
@@ -277,3 +277,33 @@ def resolve_batch(micro: Optional[int], accum: Optional[int], global_: Optional[
             f"micro_batch_size {micro} x grad_accum {accum} x world_size {w} = {micro * accum * w} "
             f"!= trainer.global_batch_size={global_}; set one of them to null to derive it")
     return BatchPlan(micro, accum, w, global_)
+
+
+def reference() -> str:
+    """Markdown table of every config key, its default and its docstring (the README embeds it)."""
+    import dataclasses
+    import inspect
+
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(cls, prefix: str) -> None:
+        src = inspect.getsource(cls).splitlines()
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            idx = next(i for i, line in enumerate(src) if line.strip().startswith(f"{f.name}:"))
+            doc = src[idx - 1].strip().removeprefix("#:").strip()
+            if isinstance(default, str) and default.startswith(str(ASSETS)):
+                default = "(embedded asset)"
+            elif isinstance(default, list):
+                default = ["(embedded asset)" if str(x).startswith(str(ASSETS)) else x for x in default]
+            lines.append(f"| `{prefix}{f.name}` | `{default}` | {doc.replace('|', '/')} |")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference())

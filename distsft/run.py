@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from .config import Config, resolve_batch
@@ -33,6 +34,7 @@ class RunResult:
 def run(cfg: Config) -> RunResult:
     t0 = time.time()
     acc = build_accelerator(cfg.parallel, cfg.trainer)
+    set_seed(cfg.trainer.seed)  # python, numpy, torch on every process (dropout, workers)
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,

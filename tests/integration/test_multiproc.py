@@ -31,6 +31,8 @@ def test_two_processes_match_one(tmp_path):
     assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
     assert two["tokens"] == one["tokens"] and two["supervised_tokens"] == one["supervised_tokens"]
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+    # rank 0 speaks: one event file, one log
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def test_plain_num_processes_on_cpu_is_refused(tmp_path):

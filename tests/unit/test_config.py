@@ -90,3 +90,9 @@ def test_batch_arithmetic_indivisible_shows_numbers():
         resolve_batch(4, 2, 8, 2)
     with pytest.raises(ConfigError, match="set at least two"):
         resolve_batch(4, None, None, 1)
+
+
+def test_readme_reference_is_current():
+    from distsft.config import reference
+
+    assert reference() in (ROOT / "README.md").read_text(), "README config reference is stale: python -m distsft.config"

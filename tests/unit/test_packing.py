@@ -57,7 +57,7 @@ def test_packed_equals_alone_with_negative_controls(tiny_model, docs):
         t = 0
         for i in row:
             x, y = store.example(i)
-            alone = per_token_ce(model(input_ids=torch.tensor([x]), use_cache=False).logits, torch.tensor([y]))
+            alone = per_token_ce(model(input_ids=torch.from_numpy(x)[None], use_cache=False).logits, torch.from_numpy(y)[None])
             n = len(x)
             torch.testing.assert_close(packed[b, t:t + n - 1], alone[0], rtol=1e-5, atol=1e-5)
             t += n
@@ -68,7 +68,8 @@ def test_packed_equals_alone_with_negative_controls(tiny_model, docs):
     model.zero_grad()
     for i in range(len(store)):
         x, y = store.example(i)
-        per_token_ce(model(input_ids=torch.tensor([x]), use_cache=False).logits, torch.tensor([y])).sum().backward()
+        per_token_ce(model(input_ids=torch.from_numpy(x)[None], use_cache=False).logits,
+                     torch.from_numpy(y)[None]).sum().backward()
     g_alone = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert ((g_packed - g_alone).norm() / g_alone.norm()).item() <= 1e-5
 
