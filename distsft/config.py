@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -42,14 +42,24 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    #: Training data files (jsonl/json/parquet/csv), loaded with datasets.load_dataset.
+    #: Training data: .jsonl/.json/.parquet/.csv/.arrow files, saved dataset dirs, or hub dataset names.
     train_files: list[str] = field(default_factory=lambda: [str(ASSETS / "data" / "tiny_sft.jsonl")])
-    #: Validation files; when empty, val_fraction of the training data is held out.
+    #: Mixing weight per train file: <= 1 takes that fraction of its rows, a whole number > 1 that many rows (repeating); empty = all rows.
+    train_weights: list[float] = field(default_factory=list)
+    #: Validation files; when empty, val_fraction of every training file is held out.
     val_files: list[str] = field(default_factory=list)
-    #: Fraction of the training rows held out for eval when val_files is empty (0 disables eval).
+    #: Fraction of each training file held out for eval when val_files is empty (0 disables eval).
     val_fraction: float = 0.05
-    #: Row format: auto, messages or alpaca.
+    #: Row format: auto (detected per file), messages, sharegpt, alpaca, prompt_completion, instruction_completion.
     format: str = "auto"
+    #: Chat template: null (the tokenizer's own), chatml, llama3, or a path to a .jinja file.
+    chat_template: Optional[str] = None
+    #: Bad rows (missing field, wrong type, unknown role, no assistant turn, invalid JSON): error stops, skip counts and reports them.
+    bad_rows: str = "error"
+    #: Drop exact duplicate conversations across the training files.
+    dedup: bool = False
+    #: Drop examples shorter than this many tokens (0 keeps all).
+    min_tokens: int = 0
     #: Tokens per packed sequence (and the longest example kept).
     max_seq_len: int = 512
     #: "pack": best-fit-decreasing packing into max_seq_len; "pad": pad to the longest row in a micro-batch.
@@ -58,8 +68,14 @@ class DataConfig:
     loss_on: str = "assistant"
     #: Examples longer than max_seq_len: drop (counted) or truncate.
     overlong: str = "drop"
-    #: Seed of the split, the shuffling and the packing order (epoch e uses seed + e).
+    #: Seed of the split, the mixing, the shuffling and the packing order (epoch e uses seed + e).
     seed: int = 1234
+    #: Cache tokenized data (keyed by file contents, tokenizer, template and data options).
+    cache: bool = True
+    #: Cache directory; null means $DISTSFT_CACHE or ~/.cache/distsft, plus /tokenized.
+    cache_dir: Optional[str] = None
+    #: Processes that tokenize (datasets.map num_proc; 1 tokenizes in the main process).
+    num_proc: int = 1
     #: DataLoader worker processes (0 collates in the training process).
     num_workers: int = 0
 
@@ -182,7 +198,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "config"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "data.format": ("auto", "messages", "alpaca"),
+    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "instruction_completion"),
+    "data.bad_rows": ("error", "skip"),
     "data.mode": ("pack", "pad"),
     "data.loss_on": ("assistant", "last_assistant", "all"),
     "data.overlong": ("drop", "truncate"),
@@ -306,4 +323,13 @@ def reference() -> str:
 
 
 if __name__ == "__main__":
-    print(reference())
+    import re
+    import sys
+
+    if sys.argv[1:] == ["--readme"]:  # refresh the table between the README's markers
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        text = re.sub(r"(<!-- config-reference:[^\n]*-->\n).*?(\n<!-- /config-reference -->)",
+                      lambda m: m.group(1) + reference() + m.group(2), readme.read_text(), flags=re.S)
+        readme.write_text(text)
+    else:
+        print(reference())

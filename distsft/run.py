@@ -12,8 +12,11 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from .config import Config, resolve_batch
-from .data.loader import StepLoader, build_data, eval_batches, summarize
+from .data.loader import StepLoader, eval_batches, pack, summarize
+from .data.prepare import prepare
+from .data.templates import end_of_turn_id
 from .export import export_final
+from .model.attention import describe_attention
 from .model.load import count_parameters, load_model, load_tokenizer
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator
@@ -40,22 +43,31 @@ def run(cfg: Config) -> RunResult:
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
                          cfg.trainer.global_batch_size, acc.num_processes)
     tokenizer = load_tokenizer(cfg.model)
-    with acc.main_process_first():
-        (train_store, train_rows, train_stats), evals = build_data(cfg.data, tokenizer)
-    loader = StepLoader(train_store, train_rows, plan, acc.process_index, cfg.data,
+    with acc.main_process_first():  # rank 0 tokenizes and fills the cache; the others then read it
+        data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
+    use_template(tokenizer, data.template, cfg.data.chat_template)
+    train_rows = pack(data.train, cfg.data, data.train_stats)
+    loader = StepLoader(data.train, train_rows, plan, acc.process_index, cfg.data,
                         tokenizer.pad_token_id, pin_memory=acc.device.type == "cuda")
     total = loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
-    ev = evals and eval_batches(evals[0], evals[1], plan.micro_batch_size, acc.process_index,
-                                acc.num_processes, cfg.data, tokenizer.pad_token_id)
+    ev = None
+    if data.eval is not None:
+        ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
+                          acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id)
     model = load_model(cfg.model, cfg.trainer.seed)
     trainable, n_params = count_parameters(model)
 
     # Only now, with data and config known to be good, does anything get written.
     _setup_run_dir(acc, out, resolved)
     log.info("batch: %s", plan.describe())
-    log.info(summarize("train", train_stats))
-    if evals:
-        log.info(summarize("eval", evals[2]))
+    log.info("attention: %s", describe_attention(cfg.model, cfg.data.mode))
+    log.info(summarize("train", data.train_stats))
+    if data.eval_stats:
+        log.info(summarize("eval", data.eval_stats))
+    if data.skipped.rows:
+        log.warning("skipped %d bad rows %s; see %s", len(data.skipped.rows), data.skipped.counts(),
+                    out / "skipped_rows.jsonl")
+        _write_skipped(acc, out, data.skipped)
     log.info("steps: %d per epoch, %d in all, %d warmup", loader.steps_per_epoch, total,
              warmup_steps(cfg.schedule, total))
     log.info("parameters: trainable %s / %s = %.2f%%", f"{trainable:,}", f"{n_params:,}", 100 * trainable / n_params)
@@ -75,7 +87,9 @@ def run(cfg: Config) -> RunResult:
                "final_eval_loss": _last(parts.history["eval_loss"]),
                "train_loss_history": parts.history["train_loss"], "eval_loss_history": parts.history["eval_loss"],
                "batch": plan.__dict__, "parameters": {"trainable": trainable, "total": n_params},
-               "data": {"train": train_stats.as_dict(), "eval": evals[2].as_dict() if evals else None},
+               "data": {"train": data.train_stats.as_dict(),
+                        "eval": data.eval_stats.as_dict() if data.eval_stats else None,
+                        "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit},
                "wall_time_s": time.time() - t0}
     if finished and cfg.export.enabled:
         summary["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved))
@@ -85,6 +99,21 @@ def run(cfg: Config) -> RunResult:
                  state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
     acc.end_training()
     return RunResult(summary, model, tokenizer)
+
+
+def use_template(tokenizer, template: str, name: str | None) -> None:
+    """Train and export with the same template; a built-in template's end-of-turn also stops generation."""
+    tokenizer.chat_template = template
+    eot = end_of_turn_id(name, tokenizer)
+    if eot is not None and eot != tokenizer.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eot)
+
+
+def _write_skipped(acc, out: Path, skipped) -> None:
+    if acc.is_main_process:
+        with (out / "skipped_rows.jsonl").open("w") as f:
+            for row in skipped.rows:
+                f.write(json.dumps(row) + "\n")
 
 
 def _last(history: list) -> float | None:

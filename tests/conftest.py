@@ -18,6 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tokenized-data cache of this test session only (subprocesses inherit it)."""
+    os.environ["DISTSFT_CACHE"] = str(tmp_path_factory.mktemp("distsft-cache"))
+
+
 def compose_cfg(*overrides: str):
     """The DictConfig `python -m distsft.train <overrides>` would see."""
     register_configs()

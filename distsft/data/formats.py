@@ -1,59 +1,83 @@
 """Data stage 2 (format): normalise every supported row format to chat ``messages``.
 
-    messages: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-    alpaca:   {"instruction": str, "input": str (optional), "output": str}
-              -> [user: instruction (+ "\\n\\n" + input), assistant: output]
+    messages:               {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    sharegpt:               {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+    alpaca:                 {"instruction": str, "input": str (optional), "output": str}
+                            -> [user: instruction (+ "\\n\\n" + input), assistant: output]
+    prompt_completion:      {"prompt": str | messages, "completion": str | messages}
+    instruction_completion: {"instruction": str, "completion" | "response": str, "context" | "input": optional}
 
-A bad row raises :class:`DataError` naming file, row and field.
+The format is detected per source from its columns (``data.format=auto``) or forced. A bad row
+raises :class:`DataError` naming file, row and field, with a ``reason`` used to count skipped rows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .sources import DataError
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant"}
 
 
-def detect(columns: list[str]) -> str:
-    if "messages" in columns:
-        return "messages"
-    if "instruction" in columns and "output" in columns:
-        return "alpaca"
-    raise DataError(f"cannot detect the data format from columns {sorted(columns)}: expected "
-                    "'messages' or 'instruction'+'output' (or set data.format)")
-
-
-def _where(row: dict) -> str:
+def where(row: dict) -> str:
     return f"{row.get('_source', '?')} row {row.get('_row', '?')}"
+
+
+def bad(row: dict, reason: str, msg: str) -> DataError:
+    return DataError(f"{where(row)}: {msg}", reason=reason)
 
 
 def _text(row: dict, key: str, optional: bool = False) -> str:
     value = row.get(key)
-    if value is None and optional:
-        return ""
+    if value is None:
+        if optional:
+            return ""
+        raise bad(row, "missing_field", f"field '{key}' is missing")
     if not isinstance(value, str):
-        raise DataError(f"{_where(row)}: field '{key}' must be a string, got {type(value).__name__}")
+        raise bad(row, "not_string", f"field '{key}' must be a string, got {type(value).__name__}")
     return value
 
 
-def from_messages(row: dict) -> list[dict[str, str]]:
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{_where(row)}: field 'messages' must be a non-empty list of {{role, content}}")
+def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+    turns = row.get(field)
+    if turns is None:
+        raise bad(row, "missing_field", f"field '{field}' is missing")
+    if not isinstance(turns, list) or not turns:
+        raise bad(row, "empty_conversation", f"field '{field}' must be a non-empty list of turns")
     out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
-            raise DataError(f"{_where(row)}: field 'messages[{i}].role' is {role!r}, expected one of {ROLES}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{_where(row)}: field 'messages[{i}].content' must be a string, "
-                            f"got {type(m.get('content')).__name__}")
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{_where(row)}: field 'messages' has no assistant turn (nothing to learn)")
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise bad(row, "not_string", f"field '{field}[{i}]' must be an object, got {type(t).__name__}")
+        role = t.get(role_key)
+        if role not in roles:
+            raise bad(row, "unknown_role", f"field '{field}[{i}].{role_key}' is {role!r}, expected one of "
+                                           f"{tuple(roles)}")
+        if t.get(content_key) is None:
+            raise bad(row, "missing_field", f"field '{field}[{i}].{content_key}' is missing")
+        if not isinstance(t[content_key], str):
+            raise bad(row, "not_string", f"field '{field}[{i}].{content_key}' must be a string, "
+                                         f"got {type(t[content_key]).__name__}")
+        out.append({"role": roles[role], "content": t[content_key]})
     return out
+
+
+def _check_assistant(row: dict, msgs: list[dict[str, str]], field: str) -> list[dict[str, str]]:
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise bad(row, "no_assistant", f"field '{field}' has no assistant turn (nothing to learn)")
+    return msgs
+
+
+def from_messages(row: dict) -> list[dict[str, str]]:
+    msgs = _turns(row, "messages", "role", "content", {r: r for r in ROLES})
+    return _check_assistant(row, msgs, "messages")
+
+
+def from_sharegpt(row: dict) -> list[dict[str, str]]:
+    msgs = _turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
+    return _check_assistant(row, msgs, "conversations")
 
 
 def from_alpaca(row: dict) -> list[dict[str, str]]:
@@ -62,7 +86,46 @@ def from_alpaca(row: dict) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
 
 
-FORMATS = {"messages": from_messages, "alpaca": from_alpaca}
+def _side(row: dict, key: str, role: str) -> list[dict[str, str]]:
+    value = row.get(key)
+    if isinstance(value, list):  # conversational prompt/completion (TRL style)
+        return _turns(row, key, "role", "content", {r: r for r in ROLES})
+    return [{"role": role, "content": _text(row, key)}]
+
+
+def from_prompt_completion(row: dict) -> list[dict[str, str]]:
+    msgs = _side(row, "prompt", "user") + _side(row, "completion", "assistant")
+    return _check_assistant(row, msgs, "completion")
+
+
+def from_instruction_completion(row: dict) -> list[dict[str, str]]:
+    key = "completion" if row.get("completion") is not None or "response" not in row else "response"
+    extra = _text(row, "context" if row.get("context") is not None else "input", optional=True)
+    prompt = _text(row, "instruction") + ("\n\n" + extra if extra else "")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, key)}]
+
+
+FORMATS: dict[str, Callable[[dict], list[dict[str, str]]]] = {
+    "messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca,
+    "prompt_completion": from_prompt_completion, "instruction_completion": from_instruction_completion,
+}
+
+
+def detect(columns: list[str], source: str = "") -> str:
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if "conversations" in cols:
+        return "sharegpt"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "instruction" in cols and cols & {"completion", "response"}:
+        return "instruction_completion"
+    raise DataError(f"{source}: cannot detect the data format from columns {sorted(cols - {'_source', '_row'})}: "
+                    "expected messages, conversations (sharegpt), instruction+output (alpaca), prompt+completion "
+                    "or instruction+completion/response; or set data.format", reason="unknown_format")
 
 
 def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:

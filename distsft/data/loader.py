@@ -15,78 +15,31 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
 
-import datasets
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import BatchPlan, DataConfig
 from .collate import TokenStore, collate_packed, collate_padded
-from .formats import detect, to_messages
 from .packing import best_fit_decreasing, epoch_rows
-from .sources import DataError, load_splits
-from .tokenize import IGNORE, tokenize_messages
+from .prepare import SplitStats
+from .sources import DataError
+from .tokenize import IGNORE
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SplitStats:
-    rows_in: int
-    kept: int
-    dropped_overlong: int
-    truncated: int
-    dropped_unsupervised: int
-    tokens: int
-    supervised_tokens: int
-    sequences: int
-    packing_efficiency: float  # real tokens / (sequences x max_seq_len) in pack mode
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-datasets.disable_progress_bars()  # one line of stats per split is logged instead
-
-
-def tokenize_split(ds: datasets.Dataset, cfg: DataConfig, tokenizer) -> tuple[TokenStore, list[list[int]], SplitStats]:
-    fmt = detect(ds.column_names) if cfg.format == "auto" else cfg.format
-
-    def encode(row):
-        return tokenize_messages(tokenizer, to_messages(row, fmt), cfg.loss_on)
-
-    keep_cols = {"_source", "_row"}
-    enc = ds.map(encode, remove_columns=[c for c in ds.column_names if c not in keep_cols],
-                 desc="tokenize", load_from_cache_file=False)
-    ids, labels = enc["input_ids"], enc["labels"]
-    kept_ids, kept_labels = [], []
-    overlong = truncated = unsupervised = 0
-    for x, y in zip(ids, labels):
-        if len(x) > cfg.max_seq_len:
-            if cfg.overlong == "drop":
-                overlong += 1
-                continue
-            x, y, truncated = x[: cfg.max_seq_len], y[: cfg.max_seq_len], truncated + 1
-        if all(t == IGNORE for t in y):
-            unsupervised += 1
-            continue
-        kept_ids.append(x)
-        kept_labels.append(y)
-    if not kept_ids:
-        raise DataError(f"no usable examples in {sorted(set(ds['_source']))}: {overlong} longer than "
-                        f"data.max_seq_len={cfg.max_seq_len}, {unsupervised} without supervised tokens")
-    store = TokenStore(kept_ids, kept_labels)
+def pack(store: TokenStore, cfg: DataConfig, stats: SplitStats) -> list[list[int]]:
+    """Rows of example ids (packed by BFD, or one example per row) and their statistics."""
     if cfg.mode == "pack":
         rows = best_fit_decreasing(store.lengths, cfg.max_seq_len, cfg.seed)
-        efficiency = float(store.lengths.sum()) / (len(rows) * cfg.max_seq_len)
+        stats.packing_efficiency = float(store.lengths.sum()) / (len(rows) * cfg.max_seq_len)
+        stats.examples_per_sequence = len(store) / len(rows)
     else:
         rows = [[i] for i in range(len(store))]
-        efficiency = float("nan")
-    stats = SplitStats(len(ds), len(store), overlong, truncated, unsupervised, int(store.lengths.sum()),
-                       int(store.supervised().sum()), len(rows), efficiency)
-    return store, rows, stats
+        stats.examples_per_sequence = 1.0
+    stats.sequences = len(rows)
+    return rows
 
 
 def collate_fn(mode: str):
@@ -156,16 +109,11 @@ def eval_batches(store: TokenStore, rows: list[list[int]], micro: int, rank: int
     return [collate(store, mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)]
 
 
-def build_data(cfg: DataConfig, tokenizer):
-    """(train (store, rows, stats), eval (store, rows, stats) | None) for this config."""
-    train_ds, eval_ds = load_splits(cfg)
-    train = tokenize_split(train_ds, cfg, tokenizer)
-    evals = tokenize_split(eval_ds, cfg, tokenizer) if eval_ds is not None and len(eval_ds) else None
-    return train, evals
-
-
 def summarize(name: str, stats: SplitStats) -> str:
-    eff = "" if np.isnan(stats.packing_efficiency) else f", packing efficiency {stats.packing_efficiency:.1%}"
+    eff = "" if stats.packing_efficiency is None else (
+        f", packing efficiency {stats.packing_efficiency:.1%} ({stats.examples_per_sequence:.1f} examples/sequence)")
+    dedup = f", {stats.duplicates} duplicates removed" if stats.duplicates else ""
     return (f"{name}: {stats.kept}/{stats.rows_in} examples kept (dropped {stats.dropped_overlong} over-long, "
-            f"{stats.dropped_unsupervised} unsupervised; truncated {stats.truncated}), {stats.tokens:,} tokens "
-            f"({stats.supervised_tokens:,} supervised) in {stats.sequences} sequences{eff}")
+            f"{stats.dropped_short} short, {stats.dropped_unsupervised} unsupervised; truncated {stats.truncated}"
+            f"{dedup}), {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) in {stats.sequences} "
+            f"sequences{eff}")

@@ -1,75 +1,163 @@
-"""Data stage 1 (load): read local files (or hub datasets) with ``datasets`` and split off eval.
+"""Data stage 1 (load): read local files (or hub datasets) with ``datasets``, normalise rows to chat
+messages, deal with bad rows, deduplicate, split off eval, and mix sources by weight.
 
-Each row keeps where it came from (``_source`` file and 1-based ``_row``) so that later stages
-can name the file and row of anything that goes wrong.
+Every row keeps where it came from (``_source`` file, ``_row`` = line number for .jsonl, 1-based
+row index otherwise), so anything that goes wrong later names its file and row.
+
+Mixing (``data.train_weights``, one per train file, the open-instruct convention): a weight <= 1 takes
+that fraction of the file's rows, a whole number > 1 takes that many rows (repeating the file when it
+is larger than the file). Eval rows are split off each file *before* weighting, so repeated rows
+never leak into eval.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-
-from ..config import DataConfig
+import numpy as np
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+KEEP = ("messages", "_source", "_row")
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file, row and field."""
+    """Bad input data; the message names the file, row and field; ``reason`` is its kind."""
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.reason = reason
 
 
-def load_file(path: str) -> datasets.Dataset:
-    """One file (or a saved dataset dir, or a hub name) -> Dataset with _source/_row columns."""
-    p = Path(path)
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"]
-    elif p.suffix in BUILDERS:
-        if not p.exists():
-            raise DataError(f"{path}: file not found (data.train_files / data.val_files)")
-        try:
-            ds = datasets.load_dataset(BUILDERS[p.suffix], data_files=str(p), split="train")
-        except Exception as e:  # datasets wraps decode errors without the line; find it ourselves
-            where = _first_bad_json_line(p) if p.suffix == ".jsonl" else None
-            raise DataError(where or f"{path}: could not be read as {p.suffix} ({type(e).__name__}: {e})") from e
-    elif os.sep in path or p.suffix:
-        raise DataError(f"{path}: not found or unsupported suffix (expected one of {', '.join(BUILDERS)} or a dataset dir)")
-    else:  # a hub dataset name; needs a network
-        ds = datasets.load_dataset(path, split="train")
-    return ds.map(lambda _, i: {"_source": str(path), "_row": i + 1}, with_indices=True)
+@dataclass
+class Skipped:
+    """Rows left out under ``data.bad_rows=skip`` (and why); written to the run dir's report."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, source: str, row: int, reason: str, message: str) -> None:
+        self.rows.append({"file": source, "row": row, "reason": reason, "message": message})
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(r["reason"] for r in self.rows))
 
 
-def _first_bad_json_line(path: Path) -> str | None:
+def _jsonl_line_numbers(path: Path) -> list[int]:
+    with path.open("rb") as f:
+        return [n for n, raw in enumerate(f, start=1) if raw.strip()]
+
+
+def _read_jsonl_by_hand(path: Path, policy: str, skipped: Skipped) -> list[dict]:
+    """Slow path when Arrow cannot read a .jsonl (bad line, types that change between rows)."""
+    rows = []
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
                 row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                return f"{path} line {n}: not valid JSON ({e})"
-            if not isinstance(row, dict):
-                return f"{path} line {n}: expected a JSON object per line, got {type(row).__name__}"
-    return None
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object per line, got {type(row).__name__}")
+            except (UnicodeDecodeError, ValueError) as e:
+                msg = f"{path} line {n}: not valid JSON ({e})"
+                if policy == "error":
+                    raise DataError(msg, reason="invalid_json") from e
+                skipped.add(str(path), n, "invalid_json", msg)
+                continue
+            rows.append({**row, "_source": str(path), "_row": n})
+    return rows
 
 
-def load_files(paths: list[str]) -> datasets.Dataset:
-    if not paths:
-        raise DataError("data.train_files is empty: give at least one file")
-    parts = [load_file(p) for p in paths]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | list[dict]:
+    """Raw rows of one file (a Dataset), or a list of dicts when only the slow path could read it."""
+    p = Path(path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    elif p.suffix in BUILDERS:
+        if not p.is_file():
+            raise DataError(f"{path}: file not found (data.train_files / data.val_files)", reason="missing_file")
+        try:
+            ds = datasets.load_dataset(BUILDERS[p.suffix], data_files=str(p), split="train")
+        except Exception as e:  # Arrow names neither line nor field; find them ourselves
+            if p.suffix != ".jsonl":
+                raise DataError(f"{path}: could not be read as {p.suffix} ({type(e).__name__}: {e})") from e
+            return _read_jsonl_by_hand(p, policy, skipped)
+        if p.suffix == ".jsonl":
+            lines = _jsonl_line_numbers(p)
+            return ds.add_column("_source", [str(p)] * len(ds)).add_column("_row", lines)
+    elif os.sep in path or p.suffix:
+        raise DataError(f"{path}: not found or unsupported suffix (expected one of {', '.join(BUILDERS)} "
+                        "or a saved dataset directory)", reason="missing_file")
+    else:  # a hub dataset name; needs a network
+        ds = datasets.load_dataset(path, split="train")
+    return ds.add_column("_source", [str(path)] * len(ds)).add_column("_row", list(range(1, len(ds) + 1)))
 
 
-def load_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train, eval) rows. Eval comes from data.val_files, else a seeded data.val_fraction."""
-    train = load_files(cfg.train_files)
-    if cfg.val_files:
-        return train, load_files(cfg.val_files)
-    if cfg.val_fraction <= 0:
-        return train, None
-    split = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
-    return split["train"], split["test"]
+def normalise(raw, fmt: str, policy: str, skipped: Skipped, source: str) -> datasets.Dataset:
+    """Rows -> Dataset(messages, _source, _row); bad rows raise (policy error) or are recorded (skip)."""
+    from .formats import detect, to_messages
+
+    columns = raw.column_names if isinstance(raw, datasets.Dataset) else sorted({k for r in raw for k in r})
+    fmt = detect(columns, source) if fmt == "auto" else fmt
+
+    def convert(row):
+        try:
+            return {"messages": to_messages(row, fmt), "_error": ""}
+        except DataError as e:
+            if policy == "error":
+                raise
+            return {"messages": [], "_error": f"{e.reason}\t{e}"}
+
+    if isinstance(raw, list):
+        out = [{**convert(r), "_source": r["_source"], "_row": r["_row"]} for r in raw]
+        ds = datasets.Dataset.from_list(out) if out else datasets.Dataset.from_dict(
+            {"messages": [], "_error": [], "_source": [], "_row": []})
+    else:
+        ds = raw.map(convert, remove_columns=[c for c in raw.column_names if c not in KEEP[1:]], desc="format")
+    errors = [(s, r, e) for s, r, e in zip(ds["_source"], ds["_row"], ds["_error"]) if e]
+    for s, r, e in errors:
+        reason, msg = e.split("\t", 1)
+        skipped.add(s, r, reason, msg)
+    if errors:
+        ds = ds.filter(lambda e: not e, input_columns="_error")
+    return ds.remove_columns("_error")
+
+
+def load_source(path: str, fmt: str, policy: str, skipped: Skipped) -> datasets.Dataset:
+    return normalise(read_rows(path, policy, skipped), fmt, policy, skipped, path)
+
+
+def dedup(parts: list[datasets.Dataset]) -> tuple[list[datasets.Dataset], int]:
+    """Drop exact duplicate conversations across all parts (first occurrence wins)."""
+    seen: set[str] = set()
+    out, dropped = [], 0
+    for ds in parts:
+        keep = []
+        for i, msgs in enumerate(ds["messages"]):
+            key = json.dumps(msgs, sort_keys=True, ensure_ascii=False)
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        dropped += len(ds) - len(keep)
+        out.append(ds.select(keep) if len(keep) < len(ds) else ds)
+    return out, dropped
+
+
+def apply_weight(ds: datasets.Dataset, weight: float, seed: int, key: str) -> datasets.Dataset:
+    n = len(ds)
+    if weight <= 0 or (weight > 1 and weight != int(weight)):
+        raise DataError(f"{key}={weight}: expected a fraction in (0, 1] or a whole row count > 1",
+                        reason="config")
+    if weight == 1 or n == 0:
+        return ds
+    rng = np.random.default_rng(seed)
+    if weight < 1:
+        return ds.select(np.sort(rng.permutation(n)[: max(1, round(weight * n))]))
+    count = int(weight)  # repeat whole copies, then a random remainder
+    idx = np.concatenate([np.tile(np.arange(n), count // n), np.sort(rng.permutation(n)[: count % n])])
+    return ds.select(idx)

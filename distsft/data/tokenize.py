@@ -33,7 +33,8 @@ def _render(tokenizer, messages, template, generation_prompt: bool) -> str:
                                          add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict], template: str | None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict], template: str | None,
+                    template_name: str = "the chat template") -> tuple[str, list[tuple[int, int]]]:
     """Full rendered text and the character spans of every assistant reply (+ end-of-turn)."""
     full = _render(tokenizer, messages, template, False)
     spans = []
@@ -43,17 +44,24 @@ def assistant_spans(tokenizer, messages: list[dict], template: str | None) -> tu
         prefix = _render(tokenizer, messages[:i], template, True) if i else ""
         upto = _render(tokenizer, messages[: i + 1], template, False)
         if not (upto.startswith(prefix) and full.startswith(upto)):
-            name = "the tokenizer's chat template" if template is None else "data.chat_template"
             raise TemplateError(
-                f"{name} renders conversation prefixes inconsistently (turn {i} changes earlier text), "
-                "so assistant spans are ambiguous; use a template that renders turns append-only")
-        spans.append((len(prefix), len(upto.rstrip())))
+                f"{template_name} renders conversation prefixes inconsistently (turn {i} changes earlier text), "
+                "so assistant spans are ambiguous; use a template that renders turns append-only",
+                reason="template")
+        span = (len(prefix), len(upto.rstrip()))
+        # verify: the reply itself must lie inside its span (templates may trim it, never move it)
+        if m["content"].strip() not in full[span[0]:span[1]]:
+            raise TemplateError(
+                f"{template_name} does not render assistant turn {i} between its generation prompt and the "
+                "end of the turn, so its tokens cannot be masked reliably", reason="template")
+        spans.append(span)
     return full, spans
 
 
-def tokenize_messages(tokenizer, messages: list[dict], loss_on: str, template: str | None = None) -> dict[str, Any]:
+def tokenize_messages(tokenizer, messages: list[dict], loss_on: str, template: str | None = None,
+                      template_name: str = "the chat template") -> dict[str, Any]:
     """-> {"input_ids": [...], "labels": [...]} for one conversation."""
-    text, spans = assistant_spans(tokenizer, messages, template)
+    text, spans = assistant_spans(tokenizer, messages, template, template_name)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if loss_on == "all":

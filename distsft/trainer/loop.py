@@ -121,11 +121,13 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
             saving = trainer_cfg.save_every and st.step % trainer_cfg.save_every == 0 or st.step == stop_at
             if st.step % logging_cfg.log_every == 0 or saving:  # a checkpoint holds exact token counts
                 _log_window(p, rep, window, lr)
+            t_pause = time.perf_counter()  # eval and checkpoints do not count as training time
             if p.eval_batches and trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0:
                 _log_eval(p, rep)
             if saving:
                 checkpoint.save(acc, p.output_dir / "checkpoints", st.step, p.resolved_config,
                                 trainer_cfg.save_total_limit)
+            window.t0 += time.perf_counter() - t_pause
             if st.step >= stop_at:
                 break
     finished = st.step >= p.total_steps

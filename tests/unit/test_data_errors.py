@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from distsft.config import DataConfig
-from distsft.data.loader import build_data
+from distsft.data.prepare import prepare
 from distsft.data.sources import DataError
 from tests.conftest import ROOT
 
@@ -35,19 +35,23 @@ def write(tmp_path, rows, name="d.jsonl"):
 def test_bad_messages_rows(tmp_path, tokenizer, bad, expect):
     p = write(tmp_path, [GOOD, GOOD, bad, GOOD])
     with pytest.raises(DataError, match=expect) as e:
-        build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+        prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False), tokenizer)
     assert str(p) in str(e.value)
 
 
 def test_bad_alpaca_row(tmp_path, tokenizer):
-    p = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a", "input": "c", "output": None}])
-    with pytest.raises(DataError, match=r"d.jsonl row 2: field 'output' must be a string"):
-        build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+    # a type that changes between rows: Arrow cannot read the file, the line-by-line path names the row
+    p = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a", "input": "c", "output": 5}])
+    with pytest.raises(DataError, match=r"d.jsonl row 2: field 'output' must be a string, got int"):
+        prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False), tokenizer)
+    p = write(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": None}])
+    with pytest.raises(DataError, match=r"d.jsonl row 2: field 'output' is missing"):
+        prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False), tokenizer)
 
 
 def test_alpaca_rows_are_formatted(tmp_path, tokenizer):
     p = write(tmp_path, [{"instruction": "Add", "input": "2 2", "output": "4"}] * 3)
-    (store, rows, stats), _ = build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+    store = prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False), tokenizer).train
     ids, labels = store.example(0)
     assert tokenizer.decode(ids) == "<|im_start|>user\nAdd\n\n2 2<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
     assert tokenizer.decode([t for t, y in zip(ids, labels) if y != -100]) == "4<|im_end|>"
@@ -55,16 +59,16 @@ def test_alpaca_rows_are_formatted(tmp_path, tokenizer):
 
 def test_unknown_format_and_missing_file(tmp_path, tokenizer):
     p = write(tmp_path, [{"question": "x", "answer": "y"}])
-    with pytest.raises(DataError, match=r"cannot detect the data format from columns \['_row', '_source', 'answer', 'question'\]"):
-        build_data(DataConfig(train_files=[str(p)], val_fraction=0), tokenizer)
+    with pytest.raises(DataError, match=r"cannot detect the data format from columns \['answer', 'question'\]"):
+        prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False), tokenizer)
     with pytest.raises(DataError, match="nope.jsonl: file not found"):
-        build_data(DataConfig(train_files=[str(tmp_path / "nope.jsonl")], val_fraction=0), tokenizer)
+        prepare(DataConfig(train_files=[str(tmp_path / "nope.jsonl")], val_fraction=0, cache=False), tokenizer)
 
 
 def test_overlong_examples_are_dropped_and_counted(tmp_path, tokenizer):
     long = {"messages": [{"role": "user", "content": "apple " * 200}, {"role": "assistant", "content": "ok"}]}
     p = write(tmp_path, [GOOD, long, GOOD])
-    (_, _, stats), _ = build_data(DataConfig(train_files=[str(p)], val_fraction=0, max_seq_len=64), tokenizer)
+    stats = prepare(DataConfig(train_files=[str(p)], val_fraction=0, max_seq_len=64, cache=False), tokenizer).train_stats
     assert (stats.kept, stats.dropped_overlong) == (2, 1)
 
 

@@ -8,7 +8,8 @@ import torch
 from accelerate import Accelerator
 
 from distsft.config import BatchPlan, DataConfig
-from distsft.data.loader import StepLoader, build_data
+from distsft.data.loader import StepLoader, pack
+from distsft.data.prepare import prepare
 from distsft.trainer.loop import accumulate_gradients, forward_loss_sum
 from tests.conftest import reset_accelerate, typed_cfg
 
@@ -16,8 +17,8 @@ from tests.conftest import reset_accelerate, typed_cfg
 @pytest.fixture(scope="module")
 def data(tokenizer):
     cfg: DataConfig = typed_cfg("data.mode=pad", "data.val_fraction=0").data
-    (store, rows, _), _ = build_data(cfg, tokenizer)
-    return store, rows, cfg
+    prep = prepare(cfg, tokenizer)
+    return prep.train, pack(prep.train, cfg, prep.train_stats), cfg
 
 
 def grads_for_split(model, data, micro, accum):
