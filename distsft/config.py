@@ -32,8 +32,8 @@ class ModelConfig:
     init: str = "pretrained"
     #: Dtype the weights are loaded in: float32 or bfloat16 (mixed precision is trainer.precision).
     dtype: str = "float32"
-    #: Attention implementation passed to transformers: sdpa, eager, flash_attention_2.
-    attn_implementation: str = "sdpa"
+    #: Attention kernel: auto (flash_attention_2 if installed on CUDA, else sdpa), sdpa, eager, flash_attention_2, varlen.
+    attn_implementation: str = "auto"
     #: Allow code from the model repository (needed by some hub models).
     trust_remote_code: bool = False
     #: Hub revision (branch, tag or commit) when loading by name.
@@ -165,6 +165,12 @@ class ExportConfig:
 
 
 @dataclass
+class PreviewConfig:
+    #: Examples that distsft.preview prints with their supervised tokens marked.
+    examples: int = 3
+
+
+@dataclass
 class Config:
     #: Run directory: config.yaml, tensorboard/, checkpoints/, final/, summary.json. Deterministic.
     output_dir: str = "outputs/${run_name}"
@@ -178,6 +184,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
 
 
 GROUP_SCHEMAS = {
@@ -197,7 +204,7 @@ def register_configs() -> None:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "config"),
     "model.dtype": ("float32", "bfloat16"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "instruction_completion"),
     "data.bad_rows": ("error", "skip"),
     "data.mode": ("pack", "pad"),
@@ -240,6 +247,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.warmup_ratio={cfg.schedule.warmup_ratio} must be in [0, 1)")
     if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1]")
+    if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
+        raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
     if not cfg.output_dir:
         raise ConfigError("output_dir must be set")
 

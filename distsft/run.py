@@ -54,13 +54,13 @@ def run(cfg: Config) -> RunResult:
     if data.eval is not None:
         ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
                           acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id)
-    model = load_model(cfg.model, cfg.trainer.seed)
+    model = load_model(cfg.model, cfg.trainer.seed, cuda=acc.device.type == "cuda")
     trainable, n_params = count_parameters(model)
 
     # Only now, with data and config known to be good, does anything get written.
     _setup_run_dir(acc, out, resolved)
     log.info("batch: %s", plan.describe())
-    log.info("attention: %s", describe_attention(cfg.model, cfg.data.mode))
+    log.info("attention: %s", describe_attention(model.config._attn_implementation, cfg.data.mode))
     log.info(summarize("train", data.train_stats))
     if data.eval_stats:
         log.info(summarize("eval", data.eval_stats))

@@ -114,6 +114,12 @@ def collate_padded(store: TokenStore, rows: list[list[int]], pad_id: int) -> dic
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys the model's forward receives (never labels, never cu_seqlens)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+def model_inputs(batch: dict[str, torch.Tensor], varlen: bool = False) -> dict:
+    """The keys the model's forward receives (never labels). ``varlen``: also the document boundaries,
+    under the names transformers passes through to the attention function."""
+    out = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if varlen and "cu_seqlens" in batch:
+        n = int(batch["max_seqlen"])  # a CPU tensor until here: no device sync
+        out.update(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"], max_length_q=n,
+                   max_length_k=n)
+    return out

@@ -1,20 +1,87 @@
-"""Model stage 2 (attention): which kernel keeps packed documents apart, said out loud.
+"""Model stage 2 (attention): which kernel keeps packed documents apart, chosen and said out loud.
 
 Packed rows are run with restarting ``position_ids``, no ``attention_mask`` and ``use_cache=False``.
-transformers then isolates documents by itself:
-  - flash_attention_2 (flash-attn installed, CUDA): varlen kernels, cu_seqlens from position_ids;
-  - sdpa / eager: a block-diagonal causal mask built from position_ids (any device, CPU included).
+
+    sdpa / eager        transformers builds a block-diagonal causal mask from position_ids
+                        (any device; the memory of a [B, 1, T, T] mask)
+    flash_attention_2   flash-attn's varlen kernels (CUDA, flash-attn installed); transformers
+                        derives cu_seqlens from position_ids
+    varlen              distsft's own: the batch is flattened to [B*T] and attention runs per
+                        document from the collator's ``cu_seqlens``; on CUDA PyTorch's flash kernel
+                        ``torch.nn.attention.varlen.varlen_attn``, on CPU a reference loop of
+                        causal SDPA per document (slow; for checking, not for speed)
+    auto                flash_attention_2 if flash-attn imports on CUDA, else sdpa
 """
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
 from ..config import ModelConfig
 
+VARLEN = "distsft_varlen"
 
-def describe_attention(cfg: ModelConfig, mode: str) -> str:
-    impl = cfg.attn_implementation
+
+def resolve_attention(impl: str, cuda: bool) -> str:
+    """The attn_implementation given to transformers."""
+    if impl == "auto":
+        return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    if impl == "varlen":
+        register_varlen()
+        return VARLEN
+    return impl
+
+
+def _reference_varlen(q, k, v, cu: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D]: causal attention inside each [cu[i], cu[i+1])."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+        out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
+                                                  enable_gqa=ki.shape[0] != qi.shape[0]).transpose(0, 1)
+    return out
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention interface: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D]."""
+    b, hq, t, d = query.shape
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:  # unpacked rows: each row is one document
+        if attention_mask is not None:
+            raise RuntimeError("attn_implementation=varlen takes packed rows (data.mode=pack), not padded ones")
+        cu = torch.arange(b + 1, dtype=torch.int32, device=query.device) * t
+        kwargs["max_length_q"] = t
+    q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))  # [B*T, H, D]
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        n = int(kwargs["max_length_q"])
+        out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, window_size=(-1, 0),
+                          enable_gqa=k.shape[1] != hq)
+    else:
+        out = _reference_varlen(q, k, v, cu, scaling)
+    return out.reshape(b, t, hq, d), None
+
+
+def register_varlen() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    # like flash attention: no 4D mask is built (None for packed rows without padding)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)
+
+
+def describe_attention(impl: str, mode: str) -> str:
     if mode != "pack":
         return f"{impl}, padded rows with an attention mask"
     if impl == "flash_attention_2":
         return "flash_attention_2 varlen kernels over packed documents (cu_seqlens from position_ids)"
+    if impl == VARLEN:
+        return "varlen per document from cu_seqlens (torch varlen_attn on CUDA, reference SDPA loop on CPU)"
     return f"{impl} with a block-diagonal causal mask built from packed position_ids"

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..config import ModelConfig
+from .attention import resolve_attention
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,9 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, seed: int):
+def load_model(cfg: ModelConfig, seed: int, cuda: bool = False):
     dtype = getattr(torch, cfg.dtype)
-    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=resolve_attention(cfg.attn_implementation, cuda))
     if cfg.init == "config":
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)

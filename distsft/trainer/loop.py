@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.collate import model_inputs
+from ..model.attention import VARLEN
 from . import checkpoint
 from .loss import token_ce_sum
 from .metrics import Reporter
@@ -34,7 +35,8 @@ class StepResult:
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # use_cache=False and no attention_mask on packed rows: that is what keeps documents apart
-    logits = model(**model_inputs(batch), use_cache=False).logits
+    varlen = getattr(model, "module", model).config._attn_implementation == VARLEN
+    logits = model(**model_inputs(batch, varlen), use_cache=False).logits
     return token_ce_sum(logits, batch["labels"])
 
 
@@ -53,7 +55,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> tuple
     for k, mb in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            mb = {key: v.to(device, non_blocking=True) for key, v in mb.items()}
+            mb = {key: v.to(device, non_blocking=True) if key != "max_seqlen" else v for key, v in mb.items()}
             ce_sum = forward_loss_sum(model, mb)
             accelerator.backward(ce_sum * scale)
             total += ce_sum.detach()
@@ -80,7 +82,7 @@ def evaluate(model, batches: list[dict], accelerator) -> float:
     inner = accelerator.unwrap_model(model)
     with accelerator.autocast():
         for mb in batches:
-            mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+            mb = {k: v.to(accelerator.device) if k != "max_seqlen" else v for k, v in mb.items()}
             sums[0] += forward_loss_sum(inner, mb).double()
             sums[1] += (mb["labels"][:, 1:] != -100).sum()
     sums = accelerator.reduce(sums, reduction="sum")

@@ -44,13 +44,21 @@ def docs(tokenizer):
     return [tokenize_messages(tokenizer, e["messages"], "assistant") for e in exs]
 
 
-def test_packed_equals_alone_with_negative_controls(tiny_model, docs):
-    model = tiny_model.eval()
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen"])
+def test_packed_equals_alone_with_negative_controls(docs, attn):
+    from distsft.model.attention import VARLEN
+    from distsft.model.load import load_model
+    from tests.conftest import typed_cfg
+
+    mcfg = typed_cfg(f"model.attn_implementation={attn}").model
+    model = load_model(mcfg, seed=0).eval()
+    varlen = model.config._attn_implementation == VARLEN
+    assert varlen == (attn == "varlen")
     store = TokenStore([d["input_ids"] for d in docs], [d["labels"] for d in docs])
     rows = best_fit_decreasing(store.lengths, 160, seed=0)
     assert len(rows) > 1 and max(len(r) for r in rows) > 2  # micro-batch > 1, several docs per row
     batch = collate_packed(store, rows, pad_id=0)
-    packed_logits = model(**model_inputs(batch), use_cache=False).logits
+    packed_logits = model(**model_inputs(batch, varlen), use_cache=False).logits
     packed = per_token_ce(packed_logits, batch["labels"])  # [B, T-1]
 
     for b, row in enumerate(rows):  # each document run alone must give the same token losses
@@ -73,6 +81,13 @@ def test_packed_equals_alone_with_negative_controls(tiny_model, docs):
     g_alone = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert ((g_packed - g_alone).norm() / g_alone.norm()).item() <= 1e-5
 
+    if varlen:  # negative control: one document spanning each whole row = plain causal attention
+        plain = dict(batch, cu_seqlens=torch.arange(len(rows) + 1, dtype=torch.int32) * batch["input_ids"].shape[1],
+                     max_seqlen=torch.tensor(batch["input_ids"].shape[1]))
+        with torch.no_grad():
+            leaky = model(**model_inputs(plain, True), use_cache=False).logits
+        assert (per_token_ce(leaky, batch["labels"]) - packed.detach()).abs().max() >= 1e-2
+        return
     # negative controls: a plain causal mask, or the KV cache, lets documents attend to each other
     with torch.no_grad():
         masked = model(**model_inputs(batch), attention_mask=torch.ones_like(batch["input_ids"]),

@@ -1,0 +1,79 @@
+"""Preview: ``python -m distsft.preview key=value ...`` (console script ``distsft-preview``).
+
+Composes the same config as training, then shows a few formatted examples with the supervised
+tokens marked (green on a terminal, ``[[...]]`` otherwise) and the statistics of the whole dataset:
+kept/dropped/skipped rows, tokens, supervised tokens, packing efficiency. Nothing is trained and
+nothing is written except the tokenized-data cache. Use it to debug templates and masks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import ConfigError, register_configs, to_object
+from .train import CONF_DIR
+
+register_configs()
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def render_example(tokenizer, ids, labels, color: bool) -> str:
+    """Decoded text with each run of supervised tokens marked."""
+    out, run, sup = [], [], None
+    for t, y in zip(list(ids) + [None], list(labels) + [None]):
+        s = y is not None and y != -100
+        if run and (s != sup or t is None):
+            text = tokenizer.decode(run)
+            out.append((GREEN + text + RESET if color else "[[" + text + "]]") if sup else text)
+            run = []
+        if t is not None:
+            run.append(int(t))
+            sup = s
+    return "".join(out)
+
+
+def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
+    from .data.loader import pack, summarize
+    from .data.prepare import prepare
+    from .model.load import load_tokenizer
+
+    color = stream.isatty() if color is None else color
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
+    store = data.train
+    marks = "green" if color else "[[...]]"
+    print(f"supervised tokens are shown {marks}; loss_on={cfg.data.loss_on}, "
+          f"template={cfg.data.chat_template or 'the tokenizer' + chr(39) + 's own'}\n", file=stream)
+    for i in range(min(cfg.preview.examples, len(store))):
+        ids, labels = store.example(i)
+        n_sup = int((labels != -100).sum())
+        print(f"--- example {i} ({store.origin(i)}): {len(ids)} tokens, {n_sup} supervised", file=stream)
+        print(render_example(tokenizer, ids, labels, color), file=stream)
+    print("", file=stream)
+    pack(store, cfg.data, data.train_stats)
+    print(summarize("train", data.train_stats), file=stream)
+    if data.eval is not None:
+        pack(data.eval, cfg.data, data.eval_stats)
+        print(summarize("eval", data.eval_stats), file=stream)
+    if data.skipped.rows:
+        print(f"skipped bad rows: {data.skipped.counts()}", file=stream)
+        for r in data.skipped.rows[:10]:
+            print(f"  {r['message']}", file=stream)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from .data.sources import DataError
+
+    try:
+        preview(to_object(cfg))
+    except (ConfigError, DataError) as e:
+        print(f"distsft: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

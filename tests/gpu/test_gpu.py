@@ -1,0 +1,51 @@
+"""GPU-only checks (marked; skipped without CUDA): PyTorch's flash varlen kernel keeps packed documents
+apart in bf16, and a bf16 GPU run tracks the fp32 CPU run of the same tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distsft.data.collate import TokenStore, collate_packed, model_inputs
+from distsft.data.packing import best_fit_decreasing
+from distsft.data.tokenize import tokenize_messages
+from distsft.trainer.loss import per_token_ce
+from tests.conftest import run_tiny, typed_cfg
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_torch_varlen_packed_equals_alone_bf16(tokenizer):
+    from distsft.assets.build import make_examples
+    from distsft.model.load import load_model
+
+    model = load_model(typed_cfg("model.attn_implementation=varlen", "model.dtype=bfloat16").model, seed=0,
+                       cuda=True).cuda().eval()
+    docs = [tokenize_messages(tokenizer, e["messages"], "assistant") for e in make_examples(16, seed=3)]
+    store = TokenStore([d["input_ids"] for d in docs], [d["labels"] for d in docs])
+    rows = best_fit_decreasing(store.lengths, 192, seed=0)
+    batch = {k: v.cuda() if k != "max_seqlen" else v for k, v in collate_packed(store, rows, 0).items()}
+    with torch.no_grad():
+        packed = per_token_ce(model(**model_inputs(batch, True), use_cache=False).logits, batch["labels"])
+        plain = dict(batch, cu_seqlens=torch.arange(len(rows) + 1, dtype=torch.int32, device="cuda")
+                     * batch["input_ids"].shape[1], max_seqlen=torch.tensor(batch["input_ids"].shape[1]))
+        leaky = per_token_ce(model(**model_inputs(plain, True), use_cache=False).logits, batch["labels"])
+        worst = 0.0
+        for b, row in enumerate(rows):
+            t = 0
+            for i in row:
+                x, y = (torch.from_numpy(a)[None].cuda() for a in store.example(i))
+                alone = per_token_ce(model(input_ids=x, use_cache=False).logits, y)
+                worst = max(worst, (packed[b, t:t + x.shape[1] - 1] - alone[0]).abs().max().item())
+                t += x.shape[1]
+    assert worst <= 2e-2  # bf16 logits: a few ulps of ~6.5
+    assert (leaky - packed).abs().max().item() >= 5e-2  # negative control
+
+
+def test_bf16_gpu_run_tracks_fp32_cpu(tmp_path):
+    steps = ["trainer.max_steps=20", "trainer.eval_every=0", "trainer.save_every=0", "logging.log_every=1"]
+    cpu = run_tiny(tmp_path / "cpu", *steps).summary["train_loss_history"]
+    gpu = run_tiny(tmp_path / "gpu", *steps, "trainer.use_cuda=true", "trainer.precision=bf16",
+                   "model.attn_implementation=varlen").summary["train_loss_history"]
+    for (_, a), (_, b) in zip(cpu, gpu):
+        assert abs(a - b) <= 0.05 * a
