@@ -80,8 +80,10 @@ def run(cfg: Config) -> RunResult:
     _maybe_resume(acc, cfg, out, resolved)
 
     parts = LoopParts(acc, model, optimizer, scheduler, loader, ev or None, state, total, out, resolved)
-    finished = train(parts, cfg.trainer, cfg.logging)["finished"]
-    summary = {"status": "finished" if finished else "stopped", "steps": state.step, "total_steps": total,
+    outcome = train(parts, cfg.trainer, cfg.logging)
+    finished = outcome["finished"]
+    status = "finished" if finished else "preempted" if outcome["preempted"] else "stopped"
+    summary = {"status": status, "steps": state.step, "total_steps": total,
                "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
                "final_train_loss": _last(parts.history["train_loss"]),
                "final_eval_loss": _last(parts.history["eval_loss"]),

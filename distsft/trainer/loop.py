@@ -24,13 +24,14 @@ from ..model.attention import VARLEN
 from . import checkpoint
 from .loss import token_ce_sum
 from .metrics import Reporter
+from .preempt import StopRequest
 
 
 @dataclass
 class StepResult:
     loss_sum: torch.Tensor  # this rank's share of the step loss (sum over ranks = step loss)
     grad_norm: torch.Tensor
-    counts: torch.Tensor  # [supervised, real] tokens of the step, all ranks
+    counts: torch.Tensor  # [supervised, real] tokens of the step and stop requests, all ranks
 
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,16 +41,18 @@ def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return token_ce_sum(logits, batch["labels"])
 
 
-def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def accumulate_gradients(model, micro_batches: list[dict], accelerator,
+                         stop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward every micro-batch of one optimizer step under the loss contract.
 
-    Returns (this rank's share of the step loss, [supervised, real] token counts of all ranks).
+    Returns (this rank's share of the step loss, [supervised, real, stop requests] of all ranks).
     """
     device = accelerator.device
-    counts = torch.stack([sum(mb["n_supervised"] for mb in micro_batches),
-                          sum(mb["n_tokens"] for mb in micro_batches)]).to(device)
-    counts = accelerator.reduce(counts, reduction="sum")  # N over all micro-batches and ranks
-    n_sup = counts[0].clamp(min=1)
+    counts = torch.tensor([float(sum(int(mb["n_supervised"]) for mb in micro_batches)),
+                           float(sum(int(mb["n_tokens"]) for mb in micro_batches)), stop], dtype=torch.float64)
+    # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
+    counts = accelerator.reduce(counts.to(device), reduction="sum")
+    n_sup = counts[0].clamp(min=1).float()
     scale = accelerator.num_processes / n_sup  # DDP averages over ranks; undo it, divide by N
     total = torch.zeros((), device=device)
     for k, mb in enumerate(micro_batches):
@@ -63,8 +66,8 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator) -> tuple
 
 
 def train_step(model, micro_batches: list[dict], accelerator, optimizer, scheduler,
-               max_grad_norm: float) -> StepResult:
-    loss_share, counts = accumulate_gradients(model, micro_batches, accelerator)
+               max_grad_norm: float, stop: float = 0.0) -> StepResult:
+    loss_share, counts = accumulate_gradients(model, micro_batches, accelerator, stop)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     optimizer.step()
     scheduler.step()
@@ -109,6 +112,8 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     acc, st = p.accelerator, p.state
     rep = Reporter(acc.is_main_process, p.output_dir, p.total_steps, st.step,
                    logging_cfg.tensorboard, logging_cfg.progress_bar)
+    stop = StopRequest(p.output_dir, acc.is_main_process)
+    preempted = False
     window = _Window(acc.device)
     stop_at = min(p.total_steps, st.step + trainer_cfg.stop_after) if trainer_cfg.stop_after else p.total_steps
     p.model.train()
@@ -116,10 +121,15 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
         epoch, in_epoch = divmod(st.step, p.loader.steps_per_epoch)
         for micro_batches in p.loader.steps(epoch, in_epoch):
             lr = p.scheduler.get_last_lr()[0]
-            res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm)
+            res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm,
+                             stop.local())
             st.step += 1
             window.add(res)
             rep.step()
+            preempted = bool(res.counts[2] > 0)  # the same on every rank: it came through the all-reduce
+            if preempted:
+                rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
+                stop_at = st.step
             saving = trainer_cfg.save_every and st.step % trainer_cfg.save_every == 0 or st.step == stop_at
             if st.step % logging_cfg.log_every == 0 or saving:  # a checkpoint holds exact token counts
                 _log_window(p, rep, window, lr)
@@ -132,11 +142,12 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
             window.t0 += time.perf_counter() - t_pause
             if st.step >= stop_at:
                 break
+    stop.restore()
     finished = st.step >= p.total_steps
     if finished and p.eval_batches and not (trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0):
         _log_eval(p, rep)
     rep.close()
-    return {"finished": finished}
+    return {"finished": finished, "preempted": preempted and not finished}
 
 
 class _Window:
@@ -148,7 +159,7 @@ class _Window:
 
     def reset(self):
         self.loss = torch.zeros((), device=self.device)
-        self.counts = torch.zeros(2, device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(3, device=self.device, dtype=torch.float64)
         self.grad_norm = None
         self.steps = 0
         self.t0 = time.perf_counter()
@@ -163,7 +174,7 @@ class _Window:
 def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float) -> None:
     acc, st = p.accelerator, p.state
     loss = acc.reduce(w.loss.clone(), reduction="sum").item() / w.steps  # mean step loss of the window
-    sup, real = w.counts.tolist()
+    sup, real, _ = w.counts.tolist()
     dt = time.perf_counter() - w.t0
     st.tokens += int(real)
     st.supervised_tokens += int(sup)
