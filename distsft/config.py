@@ -110,9 +110,19 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    #: Strategy: ddp (plain data parallel; one process also uses this).
+    #: Strategy: ddp (plain data parallel), deepspeed (ZeRO, stage below) or fsdp (FSDP2, GPU only).
     strategy: str = "ddp"
-    #: Collective backend on CPU (DDP over gloo); GPUs always use nccl.
+    #: DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
+    zero_stage: int = 2
+    #: DeepSpeed: keep optimizer state (and its step) on the CPU.
+    offload_optimizer: bool = False
+    #: DeepSpeed ZeRO-3: keep parameters on the CPU between uses.
+    offload_params: bool = False
+    #: Optional DeepSpeed JSON for options distsft does not set; fields distsft owns must be "auto" or absent.
+    deepspeed_config: Optional[str] = None
+    #: FSDP2: reshard parameters after forward (ZeRO-3-like) instead of keeping them (ZeRO-2-like).
+    fsdp_reshard_after_forward: bool = True
+    #: Collective backend on CPU (gloo); GPUs always use nccl.
     cpu_backend: str = "gloo"
 
 
@@ -212,7 +222,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlong": ("drop", "truncate"),
     "optim.name": ("adamw",),
     "schedule.name": ("cosine", "linear", "constant"),
-    "parallel.strategy": ("ddp",),
+    "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
+    "parallel.zero_stage": (1, 2, 3),
     "trainer.precision": ("fp32", "bf16"),
 }
 
@@ -247,6 +258,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.warmup_ratio={cfg.schedule.warmup_ratio} must be in [0, 1)")
     if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1]")
+    par = cfg.parallel
+    if par.offload_params and not (par.strategy == "deepspeed" and par.zero_stage == 3):
+        raise ConfigError("parallel.offload_params=true needs parallel.strategy=deepspeed with zero_stage=3")
+    if par.offload_optimizer and par.strategy != "deepspeed":
+        raise ConfigError("parallel.offload_optimizer=true needs parallel.strategy=deepspeed")
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
     if not cfg.output_dir:

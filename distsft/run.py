@@ -17,9 +17,10 @@ from .data.prepare import prepare
 from .data.templates import end_of_turn_id
 from .export import export_final
 from .model.attention import describe_attention
-from .model.load import count_parameters, load_model, load_tokenizer
+from .model.load import count_parameters, load_model, load_tokenizer, whole_random_init
 from .trainer import checkpoint
-from .trainer.accelerator import build_accelerator
+from .trainer.accelerator import build_accelerator, launched_world_size
+from .trainer.strategy import describe as describe_strategy
 from .trainer.loop import LoopParts, train
 from .trainer.optim import build_optimizer
 from .trainer.schedule import build_scheduler, warmup_steps
@@ -36,12 +37,14 @@ class RunResult:
 
 def run(cfg: Config) -> RunResult:
     t0 = time.time()
-    acc = build_accelerator(cfg.parallel, cfg.trainer)
+    plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
+                         cfg.trainer.global_batch_size, launched_world_size())
+    acc = build_accelerator(cfg.parallel, cfg.trainer, plan)
     set_seed(cfg.trainer.seed)  # python, numpy, torch on every process (dropout, workers)
+    if not acc.is_main_process:  # rank 0 speaks
+        logging.getLogger().setLevel(logging.WARNING)
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
-                         cfg.trainer.global_batch_size, acc.num_processes)
     tokenizer = load_tokenizer(cfg.model)
     with acc.main_process_first():  # rank 0 tokenizes and fills the cache; the others then read it
         data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
@@ -54,12 +57,14 @@ def run(cfg: Config) -> RunResult:
     if data.eval is not None:
         ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
                           acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id)
-    model = load_model(cfg.model, cfg.trainer.seed, cuda=acc.device.type == "cuda")
+    with whole_random_init(acc, cfg.model.init == "config"):
+        model = load_model(cfg.model, cfg.trainer.seed, cuda=acc.device.type == "cuda")
     trainable, n_params = count_parameters(model)
 
     # Only now, with data and config known to be good, does anything get written.
     _setup_run_dir(acc, out, resolved)
     log.info("batch: %s", plan.describe())
+    log.info("strategy: %s on %d %s process(es)", describe_strategy(cfg.parallel), acc.num_processes, acc.device.type)
     log.info("attention: %s", describe_attention(model.config._attn_implementation, cfg.data.mode))
     log.info(summarize("train", data.train_stats))
     if data.eval_stats:
@@ -73,8 +78,9 @@ def run(cfg: Config) -> RunResult:
     log.info("parameters: trainable %s / %s = %.2f%%", f"{trainable:,}", f"{n_params:,}", 100 * trainable / n_params)
 
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total)
     model, optimizer = acc.prepare(model, optimizer)
+    # after prepare: ZeRO regroups the optimizer's parameters, the schedule must see the final groups
+    scheduler = build_scheduler(optimizer, cfg.schedule, total)
     state = checkpoint.TrainState()
     acc.register_for_checkpointing(scheduler, state)
     _maybe_resume(acc, cfg, out, resolved)
@@ -88,7 +94,7 @@ def run(cfg: Config) -> RunResult:
                "final_train_loss": _last(parts.history["train_loss"]),
                "final_eval_loss": _last(parts.history["eval_loss"]),
                "train_loss_history": parts.history["train_loss"], "eval_loss_history": parts.history["eval_loss"],
-               "batch": plan.__dict__, "parameters": {"trainable": trainable, "total": n_params},
+               "batch": plan.__dict__, "strategy": describe_strategy(cfg.parallel), "parameters": {"trainable": trainable, "total": n_params},
                "data": {"train": data.train_stats.as_dict(),
                         "eval": data.eval_stats.as_dict() if data.eval_stats else None,
                         "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit},
@@ -129,8 +135,6 @@ def _setup_run_dir(acc, out: Path, resolved: dict) -> None:
         handler = logging.FileHandler(out / "train.log")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
         logging.getLogger().addHandler(handler)
-    else:  # rank 0 speaks
-        logging.getLogger().setLevel(logging.WARNING)
     # Accelerate logs every file of every checkpoint at INFO; keep the run log readable
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -141,6 +145,6 @@ def _maybe_resume(acc, cfg: Config, out: Path, resolved: dict) -> None:
     ckpt = checkpoint.find_resume(cfg.trainer.resume, out / "checkpoints")
     if ckpt is None:
         return
-    checkpoint.check_compatible(ckpt, resolved)
+    checkpoint.check_compatible(ckpt, resolved, acc.num_processes)
     acc.load_state(str(ckpt))
     log.info("resumed from %s at step %d", ckpt, int(ckpt.name.split("_")[1]))

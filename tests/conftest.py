@@ -61,13 +61,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 300) -> dict:
-    """`accelerate launch` num_processes CPU processes (gloo); returns summary.json."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "cpu_2proc.yaml"),
-           "--num_processes", str(num_processes), "--main_process_port", str(free_port()),
-           "-m", "distsft.train", f"output_dir={out}", "logging.progress_bar=false", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def launch_cmd(num_processes: int, out: Path, *overrides: str, port: int | None = None,
+               launcher_args: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "launch" / "cpu_2proc.yaml"), "--num_processes", str(num_processes),
+            "--main_process_port", str(port or free_port()), *launcher_args,
+            "-m", "distsft.train", f"output_dir={out}", "logging.progress_bar=false", *overrides]
+
+
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 600, expect_ok: bool = True):
+    """`accelerate launch` num_processes CPU processes (gloo); returns summary.json (or the process)."""
+    proc = subprocess.run(launch_cmd(num_processes, out, *overrides), cwd=ROOT, env=CPU_ENV, capture_output=True,
+                          text=True, timeout=timeout)
+    if not expect_ok:
+        return proc
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads((out / "summary.json").read_text())
 

@@ -103,10 +103,18 @@ class StepLoader:
 
 def eval_batches(store: TokenStore, rows: list[list[int]], micro: int, rank: int, world: int,
                  cfg: DataConfig, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's share of the eval rows (rank::world), in micro-batches."""
-    mine = rows[rank::world]
+    """This rank's share of the eval rows (rank::world), in micro-batches. Every rank gets the same
+    number of batches (ZeRO-3 forwards are collective): a rank that runs out repeats its first
+    batch with every label ignored, which adds nothing to the loss or the token count."""
     collate = collate_fn(cfg.mode)
-    return [collate(store, mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)]
+    mine = rows[rank::world]
+    batches = [collate(store, mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)]
+    n = math.ceil(math.ceil(len(rows) / world) / micro)
+    while len(batches) < n:
+        filler = dict(collate(store, rows[:micro], pad_id))
+        filler["labels"] = torch.full_like(filler["labels"], IGNORE)
+        batches.append(filler)
+    return batches
 
 
 def summarize(name: str, stats: SplitStats) -> str:

@@ -9,6 +9,7 @@ off for training: with a cache, transformers stops deriving block-diagonal masks
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -44,8 +45,29 @@ def load_model(cfg: ModelConfig, seed: int, cuda: bool = False):
     return model
 
 
+@contextmanager
+def whole_random_init(accelerator, random_init: bool):
+    """Build a randomly initialised model whole even under ZeRO-3 (which would otherwise create it
+    in shards with zero.Init): the same seed then gives the same weights under every strategy.
+    Pretrained weights still load straight into shards."""
+    plugin = accelerator.state.deepspeed_plugin
+    if not random_init or plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def n(p) -> int:  # ZeRO-3 partitions parameters at load: the full size is ds_numel
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(n(p) for p in model.parameters())
+    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
     return trainable, total

@@ -8,29 +8,39 @@ the main one. :func:`check_world` stops such a run at start-up instead of traini
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from ..config import ConfigError, ParallelConfig, TrainerConfig
+from ..config import BatchPlan, ConfigError, ParallelConfig, TrainerConfig
+from .strategy import PRECISION, check_launcher, plugins
 
 
-def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig) -> Accelerator:
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan) -> Accelerator:
+    check_launcher(parallel, trainer)
     cuda = trainer.use_cuda and torch.cuda.is_available()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # a single process gets no process group at all (Accelerate would try to join one)
+    launched = launched_world_size() > 1
+    # a single process gets no process group unless DeepSpeed needs one
     kwargs = [InitProcessGroupKwargs(backend="nccl" if cuda else parallel.cpu_backend,
                                      timeout=timedelta(minutes=30))] if launched else []
+    extra = plugins(parallel, trainer, plan, cuda)
     accelerator = Accelerator(
-        cpu=not cuda,
-        mixed_precision="bf16" if trainer.precision == "bf16" else "no",
+        # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead
+        cpu=not cuda and not extra,
+        mixed_precision=PRECISION[trainer.precision],
+        gradient_accumulation_steps=plan.grad_accum,
         kwargs_handlers=kwargs,
         # the trainer steps its scheduler once per optimizer step itself (no per-process stepping)
         step_scheduler_with_optimizer=False,
+        **extra,
     )
     check_world(accelerator)
     return accelerator
@@ -59,7 +69,7 @@ def requested_by_launcher() -> int | None:
 
 
 def check_world(accelerator: Accelerator) -> None:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_world_size()
     asked = requested_by_launcher()
     if asked and asked > 1 and launched == 1:
         raise ConfigError(
@@ -72,4 +82,4 @@ def check_world(accelerator: Accelerator) -> None:
         raise ConfigError(
             f"world size mismatch: launcher says {launched}, torch.distributed {backend}, Accelerate "
             f"{accelerator.num_processes}; on CPU keep parallel.cpu_backend=gloo and launch with "
-            "`accelerate launch --num_processes N`")
+            "`accelerate launch --multi_gpu --num_processes N`")

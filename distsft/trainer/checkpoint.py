@@ -66,11 +66,20 @@ def find_resume(resume: str, root: Path) -> Path | None:
 
 
 # keys whose change makes a checkpoint's data position meaningless
-RESUME_INVARIANTS = ("data", "trainer.global_batch_size", "trainer.seed")
+RESUME_INVARIANTS = ("data", "trainer.global_batch_size", "trainer.seed", "parallel.strategy")
 
 
-def check_compatible(ckpt: Path, current: dict) -> None:
+def check_compatible(ckpt: Path, current: dict, world_size: int) -> None:
     saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"))
+    meta = json.loads((ckpt / MARKER).read_text())
+    was = meta.get("world_size", world_size)
+    par = current["parallel"]
+    if was != world_size and par["strategy"] != "ddp":
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was written by {was} processes under {par['strategy']}, whose optimizer "
+            f"state is sharded per rank, and this run has {world_size}. Resume with {was} processes, or convert it "
+            f"with DeepSpeed's `python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt}/pytorch_model "
+            "--output_folder <dir>` and load that into a fresh run")
     for key in RESUME_INVARIANTS:
         a, b = saved, current
         for part in key.split("."):
@@ -92,7 +101,7 @@ def save(accelerator, root: Path, step: int, resolved: dict, keep: int) -> Path:
         OmegaConf.save(OmegaConf.create(resolved), tmp / "config.yaml")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        (final / MARKER).write_text(json.dumps({"step": step}) + "\n")
+        (final / MARKER).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}) + "\n")
         prune(root, keep)
     accelerator.wait_for_everyone()
     return final

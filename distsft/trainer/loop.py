@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,21 +52,25 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
     counts = accelerator.reduce(counts.to(device), reduction="sum")
     n_sup = counts[0].clamp(min=1).float()
-    scale = accelerator.num_processes / n_sup  # DDP averages over ranks; undo it, divide by N
+    # DDP/ZeRO average gradients over W ranks and Accelerate/DeepSpeed divide the loss by the
+    # accumulation steps A: undo both, then divide by N
+    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / n_sup
     total = torch.zeros((), device=device)
-    for k, mb in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+    for mb in micro_batches:
+        # accumulate(): no gradient sync (DDP no_sync / DeepSpeed boundary) but on the last micro-batch
+        with accelerator.accumulate(model):
             mb = {key: v.to(device, non_blocking=True) if key != "max_seqlen" else v for key, v in mb.items()}
             ce_sum = forward_loss_sum(model, mb)
             accelerator.backward(ce_sum * scale)
             total += ce_sum.detach()
+    assert accelerator.sync_gradients, "micro-batches per step must equal the accumulation steps"
     return total / n_sup, counts
 
 
 def train_step(model, micro_batches: list[dict], accelerator, optimizer, scheduler,
                max_grad_norm: float, stop: float = 0.0) -> StepResult:
     loss_share, counts = accumulate_gradients(model, micro_batches, accelerator, stop)
+    # under DeepSpeed the engine has already clipped and stepped; this returns its global norm
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     optimizer.step()
     scheduler.step()
@@ -81,12 +84,11 @@ def evaluate(model, batches: list[dict], accelerator) -> float:
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    # the unwrapped module: eval shards may differ in size per rank, so no per-batch collectives
-    inner = accelerator.unwrap_model(model)
+    # every rank runs the same number of batches (ZeRO-3 gathers parameters collectively)
     with accelerator.autocast():
         for mb in batches:
             mb = {k: v.to(accelerator.device) if k != "max_seqlen" else v for k, v in mb.items()}
-            sums[0] += forward_loss_sum(inner, mb).double()
+            sums[0] += forward_loss_sum(model, mb).double()
             sums[1] += (mb["labels"][:, 1:] != -100).sum()
     sums = accelerator.reduce(sums, reduction="sum")
     model.train(was_training)

@@ -24,7 +24,7 @@ def data(tokenizer):
 def grads_for_split(model, data, micro, accum):
     store, rows, cfg = data
     reset_accelerate()
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     loader = StepLoader(store, rows, BatchPlan(micro, accum, 1, micro * accum), 0, cfg, 0)
     step0 = next(loader.steps(epoch=0))
     model.zero_grad(set_to_none=True)

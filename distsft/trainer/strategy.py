@@ -1,0 +1,125 @@
+"""Trainer stage 1b: the parallel strategy, built from the Hydra config (its only owner).
+
+The accelerate config in ``launch/`` describes hardware (processes, machines). Batch sizes,
+accumulation, clipping, precision and the ZeRO/FSDP settings belong to the Hydra config, which
+builds the DeepSpeed / FSDP plugin here. A launcher or DeepSpeed JSON that sets any of them
+differently stops start-up with a message naming both owners.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..config import BatchPlan, ConfigError, ParallelConfig, TrainerConfig
+
+PRECISION = {"fp32": "no", "bf16": "bf16"}
+
+
+def check_launcher(parallel: ParallelConfig, trainer: TrainerConfig) -> None:
+    """Refuse strategy or precision settings that came from the accelerate launcher."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        raise ConfigError("the accelerate launcher enables DeepSpeed (--use_deepspeed or distributed_type: DEEPSPEED), "
+                          "but in distsft the Hydra config owns the strategy: launch with a hardware-only config "
+                          "(launch/*.yaml) and set parallel=zero1|zero2|zero3|zero3_offload")
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        raise ConfigError("the accelerate launcher enables FSDP (--use_fsdp or distributed_type: FSDP), but in distsft "
+                          "the Hydra config owns the strategy: launch with a hardware-only config and set parallel=fsdp")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("no", PRECISION[trainer.precision]):
+        raise ConfigError(f"the accelerate launcher sets mixed_precision={launched} but trainer.precision="
+                          f"{trainer.precision}: precision belongs to the Hydra config (drop --mixed_precision, "
+                          f"or set trainer.precision)")
+
+
+# DeepSpeed JSON fields that distsft fills from the Hydra config
+OWNED = {
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.grad_accum",
+    "train_batch_size": "trainer.global_batch_size",
+    "gradient_clipping": "trainer.max_grad_norm",
+    "bf16": "trainer.precision",
+    "fp16": "trainer.precision",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "zero_optimization.offload_optimizer": "parallel.offload_optimizer",
+    "zero_optimization.offload_param": "parallel.offload_params",
+    "optimizer": "optim.*",
+    "scheduler": "schedule.*",
+}
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan, cuda: bool) -> dict:
+    user: dict = {}
+    if parallel.deepspeed_config:
+        path = Path(parallel.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"parallel.deepspeed_config={path}: file not found")
+        user = json.loads(path.read_text())
+        for key, owner in OWNED.items():
+            value = _get(user, key)
+            if value is not None and value != "auto":
+                raise ConfigError(f"{path} sets {key}={json.dumps(value)}, but {owner} owns it in distsft: set it "
+                                  f'to "auto" (or remove it) and use {owner}')
+    zero = dict(user.get("zero_optimization", {}), stage=parallel.zero_stage)
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    if parallel.zero_stage == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)  # export gathers full weights
+    cfg = {k: v for k, v in user.items() if k not in OWNED and k != "zero_optimization"}
+    cfg.update({
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch_size,
+        "gradient_clipping": trainer.max_grad_norm,
+        "bf16": {"enabled": trainer.precision == "bf16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # distsft logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    })
+    if parallel.offload_optimizer and not cuda:
+        # on a CPU machine the states are already in CPU memory: keep torch's AdamW instead of
+        # compiling DeepSpeed's CPUAdam (which is what runs on GPUs)
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
+
+
+def plugins(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan, cuda: bool) -> dict:
+    """Keyword arguments for Accelerator: the DeepSpeed or FSDP plugin, or nothing for DDP."""
+    if parallel.strategy == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin
+
+        ds = deepspeed_config(parallel, trainer, plan, cuda)
+        zero3 = parallel.zero_stage == 3  # ZeRO-3 loads pretrained weights straight into shards
+        return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=zero3,
+                                                    zero3_save_16bit_model=zero3)}
+    if parallel.strategy == "fsdp":
+        if not cuda:
+            raise ConfigError("parallel=fsdp needs GPUs: Accelerate does not apply FSDP on CPU (it would silently run "
+                              "plain DDP); use parallel=ddp or parallel=zero1|zero2|zero3 on CPU")
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        return {"fsdp_plugin": FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=parallel.fsdp_reshard_after_forward,
+            auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT",
+            cpu_ram_efficient_loading=False)}
+    return {}
+
+
+def describe(parallel: ParallelConfig) -> str:
+    if parallel.strategy == "deepspeed":
+        off = [n for n, on in (("optimizer", parallel.offload_optimizer), ("params", parallel.offload_params)) if on]
+        return f"DeepSpeed ZeRO-{parallel.zero_stage}" + (f" (offload {' + '.join(off)} to CPU)" if off else "")
+    if parallel.strategy == "fsdp":
+        return f"FSDP2 (reshard_after_forward={parallel.fsdp_reshard_after_forward})"
+    return "DDP"

@@ -1,0 +1,179 @@
+"""slurm/train.sbatch on a real SLURM cluster: two nodes, and preemption -> requeue -> exact resume.
+
+Needs a cluster with two usable nodes; `bash slurm/local_cluster.sh` (which tests/run.sh calls) sets
+up one on this machine when run as root. Without one the tests skip, saying why.
+Each job costs ~10-15 s of process start-up; the module takes about a minute and a half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+SBATCH = ROOT / "slurm" / "train.sbatch"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+
+
+def _cluster_problem() -> str | None:
+    """Why these tests cannot run here, or None."""
+    for tool in ("sbatch", "sinfo", "scontrol", "scancel"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: no SLURM here (as root, `bash slurm/local_cluster.sh` sets up a local cluster)"
+    try:
+        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "sinfo does not answer (slurmctld down?): run `bash slurm/local_cluster.sh`"
+    if p.returncode != 0:
+        return f"sinfo failed ({p.stderr.strip() or p.returncode}): run `bash slurm/local_cluster.sh`"
+    usable = {line.split()[0] for line in p.stdout.splitlines()
+              if line.split()[-1].rstrip("*~#$@") in ("idle", "mix", "alloc")}
+    if len(usable) < 2:
+        return f"SLURM has fewer than 2 usable nodes (sinfo: {p.stdout.strip()!r})"
+    return None
+
+
+_problem = _cluster_problem()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_problem is not None, reason=str(_problem))]
+
+
+class Jobs:
+    """Submits slurm/train.sbatch jobs and watches them; cancels what is left at teardown."""
+
+    def __init__(self):
+        self.ids: list[str] = []
+        self.logs: dict[str, Path] = {}
+
+    def submit(self, out: Path, *overrides: str, nodes: int = 2) -> str:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the job inherits this environment (sbatch --export=ALL): the test's Python and data cache
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+        env.update(DISTSFT_PYTHON=sys.executable, DISTSFT_ROOT=str(ROOT), DISTSFT_PROCS_PER_NODE="1")
+        cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--job-name=distsft-test", f"--chdir={out.parent}",
+               f"--output={out.parent}/%x-%j.out", str(SBATCH), f"output_dir={out}", "logging.progress_bar=false",
+               "trainer.use_cuda=false", *overrides]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+        assert p.returncode == 0, f"sbatch failed: {p.stderr}"
+        job = p.stdout.strip().split(";")[0]
+        self.ids.append(job)
+        self.logs[job] = out.parent / f"distsft-test-{job}.out"
+        return job
+
+    def info(self, job: str) -> dict[str, str]:
+        """JobState, Restarts, ExitCode, ... from scontrol (sacct once the controller forgot the job)."""
+        p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+        if p.returncode == 0 and "JobState=" in p.stdout:
+            return dict(f.split("=", 1) for f in p.stdout.split() if "=" in f)
+        p = subprocess.run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "State,ExitCode,Restarts"],
+                           capture_output=True, text=True, timeout=30)
+        fields = (p.stdout.strip().splitlines() or [""])[0].split("|")
+        if len(fields) < 3:
+            return {"JobState": "UNKNOWN"}
+        return {"JobState": fields[0].split()[0], "ExitCode": fields[1], "Restarts": fields[2]}
+
+    def log(self, job: str) -> str:
+        path = self.logs[job]
+        return path.read_text(errors="replace") if path.exists() else f"(no job log {path})"
+
+    def tail(self, job: str) -> str:
+        return self.log(job)[-6000:]
+
+    def wait(self, job: str, timeout: float) -> dict[str, str]:
+        """Until the job is finished for good (a requeued job goes through PENDING and runs again)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.info(job)
+            if info["JobState"] in TERMINAL:
+                return info
+            time.sleep(1)
+        pytest.fail(f"job {job} not finished after {timeout:.0f}s: {self.info(job)}\n{self.tail(job)}")
+
+    def cancel_all(self) -> None:
+        for job in self.ids:
+            if self.info(job)["JobState"] not in TERMINAL:
+                subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def jobs():
+    j = Jobs()
+    yield j
+    j.cancel_all()
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _wait_for_log(jobs: Jobs, job: str, path: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if jobs.info(job)["JobState"] in TERMINAL:
+            break
+        time.sleep(0.2)
+    pytest.fail(f"{text!r} never appeared in {path}: {jobs.info(job)}\n{jobs.tail(job)}")
+
+
+@pytest.mark.timeout(600)
+def test_two_nodes_one_process_each(tmp_path, jobs):
+    out = tmp_path / "run"
+    job = jobs.submit(out, "trainer.max_steps=6", "trainer.save_every=3", "logging.log_every=1")
+    info = jobs.wait(job, timeout=300)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{jobs.tail(job)}"
+    summary = _summary(out)
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert summary["batch"]["world_size"] == 2  # 2 nodes x 1 CPU process
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
+    assert "2 node(s)" in jobs.log(job) and "world size 2" in jobs.log(job)
+
+
+@pytest.mark.timeout(900)
+def test_preempt_requeue_resume_exact(tmp_path, jobs):
+    """USR1 to the batch shell -> STOP -> checkpoint -> scontrol requeue -> resume -> same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    steps = 150
+    common = (f"trainer.max_steps={steps}", "trainer.save_every=1000", "logging.log_every=1")
+    ref_out, out = tmp_path / "reference" / "run", tmp_path / "preempted" / "run"
+    ref = jobs.submit(ref_out, *common)  # the uninterrupted reference runs beside it
+    job = jobs.submit(out, *common)
+
+    _wait_for_log(jobs, job, out / "train.log", f"step 3/{steps}", timeout=300)
+    # --batch: only the batch shell gets USR1 (as with #SBATCH --signal=B:USR1@...); the trainer
+    # learns of it through output_dir/STOP
+    p = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+
+    info = jobs.wait(job, timeout=420)  # includes the requeue delay (cred_expire: 10 s locally, 120 s default)
+    log = jobs.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{log[-6000:]}"
+    assert int(info["Restarts"]) >= 1, f"the job was not requeued: {info}\n{log[-6000:]}"
+    assert "USR1: asking the trainer" in log and "requeueing job" in log and "restart 1" in log, log[-6000:]
+    train_log = (out / "train.log").read_text()
+    assert "stop requested: writing a checkpoint at step" in train_log
+    assert "resumed from" in train_log, train_log[-3000:]
+    summary = _summary(out)
+    assert summary["status"] == "finished" and summary["steps"] == steps
+    assert summary["batch"]["world_size"] == 2
+
+    ref_info = jobs.wait(ref, timeout=300)
+    assert ref_info["JobState"] == "COMPLETED", f"{ref_info}\n{jobs.tail(ref)}"
+    assert _summary(ref_out)["steps"] == steps
+    a = load_file(str(out / "final" / "model.safetensors"))
+    b = load_file(str(ref_out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"resumed weights differ from the uninterrupted run's in {differ}"

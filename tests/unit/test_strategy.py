@@ -1,0 +1,61 @@
+"""One owner per setting: the Hydra config builds the strategy; launchers and DeepSpeed JSON that
+disagree stop start-up naming both owners."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from distsft.config import BatchPlan, ConfigError
+from distsft.trainer.strategy import check_launcher, deepspeed_config, plugins
+from tests.conftest import typed_cfg
+
+PLAN = BatchPlan(4, 2, 2, 16)
+
+
+def test_deepspeed_config_is_filled_from_hydra():
+    cfg = typed_cfg("parallel=zero3_offload", "trainer.max_grad_norm=0.5", "trainer.precision=bf16")
+    ds = deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=True)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 16)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "zero_force_ds_cpu_optimizer" not in ds  # on CUDA DeepSpeed's CPUAdam runs
+    assert deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)["zero_force_ds_cpu_optimizer"] is False
+
+
+def test_user_deepspeed_json_auto_fields_merge_and_owned_fields_conflict(tmp_path):
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"gradient_accumulation_steps": "auto", "zero_optimization": {"overlap_comm": True},
+                              "communication_data_type": "fp32"}))
+    cfg = typed_cfg("parallel=zero2", f"parallel.deepspeed_config={ok}")
+    ds = deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["communication_data_type"] == "fp32"
+    assert ds["zero_optimization"] == {"overlap_comm": True, "stage": 2}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"gradient_accumulation_steps": 8}))
+    cfg = typed_cfg("parallel=zero2", f"parallel.deepspeed_config={bad}")
+    with pytest.raises(ConfigError, match=r"bad.json sets gradient_accumulation_steps=8, but trainer.grad_accum owns it"):
+        deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)
+
+
+def test_launcher_strategy_and_precision_conflicts(monkeypatch):
+    cfg = typed_cfg()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="the Hydra config owns the strategy"):
+        check_launcher(cfg.parallel, cfg.trainer)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="mixed_precision=bf16 but trainer.precision=fp32"):
+        check_launcher(cfg.parallel, cfg.trainer)
+    check_launcher(cfg.parallel, typed_cfg("trainer.precision=bf16").trainer)  # agreeing is fine
+
+
+def test_fsdp_refused_on_cpu_and_offload_needs_deepspeed():
+    cfg = typed_cfg("parallel=fsdp")
+    with pytest.raises(ConfigError, match="parallel=fsdp needs GPUs"):
+        plugins(cfg.parallel, cfg.trainer, PLAN, cuda=False)
+    with pytest.raises(ConfigError, match="offload_params=true needs parallel.strategy=deepspeed with zero_stage=3"):
+        typed_cfg("parallel=zero2", "parallel.offload_params=true")
