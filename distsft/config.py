@@ -182,8 +182,8 @@ class PreviewConfig:
 
 @dataclass
 class Config:
-    #: Run directory: config.yaml, tensorboard/, checkpoints/, final/, summary.json. Deterministic.
-    output_dir: str = "outputs/${run_name}"
+    #: Run directory: config.yaml, tensorboard/, checkpoints/, final/, summary.json. Deterministic; a -m sweep adds one subdir per job.
+    output_dir: str = "outputs/${run_name}${distsft_sweep:}"
     #: Name of the run (used in the default output_dir).
     run_name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -209,6 +209,22 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("distsft_asset"):
         # ${distsft_asset:tiny-llama} -> the embedded asset shipped inside the package
         OmegaConf.register_new_resolver("distsft_asset", lambda rel: str(ASSETS / rel))
+    if not OmegaConf.has_resolver("distsft_sweep"):
+        OmegaConf.register_new_resolver("distsft_sweep", sweep_suffix)
+
+
+def sweep_suffix() -> str:
+    """'/<overrides of this job>' inside a Hydra multirun (-m), else ''. Every rank composes the
+    same overrides, so the run dir stays deterministic."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return ""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return ""
+    return "/" + (hc.job.override_dirname or f"job{hc.job.num}")
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -13,8 +13,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .config import ConfigError, register_configs, to_object
-from .train import CONF_DIR
+from .config import register_configs
+from .train import CONF_DIR, with_user_errors
 
 register_configs()
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -66,13 +66,7 @@ def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from .data.sources import DataError
-
-    try:
-        preview(to_object(cfg))
-    except (ConfigError, DataError) as e:
-        print(f"distsft: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with_user_errors(preview, cfg)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def run(cfg: Config) -> RunResult:
         log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
                  state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
     acc.end_training()
+    _close_run_log()
     return RunResult(summary, model, tokenizer)
 
 
@@ -128,11 +129,23 @@ def _last(history: list) -> float | None:
     return history[-1][1] if history else None
 
 
+class _RunLog(logging.FileHandler):
+    """output_dir/train.log; removed again at the end of run() (a sweep runs several in one process)."""
+
+
+def _close_run_log() -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _RunLog)]:
+        root.removeHandler(h)
+        h.close()
+
+
 def _setup_run_dir(acc, out: Path, resolved: dict) -> None:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(resolved), out / "config.yaml")
-        handler = logging.FileHandler(out / "train.log")
+        _close_run_log()
+        handler = _RunLog(out / "train.log")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
         logging.getLogger().addHandler(handler)
     # Accelerate logs every file of every checkpoint at INFO; keep the run log readable

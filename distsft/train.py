@@ -17,17 +17,23 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def with_user_errors(task, cfg: DictConfig) -> None:
+    """Run task(typed config); a user error (bad config or data) is one line and exit code 2,
+    without a traceback through the trainer."""
     from .data.sources import DataError
-    from .run import run
 
     try:
-        run(to_object(cfg))
+        task(to_object(cfg))
     except (ConfigError, DataError) as e:
-        # a user error: say what is wrong, without a traceback through the trainer
         print(f"distsft: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from .run import run
+
+    with_user_errors(run, cfg)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
 
 VARLEN = "distsft_varlen"
 

@@ -1,0 +1,23 @@
+"""Hydra multirun: `python -m distsft.train -m optim.lr=a,b` gives every job its own run dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import CPU_ENV
+
+
+def test_multirun_lr_sweep_has_one_run_dir_per_job(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "distsft.train", "-m", "experiment=tiny_smoke",
+                           "optim.lr=1e-3,3e-3", "logging.progress_bar=false", "trainer.save_every=0"],
+                          cwd=tmp_path, env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = sorted((tmp_path / "outputs" / "tiny_smoke").iterdir())
+    assert [d.name for d in dirs] == [f"experiment=tiny_smoke,optim.lr={lr},trainer.save_every=0" for lr in ("0.001", "0.003")]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    assert all(s["status"] == "finished" for s in summaries)
+    assert summaries[0]["final_train_loss"] != summaries[1]["final_train_loss"]
+    # each job's log holds only its own run
+    assert all((d / "train.log").read_text().count("done: finished") == 1 for d in dirs)
