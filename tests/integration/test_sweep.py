@@ -14,7 +14,8 @@ def test_multirun_lr_sweep_has_one_run_dir_per_job(tmp_path):
                            "optim.lr=1e-3,3e-3", "logging.progress_bar=false", "trainer.save_every=0"],
                           cwd=tmp_path, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    dirs = sorted((tmp_path / "outputs" / "tiny_smoke").iterdir())
+    dirs = sorted(d for d in (tmp_path / "outputs" / "tiny_smoke").iterdir() if d.is_dir())
+    assert (tmp_path / "outputs" / "tiny_smoke" / "multirun.yaml").exists()
     assert [d.name for d in dirs] == [f"experiment=tiny_smoke,optim.lr={lr},trainer.save_every=0" for lr in ("0.001", "0.003")]
     summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
     assert all(s["status"] == "finished" for s in summaries)
