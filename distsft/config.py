@@ -38,6 +38,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     #: Hub revision (branch, tag or commit) when loading by name.
     revision: Optional[str] = None
+    #: Recompute activations in backward (non-reentrant): less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -81,8 +83,28 @@ class DataConfig:
 
 
 @dataclass
+class PeftConfig:
+    #: none (full fine-tune), lora or dora (weight-decomposed LoRA).
+    method: str = "none"
+    #: Quantise the frozen base at load: none, nf4 (QLoRA, 4-bit) or int8 (bitsandbytes).
+    quantize: str = "none"
+    #: LoRA rank.
+    r: int = 16
+    #: LoRA alpha (the update is scaled by alpha / r).
+    alpha: int = 32
+    #: Dropout on the LoRA input.
+    dropout: float = 0.05
+    #: Modules that get adapters: all-linear, or names such as [q_proj, v_proj].
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    #: nf4: quantise the quantisation constants too (saves ~0.4 bit per parameter).
+    double_quant: bool = True
+    #: Dtype of the matmuls on quantised weights (and of their storage under ZeRO-3).
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
 class OptimConfig:
-    #: Optimizer: adamw (torch; fused on CUDA).
+    #: Optimizer: adamw (torch; fused on CUDA), adamw_8bit, paged_adamw_8bit (bitsandbytes), adafactor (transformers).
     name: str = "adamw"
     #: Peak learning rate.
     lr: float = 2e-5
@@ -170,8 +192,10 @@ class LoggingConfig:
 
 @dataclass
 class ExportConfig:
-    #: Write the final model (safetensors + config + tokenizer) to output_dir/final.
+    #: Write the final model to output_dir/final.
     enabled: bool = True
+    #: auto (full model, or the adapter under PEFT), full, adapter (PeftModel dir) or merged (adapters folded into the base).
+    mode: str = "auto"
 
 
 @dataclass
@@ -188,6 +212,7 @@ class Config:
     run_name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -198,7 +223,7 @@ class Config:
 
 
 GROUP_SCHEMAS = {
-    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+    "model": ModelConfig, "data": DataConfig, "peft": PeftConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
     "parallel": ParallelConfig, "trainer": TrainerConfig, "logging": LoggingConfig,
 }
 
@@ -236,7 +261,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.mode": ("pack", "pad"),
     "data.loss_on": ("assistant", "last_assistant", "all"),
     "data.overlong": ("drop", "truncate"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"),
+    "peft.method": ("none", "lora", "dora"),
+    "peft.quantize": ("none", "nf4", "int8"),
+    "peft.compute_dtype": ("bfloat16", "float16", "float32"),
+    "export.mode": ("auto", "full", "adapter", "merged"),
     "schedule.name": ("cosine", "linear", "constant"),
     "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
     "parallel.zero_stage": (1, 2, 3),
@@ -279,10 +308,44 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.offload_params=true needs parallel.strategy=deepspeed with zero_stage=3")
     if par.offload_optimizer and par.strategy != "deepspeed":
         raise ConfigError("parallel.offload_optimizer=true needs parallel.strategy=deepspeed")
+    check_combinations(cfg)
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
     if not cfg.output_dir:
         raise ConfigError("output_dir must be set")
+
+
+def check_combinations(cfg: Config) -> None:
+    """Combinations that do not work, refused with the alternative (the README lists the matrix)."""
+    pe, par, opt = cfg.peft, cfg.parallel, cfg.optim
+    ds = par.strategy == "deepspeed"
+    if pe.quantize != "none" and pe.method == "none":
+        raise ConfigError(f"peft.quantize={pe.quantize} freezes the base in {pe.quantize}: it needs adapters to train "
+                          "(peft=qlora, or peft.method=lora)")
+    if pe.method == "none" and cfg.export.mode in ("adapter", "merged"):
+        raise ConfigError(f"export.mode={cfg.export.mode} needs adapters (peft=lora|dora|qlora); use export.mode=full")
+    if pe.method != "none" and cfg.export.mode == "full":
+        raise ConfigError("export.mode=full under PEFT: use export.mode=merged (a full model with the adapters "
+                          "folded in) or adapter")
+    if pe.quantize != "none" and par.strategy == "fsdp":
+        raise ConfigError("peft.quantize with parallel=fsdp is not supported; use parallel=zero3 (QLoRA) or ddp")
+    if pe.quantize != "none" and ds and par.offload_params:
+        raise ConfigError("peft.quantize with parallel.offload_params: DeepSpeed cannot offload bitsandbytes weights; "
+                          "use parallel=zero3 without parameter offload")
+    if opt.name != "adamw" and par.offload_optimizer:
+        raise ConfigError(f"optim.name={opt.name} with parallel.offload_optimizer=true: DeepSpeed keeps the offloaded "
+                          "optimizer state itself (its CPUAdam); use optim=adamw")
+    if opt.name == "adafactor" and ds:
+        raise ConfigError("optim.name=adafactor under DeepSpeed ZeRO sees flattened 1-D shards and cannot factor its "
+                          "second moment; use optim=adamw_8bit (or adamw) with ZeRO, or adafactor with parallel=ddp")
+
+
+def check_device_combinations(cfg: Config, cuda: bool) -> None:
+    """Combinations that depend on the device."""
+    pe, par = cfg.peft, cfg.parallel
+    if not cuda and pe.quantize == "nf4" and par.strategy == "deepspeed" and par.zero_stage == 3:
+        raise ConfigError("peft.quantize=nf4 with ZeRO-3 needs CUDA (bitsandbytes' CPU 4-bit kernels cannot read the "
+                          "bf16 storage ZeRO-3 requires); on CPU use parallel=zero2 or ddp")
 
 
 @dataclass(frozen=True)

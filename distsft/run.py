@@ -11,7 +11,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from .config import Config, resolve_batch
+from .config import Config, check_device_combinations, resolve_batch
 from .data.loader import StepLoader, eval_batches, pack, summarize
 from .data.prepare import prepare
 from .data.templates import end_of_turn_id
@@ -22,7 +22,9 @@ from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
 from .trainer.strategy import describe as describe_strategy
 from .trainer.loop import LoopParts, train
+from .model.peft import apply_peft, quantization_config
 from .trainer.optim import build_optimizer
+from .trainer.optim import describe as describe_optimizer
 from .trainer.schedule import build_scheduler, warmup_steps
 
 log = logging.getLogger("distsft")
@@ -57,8 +59,14 @@ def run(cfg: Config) -> RunResult:
     if data.eval is not None:
         ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
                           acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id)
+    cuda = acc.device.type == "cuda"
+    check_device_combinations(cfg, cuda)
+    zero3 = cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
+    quant = quantization_config(cfg.peft, zero3)
+    device = acc.device.index if cuda else "cpu"
     with whole_random_init(acc, cfg.model.init == "config"):
-        model = load_model(cfg.model, cfg.trainer.seed, cuda=acc.device.type == "cuda")
+        model = load_model(cfg.model, cfg.trainer.seed, cuda=cuda, quantization=quant, device=device)
+    model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
     trainable, n_params = count_parameters(model)
 
     # Only now, with data and config known to be good, does anything get written.
@@ -79,6 +87,7 @@ def run(cfg: Config) -> RunResult:
 
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = acc.prepare(model, optimizer)
+    log.info("optimizer: %s (%s)", describe_optimizer(optimizer), cfg.optim.name)
     # after prepare: ZeRO regroups the optimizer's parameters, the schedule must see the final groups
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
     state = checkpoint.TrainState()
@@ -100,7 +109,10 @@ def run(cfg: Config) -> RunResult:
                         "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit},
                "wall_time_s": time.time() - t0}
     if finished and cfg.export.enabled:
-        summary["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved))
+        def base_loader():  # the un-quantised base, for export.mode=merged
+            return load_model(cfg.model, cfg.trainer.seed)
+
+        summary["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader))
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],

@@ -21,8 +21,12 @@ NODES=(node1 node2)
 say() { echo "local_cluster: $*"; }
 give_up() { say "$* (SLURM tests will skip)"; exit 0; }
 
-alive() {  # the pid in file $1 is a running process
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # the pid in file $1 (.../slurmd-node1.pid, munged.pid, ...) is that daemon, running
+  local pid name
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1")
+  name=$(basename "$1" .pid)
+  kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${name%%-*}" ]
 }
 
 all_alive() {

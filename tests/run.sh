@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+bash slurm/local_cluster.sh || true  # a local 2-node SLURM cluster when root (else the SLURM tests skip)
 exec .venv/bin/python -m pytest "$@"

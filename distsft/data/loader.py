@@ -91,8 +91,11 @@ class StepLoader:
     def steps(self, epoch: int, start_step: int = 0):
         """Yield lists of ``grad_accum`` collated micro-batches, from ``start_step`` of ``epoch``."""
         ds = _MicroBatches(self.store, self._micro_batches(epoch, start_step), self.cfg.mode, self.pad_id)
+        # its own generator: creating the iterator must not draw from the global RNG, or a resumed
+        # run (which creates it mid-epoch) would get other dropout masks than an uninterrupted one
+        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
         loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+                            pin_memory=self.pin_memory, persistent_workers=False, generator=generator)
         group = []
         for batch in loader:
             group.append(batch)

@@ -30,7 +30,8 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, seed: int, cuda: bool = False):
+def load_model(cfg: ModelConfig, seed: int, cuda: bool = False, quantization=None, device=None):
+    """The base model. ``quantization`` (a BitsAndBytesConfig) quantises the weights as they load."""
     dtype = getattr(torch, cfg.dtype)
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=resolve_attention(cfg.attn_implementation, cuda))
     if cfg.init == "config":
@@ -38,11 +39,27 @@ def load_model(cfg: ModelConfig, seed: int, cuda: bool = False):
                                             trust_remote_code=cfg.trust_remote_code)
         torch.manual_seed(seed)  # same seed -> same random init on every rank and every run
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        if quantization is not None:  # a random base is quantised the way from_pretrained would
+            model = _quantise_random(model, quantization, dtype, device, common)
     else:
+        extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, revision=cfg.revision,
-                                                     dtype=dtype, **common)
+                                                     dtype=dtype, **common, **extra)
     model.config.use_cache = False
     return model
+
+
+def _quantise_random(model, quantization, dtype, device, common):
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    # through the real loading path; written by hand because save_pretrained writes on rank 0 only
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.save_pretrained(tmp)
+        save_model(model, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, quantization_config=quantization,
+                                                    device_map={"": device}, **common)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,13 @@ def _cluster_problem() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not found: no SLURM here (as root, `bash slurm/local_cluster.sh` sets up a local cluster)"
     try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+        if ping.returncode != 0:  # fast; sinfo would retry for ~10 s first
+            return f"slurmctld does not answer ({ping.stdout.splitlines()[0] if ping.stdout else ping.returncode}): " \
+                   "run `bash slurm/local_cluster.sh`"
         p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15)
     except subprocess.TimeoutExpired:
-        return "sinfo does not answer (slurmctld down?): run `bash slurm/local_cluster.sh`"
+        return "scontrol ping / sinfo do not answer (slurmctld down?): run `bash slurm/local_cluster.sh`"
     if p.returncode != 0:
         return f"sinfo failed ({p.stderr.strip() or p.returncode}): run `bash slurm/local_cluster.sh`"
     usable = {line.split()[0] for line in p.stdout.splitlines()
@@ -53,19 +58,20 @@ class Jobs:
         self.ids: list[str] = []
         self.logs: dict[str, Path] = {}
 
-    def submit(self, out: Path, *overrides: str, nodes: int = 2) -> str:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    def submit(self, workdir: Path, *overrides: str, nodes: int = 2) -> str:
+        """sbatch slurm/train.sbatch from workdir (the job's log goes there too)."""
+        workdir.mkdir(parents=True, exist_ok=True)
         # the job inherits this environment (sbatch --export=ALL): the test's Python and data cache
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
         env.update(DISTSFT_PYTHON=sys.executable, DISTSFT_ROOT=str(ROOT), DISTSFT_PROCS_PER_NODE="1")
-        cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--job-name=distsft-test", f"--chdir={out.parent}",
-               f"--output={out.parent}/%x-%j.out", str(SBATCH), f"output_dir={out}", "logging.progress_bar=false",
-               "trainer.use_cuda=false", *overrides]
+        cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--job-name=distsft-test", f"--chdir={workdir}",
+               f"--output={workdir}/%x-%j.out", str(SBATCH), "logging.progress_bar=false", "trainer.use_cuda=false",
+               *overrides]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
         assert p.returncode == 0, f"sbatch failed: {p.stderr}"
         job = p.stdout.strip().split(";")[0]
         self.ids.append(job)
-        self.logs[job] = out.parent / f"distsft-test-{job}.out"
+        self.logs[job] = workdir / f"distsft-test-{job}.out"
         return job
 
     def info(self, job: str) -> dict[str, str]:
@@ -127,10 +133,10 @@ def _wait_for_log(jobs: Jobs, job: str, path: Path, text: str, timeout: float) -
 
 @pytest.mark.timeout(600)
 def test_two_nodes_one_process_each(tmp_path, jobs):
-    out = tmp_path / "run"
-    job = jobs.submit(out, "trainer.max_steps=6", "trainer.save_every=3", "logging.log_every=1")
+    job = jobs.submit(tmp_path, "trainer.max_steps=6", "trainer.save_every=3", "logging.log_every=1")
     info = jobs.wait(job, timeout=300)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{jobs.tail(job)}"
+    out = tmp_path / "runs" / f"distsft-test-{job}"  # the default run dir: <job name>-<job id>
     summary = _summary(out)
     assert summary["status"] == "finished" and summary["steps"] == 6
     assert summary["batch"]["world_size"] == 2  # 2 nodes x 1 CPU process
@@ -147,9 +153,9 @@ def test_preempt_requeue_resume_exact(tmp_path, jobs):
 
     steps = 150
     common = (f"trainer.max_steps={steps}", "trainer.save_every=1000", "logging.log_every=1")
-    ref_out, out = tmp_path / "reference" / "run", tmp_path / "preempted" / "run"
-    ref = jobs.submit(ref_out, *common)  # the uninterrupted reference runs beside it
-    job = jobs.submit(out, *common)
+    ref_out, out = tmp_path / "reference", tmp_path / "preempted"
+    ref = jobs.submit(tmp_path, f"output_dir={ref_out}", *common)  # the uninterrupted reference, beside it
+    job = jobs.submit(tmp_path, f"output_dir={out}", *common)
 
     _wait_for_log(jobs, job, out / "train.log", f"step 3/{steps}", timeout=300)
     # --batch: only the batch shell gets USR1 (as with #SBATCH --signal=B:USR1@...); the trainer
@@ -163,11 +169,13 @@ def test_preempt_requeue_resume_exact(tmp_path, jobs):
     assert int(info["Restarts"]) >= 1, f"the job was not requeued: {info}\n{log[-6000:]}"
     assert "USR1: asking the trainer" in log and "requeueing job" in log and "restart 1" in log, log[-6000:]
     train_log = (out / "train.log").read_text()
-    assert "stop requested: writing a checkpoint at step" in train_log
+    stopped_at = re.search(r"stop requested: writing a checkpoint at step (\d+)", train_log)
+    assert stopped_at and int(stopped_at.group(1)) < steps, train_log[-3000:]
     assert "resumed from" in train_log, train_log[-3000:]
     summary = _summary(out)
     assert summary["status"] == "finished" and summary["steps"] == steps
     assert summary["batch"]["world_size"] == 2
+    assert not (out / "STOP").exists()
 
     ref_info = jobs.wait(ref, timeout=300)
     assert ref_info["JobState"] == "COMPLETED", f"{ref_info}\n{jobs.tail(ref)}"

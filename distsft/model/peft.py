@@ -1,0 +1,56 @@
+"""Model stages 3-5: quantise, adapt, checkpoint — model transformations in a fixed order.
+
+    load (quantised by bitsandbytes when peft.quantize is set)
+      -> prepare_model_for_kbit_training (quantised only: norms in fp32, input grads on)
+      -> LoRA / DoRA adapters (peft)
+      -> gradient checkpointing (non-reentrant)
+
+Full fine-tuning and PEFT share one training loop: these are the only differences.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import PeftConfig
+
+log = logging.getLogger(__name__)
+
+
+def quantization_config(cfg: PeftConfig, zero3: bool = False):
+    """BitsAndBytesConfig for from_pretrained, or None."""
+    if cfg.quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    compute = getattr(torch, cfg.compute_dtype)
+    if cfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=compute,
+                              # ZeRO-3 shards parameters by dtype: 4-bit storage must match the compute dtype
+                              bnb_4bit_quant_storage=compute if zero3 else torch.uint8)
+
+
+def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool):
+    """The transformations after loading, in the documented order."""
+    if cfg.quantize != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method != "none":
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.target_modules[0] if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
+        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method != "none":
+            # frozen embeddings give no grad to checkpointed blocks' inputs; adapters need one
+            model.enable_input_require_grads()
+    return model
