@@ -178,12 +178,22 @@ class TrainerConfig:
     use_cuda: bool = True
     #: Stop after this many optimizer steps in this invocation (0: no limit); for tests and preemption drills.
     stop_after: int = 0
+    #: Abort after this many consecutive steps with a non-finite loss or gradient norm (each is skipped).
+    max_bad_steps: int = 3
+    #: Early stopping: stop after this many evals without improvement (0: off).
+    early_stop_patience: int = 0
+    #: Early stopping: an eval loss must beat the best by more than this to count as improvement.
+    early_stop_min_delta: float = 0.0
+    #: Keep a checkpoint of the best eval loss (checkpoints/best) and export it instead of the last step.
+    export_best: bool = False
 
 
 @dataclass
 class LoggingConfig:
     #: Log scalars and a console line every N optimizer steps.
     log_every: int = 10
+    #: Peak FLOP/s of one device for MFU; null looks the GPU up in a table (no MFU on CPU unless set).
+    peak_flops: Optional[float] = None
     #: Write TensorBoard event files under output_dir/tensorboard.
     tensorboard: bool = True
     #: Show a progress bar with ETA (main process only).
@@ -196,6 +206,12 @@ class ExportConfig:
     enabled: bool = True
     #: auto (full model, or the adapter under PEFT), full, adapter (PeftModel dir) or merged (adapters folded into the base).
     mode: str = "auto"
+
+
+@dataclass
+class DiagnosisConfig:
+    #: Final train-loss band edges (heuristics): below the 1st likely overfit, then sweet spot, underfit, barely learning.
+    bands: list[float] = field(default_factory=lambda: [0.2, 0.5, 1.0])
 
 
 @dataclass
@@ -220,6 +236,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)
 
 
 GROUP_SCHEMAS = {
@@ -311,6 +328,10 @@ def validate(cfg: Config) -> None:
     check_combinations(cfg)
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
+    if t.export_best and not (t.eval_every and (d.val_files or d.val_fraction > 0)):
+        raise ConfigError("trainer.export_best=true needs evals: set trainer.eval_every and data.val_fraction or val_files")
+    if len(cfg.diagnosis.bands) != 3 or sorted(cfg.diagnosis.bands) != list(cfg.diagnosis.bands):
+        raise ConfigError(f"diagnosis.bands={cfg.diagnosis.bands}: expected 3 increasing loss values")
     if not cfg.output_dir:
         raise ConfigError("output_dir must be set")
 

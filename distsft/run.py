@@ -15,6 +15,8 @@ from .config import Config, check_device_combinations, resolve_batch
 from .data.loader import StepLoader, eval_batches, pack, summarize
 from .data.prepare import prepare
 from .data.templates import end_of_turn_id
+from .diagnose import describe as describe_diagnosis
+from .diagnose import diagnose
 from .export import export_final
 from .model.attention import describe_attention
 from .model.load import count_parameters, load_model, load_tokenizer, whole_random_init
@@ -22,6 +24,7 @@ from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
 from .trainer.strategy import describe as describe_strategy
 from .trainer.loop import LoopParts, train
+from .trainer.metrics import model_flops, peak_flops
 from .model.peft import apply_peft, quantization_config
 from .trainer.optim import build_optimizer
 from .trainer.optim import describe as describe_optimizer
@@ -94,11 +97,16 @@ def run(cfg: Config) -> RunResult:
     acc.register_for_checkpointing(scheduler, state)
     _maybe_resume(acc, cfg, out, resolved)
 
-    parts = LoopParts(acc, model, optimizer, scheduler, loader, ev or None, state, total, out, resolved)
+    parts = LoopParts(acc, model, optimizer, scheduler, loader, ev or None, state, total, out, resolved,
+                      flops=model_flops(acc.unwrap_model(model), trainable, n_params),
+                      peak_flops=peak_flops(cfg.logging.peak_flops))
     outcome = train(parts, cfg.trainer, cfg.logging)
-    finished = outcome["finished"]
-    status = "finished" if finished else "preempted" if outcome["preempted"] else "stopped"
+    status = outcome["status"]
+    finished = status in ("finished", "early_stopped")
+    diagnosis = diagnose(parts.history["train_loss"], parts.history["eval_loss"], cfg.diagnosis.bands)
     summary = {"status": status, "steps": state.step, "total_steps": total,
+               "skipped_steps": outcome["skipped_steps"], "best_eval": outcome["best_eval"],
+               "diagnosis": diagnosis,
                "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
                "final_train_loss": _last(parts.history["train_loss"]),
                "final_eval_loss": _last(parts.history["eval_loss"]),
@@ -108,6 +116,9 @@ def run(cfg: Config) -> RunResult:
                         "eval": data.eval_stats.as_dict() if data.eval_stats else None,
                         "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit},
                "wall_time_s": time.time() - t0}
+    if finished and cfg.export.enabled and cfg.trainer.export_best and outcome["best_eval"]:
+        acc.load_state(str(out / "checkpoints" / "best"))  # export the best eval, not the last step
+        summary["exported_step"] = outcome["best_eval"]["step"]
     if finished and cfg.export.enabled:
         def base_loader():  # the un-quantised base, for export.mode=merged
             return load_model(cfg.model, cfg.trainer.seed)
@@ -117,6 +128,7 @@ def run(cfg: Config) -> RunResult:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
                  state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
+        log.info(describe_diagnosis(diagnosis))
     acc.end_training()
     _close_run_log()
     return RunResult(summary, model, tokenizer)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -56,9 +58,13 @@ class _MicroBatches(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         batch = self.collate(self.store, self.batches[i], self.pad_id)
-        lab = batch["labels"]
-        batch["n_supervised"] = (lab != IGNORE).sum()
-        batch["n_tokens"] = torch.tensor(sum(int(self.store.lengths[i]) for r in self.batches[i] for i in r))
+        ids = [e for r in self.batches[i] for e in r]
+        lengths = self.store.lengths[ids]
+        batch["n_supervised"] = (batch["labels"] != IGNORE).sum()
+        batch["n_tokens"] = torch.tensor(int(lengths.sum()))  # real tokens (no padding)
+        batch["attn_sq"] = torch.tensor(float((lengths.astype(np.float64) ** 2).sum()))  # sum of doc length^2
+        batch["n_cells"] = torch.tensor(batch["input_ids"].numel())  # tokens computed, padding included
+        batch["example_ids"] = torch.tensor(ids)  # to name the samples of a bad step
         return batch
 
 

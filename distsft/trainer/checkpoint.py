@@ -89,8 +89,10 @@ def check_compatible(ckpt: Path, current: dict, world_size: int) -> None:
                               "(set trainer.resume=never or use a new output_dir)")
 
 
-def save(accelerator, root: Path, step: int, resolved: dict, keep: int) -> Path:
-    final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
+def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: str | None = None) -> Path:
+    """checkpoints/step_<N> (or checkpoints/<name>, e.g. best, which is never pruned nor resumed from)."""
+    name = name or f"step_{step}"
+    final, tmp = root / name, root / f".{name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -22,15 +22,21 @@ from ..data.collate import model_inputs
 from ..model.attention import VARLEN
 from . import checkpoint
 from .loss import token_ce_sum
-from .metrics import Reporter
+from .guards import BadStepGuard, EarlyStopping
+from .metrics import Reporter, peak_memory_gb
 from .preempt import StopRequest
+
+
+COUNTED = ("n_supervised", "n_tokens", "attn_sq", "n_cells")  # summed over micro-batches and ranks
+SUP, REAL, ATTN, CELLS, STOP = range(5)
 
 
 @dataclass
 class StepResult:
     loss_sum: torch.Tensor  # this rank's share of the step loss (sum over ranks = step loss)
     grad_norm: torch.Tensor
-    counts: torch.Tensor  # [supervised, real] tokens of the step and stop requests, all ranks
+    counts: torch.Tensor  # [supervised, real, sum doc_len^2, computed tokens, stop requests], all ranks
+    finite: bool = True  # loss and gradient norm finite (the update was applied)
 
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,8 +53,8 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     Returns (this rank's share of the step loss, [supervised, real, stop requests] of all ranks).
     """
     device = accelerator.device
-    counts = torch.tensor([float(sum(int(mb["n_supervised"]) for mb in micro_batches)),
-                           float(sum(int(mb["n_tokens"]) for mb in micro_batches)), stop], dtype=torch.float64)
+    counts = torch.tensor([float(sum(int(mb[k]) for mb in micro_batches)) for k in COUNTED] + [stop],
+                          dtype=torch.float64)
     # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
     counts = accelerator.reduce(counts.to(device), reduction="sum")
     n_sup = counts[0].clamp(min=1).float()
@@ -72,10 +78,14 @@ def train_step(model, micro_batches: list[dict], accelerator, optimizer, schedul
     loss_share, counts = accumulate_gradients(model, micro_batches, accelerator, stop)
     # under DeepSpeed the engine has already clipped and stepped; this returns its global norm
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-    optimizer.step()
-    scheduler.step()
+    grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else math.nan, device=accelerator.device)
+    # the norm comes from gradients reduced over ranks: the same verdict everywhere (one host sync)
+    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_share))
+    if finite:
+        optimizer.step()
+    scheduler.step()  # the schedule follows the step count, skipped steps included
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_share, torch.as_tensor(grad_norm, device=accelerator.device), counts)
+    return StepResult(loss_share, grad_norm, counts, finite)
 
 
 @torch.no_grad()
@@ -107,7 +117,10 @@ class LoopParts:
     total_steps: int
     output_dir: Path
     resolved_config: dict
+    flops: tuple[float, float] = (0.0, 0.0)  # per real token, per (document length)^2
+    peak_flops: float | None = None
     history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": []})
+    early: EarlyStopping | None = None
 
 
 def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
@@ -115,41 +128,69 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     rep = Reporter(acc.is_main_process, p.output_dir, p.total_steps, st.step,
                    logging_cfg.tensorboard, logging_cfg.progress_bar)
     stop = StopRequest(p.output_dir, acc.is_main_process)
-    preempted = False
+    guard = BadStepGuard(trainer_cfg.max_bad_steps, acc.state.deepspeed_plugin is not None)
+    p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
     window = _Window(acc.device)
+    outcome = "finished"
     stop_at = min(p.total_steps, st.step + trainer_cfg.stop_after) if trainer_cfg.stop_after else p.total_steps
     p.model.train()
-    while st.step < stop_at:
-        epoch, in_epoch = divmod(st.step, p.loader.steps_per_epoch)
-        for micro_batches in p.loader.steps(epoch, in_epoch):
-            lr = p.scheduler.get_last_lr()[0]
-            res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm,
-                             stop.local())
-            st.step += 1
-            window.add(res)
-            rep.step()
-            preempted = bool(res.counts[2] > 0)  # the same on every rank: it came through the all-reduce
-            if preempted:
-                rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
-                stop_at = st.step
-            saving = trainer_cfg.save_every and st.step % trainer_cfg.save_every == 0 or st.step == stop_at
-            if st.step % logging_cfg.log_every == 0 or saving:  # a checkpoint holds exact token counts
-                _log_window(p, rep, window, lr)
-            t_pause = time.perf_counter()  # eval and checkpoints do not count as training time
-            if p.eval_batches and trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0:
-                _log_eval(p, rep)
-            if saving:
-                checkpoint.save(acc, p.output_dir / "checkpoints", st.step, p.resolved_config,
-                                trainer_cfg.save_total_limit)
-            window.t0 += time.perf_counter() - t_pause
-            if st.step >= stop_at:
-                break
-    stop.restore()
-    finished = st.step >= p.total_steps
-    if finished and p.eval_batches and not (trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0):
-        _log_eval(p, rep)
-    rep.close()
-    return {"finished": finished, "preempted": preempted and not finished}
+    try:
+        while st.step < stop_at:
+            epoch, in_epoch = divmod(st.step, p.loader.steps_per_epoch)
+            for micro_batches in p.loader.steps(epoch, in_epoch):
+                lr = p.scheduler.get_last_lr()[0]
+                res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm,
+                                 stop.local())
+                st.step += 1
+                guard.check(st.step, res.finite, _origins(p, micro_batches), acc.process_index)
+                window.add(res)
+                rep.step()
+                if res.counts[STOP] > 0:  # the same on every rank: it came through the all-reduce
+                    rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
+                    stop_at, outcome = st.step, "preempted"
+                early = _after_step(p, rep, window, lr, trainer_cfg, logging_cfg, stop_at, guard)
+                if early:
+                    stop_at, outcome = st.step, "early_stopped"
+                if st.step >= stop_at:
+                    break
+    finally:
+        stop.restore()
+        rep.close()
+    if st.step >= p.total_steps or outcome == "early_stopped":
+        if p.eval_batches and not (trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0):
+            _log_eval(p, rep, trainer_cfg)
+        outcome = "early_stopped" if outcome == "early_stopped" else "finished"
+    elif outcome != "preempted":
+        outcome = "stopped"
+    return {"status": outcome, "skipped_steps": guard.skipped,
+            "best_eval": {"step": p.early.best_step, "loss": p.early.best} if p.early.best is not None else None}
+
+
+def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, logging_cfg, stop_at: int,
+                guard: BadStepGuard) -> bool:
+    """Logging, eval, early stopping and checkpoints after a step; True to stop early."""
+    st = p.state
+    saving = trainer_cfg.save_every and st.step % trainer_cfg.save_every == 0 or st.step == stop_at
+    if st.step % logging_cfg.log_every == 0 or saving:  # a checkpoint holds exact token counts
+        _log_window(p, rep, window, lr, len(guard.skipped))
+    t_pause = time.perf_counter()  # eval and checkpoints do not count as training time
+    early = False
+    if p.eval_batches and trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0:
+        _log_eval(p, rep, trainer_cfg)
+        early = p.early.should_stop(p.accelerator)
+        if early:
+            rep.line(f"early stop at step {st.step}: eval loss has not improved for {p.early.bad_evals} evals "
+                     f"(best {p.early.best:.4f} at step {p.early.best_step})")
+    if saving or early:
+        checkpoint.save(p.accelerator, p.output_dir / "checkpoints", st.step, p.resolved_config,
+                        trainer_cfg.save_total_limit)
+    window.t0 += time.perf_counter() - t_pause
+    return early
+
+
+def _origins(p: LoopParts, micro_batches: list[dict]) -> list[str]:
+    store = p.loader.store
+    return [store.origin(int(i)) for mb in micro_batches for i in mb["example_ids"]]
 
 
 class _Window:
@@ -161,7 +202,7 @@ class _Window:
 
     def reset(self):
         self.loss = torch.zeros((), device=self.device)
-        self.counts = torch.zeros(3, device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(5, device=self.device, dtype=torch.float64)
         self.grad_norm = None
         self.steps = 0
         self.t0 = time.perf_counter()
@@ -173,25 +214,38 @@ class _Window:
         self.steps += 1
 
 
-def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float) -> None:
+def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: int) -> None:
     acc, st = p.accelerator, p.state
     loss = acc.reduce(w.loss.clone(), reduction="sum").item() / w.steps  # mean step loss of the window
-    sup, real, _ = w.counts.tolist()
+    sup, real, attn_sq, cells, _ = w.counts.tolist()
     dt = time.perf_counter() - w.t0
     st.tokens += int(real)
     st.supervised_tokens += int(sup)
     grad_norm = float(w.grad_norm)
     p.history["train_loss"].append((st.step, loss))
-    rep.scalars(st.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                          "train/tokens_per_s": real / dt, "train/supervised_tokens_per_s": sup / dt,
-                          "train/step_time": dt / w.steps})
+    scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+               "train/tokens_per_s": real / dt, "train/supervised_tokens_per_s": sup / dt,
+               "train/step_time": dt / w.steps, "train/supervised_tokens": sup / w.steps,
+               "train/packing_efficiency": real / max(cells, 1), "train/peak_memory_gb": peak_memory_gb(),
+               "train/skipped_steps": skipped}
+    mfu = ""
+    if p.peak_flops:
+        flops = p.flops[0] * real + p.flops[1] * attn_sq
+        scalars["train/mfu"] = flops / (dt * p.peak_flops * acc.num_processes)
+        mfu = f" mfu {scalars['train/mfu']:.1%}"
+    rep.scalars(st.step, scalars)
     rep.line(f"step {st.step}/{p.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
-             f"tok/s {real / dt:,.0f} sup_tok/s {sup / dt:,.0f}")
+             f"tok/s {real / dt:,.0f} sup_tok/s {sup / dt:,.0f}{mfu}")
     w.reset()
 
 
-def _log_eval(p: LoopParts, rep: Reporter) -> None:
+def _log_eval(p: LoopParts, rep: Reporter, trainer_cfg) -> None:
     loss = evaluate(p.model, p.eval_batches, p.accelerator)
     p.history["eval_loss"].append((p.state.step, loss))
-    rep.scalars(p.state.step, {"eval/loss": loss})
+    values = {"eval/loss": loss}
+    if p.history["train_loss"]:
+        values["eval/gap"] = loss - p.history["train_loss"][-1][1]
+    rep.scalars(p.state.step, values)
     rep.line(f"step {p.state.step} eval loss {loss:.4f}")
+    if p.early.update(p.state.step, loss) and trainer_cfg.export_best:
+        checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, 0, name="best")

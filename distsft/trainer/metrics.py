@@ -7,7 +7,13 @@ Scalars (x axis: optimizer step):
     train/tokens_per_s            real (non-pad) tokens per second, all ranks
     train/supervised_tokens_per_s supervised tokens per second, all ranks
     train/step_time               seconds per optimizer step (mean over the logging window)
+    train/supervised_tokens       supervised tokens per optimizer step (all ranks, window mean)
+    train/packing_efficiency      real tokens / tokens computed (padding included), window
+    train/mfu                     model FLOPs utilisation (see model_flops), when the peak is known
+    train/peak_memory_gb          GPU: torch max allocated; CPU: peak resident memory of rank 0
+    train/skipped_steps           steps skipped so far for a non-finite loss or gradient norm
     eval/loss                     token-weighted loss on the eval split
+    eval/gap                      eval loss minus the train loss of the last window (overfitting grows it)
 """
 
 from __future__ import annotations
@@ -56,3 +62,48 @@ class Reporter:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets); MFU is reported against bf16 whatever the precision.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "A10": 125e12,
+              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(configured: float | None) -> float | None:
+    if configured:
+        return configured
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def model_flops(model, trainable: int, total: int) -> tuple[float, float]:
+    """(FLOPs per token of the weights, FLOPs per (document length)^2 of attention) for one training step.
+
+    Weights: 6N for full fine-tuning (forward 2N, backward 4N), 4N when the base is frozen (PEFT: no
+    weight gradients), N excluding the input embedding (a lookup, not a matmul). Attention, causal,
+    per layer: forward 2*d*T^2 (QK^T and AV over half the square), x3 with backward -> 6*L*d*T^2.
+    """
+    cfg = getattr(model, "config", None)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    emb = inner.get_input_embeddings()
+    n = total - (getattr(emb.weight, "ds_numel", emb.weight.numel()) if emb is not None else 0)
+    per_token = (6 if trainable == total else 4) * n
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    heads = getattr(cfg, "num_attention_heads", 0)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    return float(per_token), float(6 * layers * heads * head_dim)
+
+
+def peak_memory_gb() -> float:
+    """GPU: max allocated by torch; CPU: the process's peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

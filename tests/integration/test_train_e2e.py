@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from tests.conftest import run_tiny
 
 SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-           "train/supervised_tokens_per_s", "train/step_time", "eval/loss"}
+           "train/supervised_tokens_per_s", "train/step_time", "eval/loss", "train/supervised_tokens",
+           "train/packing_efficiency", "train/peak_memory_gb", "train/skipped_steps", "eval/gap"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,70 @@
+"""Trainer stage 9: guards — non-finite steps, early stopping.
+
+Non-finite loss or gradient norm: the gradient norm is computed from gradients already reduced
+over ranks, so every rank sees the same verdict without another collective; the update is
+skipped everywhere (the data moves on, the LR schedule follows the step count), the samples of
+the step are named (file and row, from every rank), and after ``trainer.max_bad_steps``
+consecutive bad steps the run stops with a clear message. Under DeepSpeed the engine applies the
+update inside backward, so a non-finite step cannot be undone: the run stops at once.
+
+Early stopping: eval losses are all-reduced (identical on every rank); rank 0 decides and the
+decision is broadcast, so all ranks stop together.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from accelerate.utils import broadcast
+
+log = logging.getLogger("distsft")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite steps); the message says why and what to try."""
+
+
+class BadStepGuard:
+    def __init__(self, max_bad: int, deepspeed: bool):
+        self.max_bad, self.deepspeed = max_bad, deepspeed
+        self.consecutive = 0
+        self.skipped: list[int] = []
+
+    def check(self, step: int, finite: bool, origins: list[str], rank: int) -> None:
+        if finite:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.skipped.append(step)
+        log.warning("rank %d: step %d has a non-finite loss or gradient norm; %s; samples: %s", rank, step,
+                    "DeepSpeed already applied it" if self.deepspeed else "update skipped",
+                    "; ".join(origins[:20]) + (" ..." if len(origins) > 20 else ""))
+        if self.deepspeed:
+            raise TrainingError(f"non-finite gradient at step {step} under DeepSpeed, which applies updates inside "
+                                "backward: resume from the last checkpoint with a lower optim.lr, or check the samples "
+                                "named above")
+        if self.consecutive >= self.max_bad:
+            raise TrainingError(f"{self.consecutive} consecutive steps with a non-finite loss or gradient norm (up to "
+                                f"step {step}; trainer.max_bad_steps={self.max_bad}): lower optim.lr, keep "
+                                "trainer.max_grad_norm > 0, or check the samples named above")
+
+
+class EarlyStopping:
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.best_step = 0
+        self.bad_evals = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record an eval; True when it is a new best."""
+        if self.best is None or loss < self.best - self.min_delta:
+            self.best, self.best_step, self.bad_evals = loss, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    def should_stop(self, accelerator) -> bool:
+        decide = torch.tensor([float(self.patience > 0 and self.bad_evals >= self.patience)], device=accelerator.device)
+        return bool(broadcast(decide, from_process=0).item())  # rank 0 decides for everyone

@@ -1,0 +1,111 @@
+"""Guards: a NaN step is skipped everywhere with its samples named; repeated NaNs abort cleanly;
+early stopping (1 and 2 processes) keeps and exports the best checkpoint; MFU and diagnosis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distsft.trainer.loop as loop
+from distsft.diagnose import diagnose
+from distsft.trainer.guards import TrainingError
+from tests.conftest import launch, run_tiny, typed_cfg
+
+STEPS = ["trainer.max_steps=5", "trainer.eval_every=0", "trainer.save_every=0", "logging.log_every=1"]
+
+
+def poison(monkeypatch, bad_calls):
+    real, calls = loop.forward_loss_sum, {"n": 0}
+
+    def maybe_nan(model, batch):
+        calls["n"] += 1
+        out = real(model, batch)
+        return out * math.nan if calls["n"] in bad_calls or "all" in bad_calls else out
+
+    monkeypatch.setattr(loop, "forward_loss_sum", maybe_nan)
+
+
+def test_nan_step_is_skipped_with_sample_ids(tmp_path, monkeypatch, caplog):
+    poison(monkeypatch, {3})  # grad_accum 2: the first micro-batch of step 2
+    with caplog.at_level(logging.WARNING, logger="distsft"):
+        res = run_tiny(tmp_path, *STEPS)
+    s = res.summary
+    assert s["status"] == "finished" and s["skipped_steps"] == [2] and s["steps"] == 5
+    warning = next(r.getMessage() for r in caplog.records if "non-finite" in r.getMessage())
+    assert "step 2" in warning and "update skipped" in warning and "tiny_sft.jsonl row" in warning
+    weights = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_repeated_nans_abort_with_a_clear_message(tmp_path, monkeypatch):
+    poison(monkeypatch, {"all"})
+    with pytest.raises(TrainingError, match=r"3 consecutive steps with a non-finite loss or gradient norm"):
+        run_tiny(tmp_path, *STEPS)
+    assert not (tmp_path / "final").exists()
+
+
+def test_early_stopping_exports_the_best(tmp_path, monkeypatch):
+    curve = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    monkeypatch.setattr(loop, "evaluate", lambda *a: next(curve))
+    res = run_tiny(tmp_path, "trainer.max_steps=12", "trainer.eval_every=2", "trainer.save_every=0",
+                   "trainer.early_stop_patience=2", "trainer.export_best=true")
+    s = res.summary
+    assert s["status"] == "early_stopped" and s["steps"] == 8  # evals at 2,4,6,8: best at 4, two worse after
+    assert s["best_eval"] == {"step": 4, "loss": 2.0} and s["exported_step"] == 4
+    best = load_file(tmp_path / "checkpoints" / "best" / "model.safetensors")
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.equal(best[k], final[k]) for k in best)
+
+
+@pytest.mark.multiproc
+def test_early_stopping_stops_all_ranks(tmp_path):
+    # min_delta larger than any loss: only the first eval counts as an improvement
+    s = launch(2, tmp_path, "trainer.max_steps=10", "trainer.eval_every=1", "trainer.save_every=0",
+               "trainer.early_stop_patience=2", "trainer.early_stop_min_delta=100")
+    assert s["status"] == "early_stopped" and s["steps"] == 3 and s["batch"]["world_size"] == 2
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_mfu_flops_formula():
+    from distsft.model.load import load_model
+    from distsft.model.peft import apply_peft
+    from distsft.trainer.metrics import model_flops
+
+    cfg = typed_cfg()
+    model = load_model(cfg.model, seed=0)
+    total = sum(p.numel() for p in model.parameters())
+    n = total - 640 * 64  # the input embedding is a lookup
+    assert model_flops(model, total, total) == (6 * n, 6 * 2 * 4 * 16)  # 6N; 6 * layers * heads * head_dim
+    lora = apply_peft(model, typed_cfg("peft=lora").peft, False)
+    t = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    per_token, _ = model_flops(lora, t, sum(p.numel() for p in lora.parameters()))
+    assert per_token == 4 * (sum(p.numel() for p in lora.parameters()) - 640 * 64)
+
+
+def test_mfu_scalar_logged_when_peak_known(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_tiny(tmp_path, *STEPS, "logging.peak_flops=1e12")
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    assert all(0 < e.value < 1 for e in ea.Scalars("train/mfu"))
+
+
+@pytest.mark.parametrize("final,verdict", [(0.1, "likely overfit"), (0.3, "sweet spot"), (0.7, "underfit"),
+                                           (1.5, "barely learning")])
+def test_diagnosis_bands(final, verdict):
+    d = diagnose([(1, 2.0), (10, final)], [], [0.2, 0.5, 1.0])
+    assert d["verdict"] == verdict and d["heuristic"] and d["advice"]
+
+
+def test_diagnosis_overfitting_from_eval_curve():
+    train = [(s, 2.0 - 0.1 * s) for s in range(1, 11)]
+    evals = [(2, 1.9), (4, 1.6), (6, 1.7), (8, 1.9), (10, 2.1)]
+    d = diagnose(train, evals, [0.2, 0.5, 1.0])
+    assert d["verdict"] == "overfitting" and "rose from 1.6000 (step 4)" in d["advice"]
+    assert json.dumps(d)
