@@ -49,7 +49,7 @@ def test_split_invariance_of_loss_and_gradients(tiny_model, data):
                                                                    data[2], 0).steps(0))]
     assert len(set(per_ex)) > 1
     for split, (loss, g, mean_of_means, counts) in results.items():
-        assert torch.equal(counts, counts_ref)
+        assert torch.equal(counts[:3], counts_ref[:3])  # supervised, real, attention work; padding differs
         assert loss == pytest.approx(loss_ref, rel=1e-5), split
         rel = (g - g_ref).norm() / g_ref.norm()
         assert rel <= 1e-5, (split, rel.item())
