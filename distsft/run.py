@@ -19,7 +19,7 @@ from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
 from .model.attention import describe_attention
-from .model.load import count_parameters, load_model, load_tokenizer, whole_random_init
+from .model.load import count_parameters, load_model, load_tokenizer, whole_model
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
 from .trainer.strategy import describe as describe_strategy
@@ -67,7 +67,7 @@ def run(cfg: Config) -> RunResult:
     zero3 = cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
     quant = quantization_config(cfg.peft, zero3)
     device = acc.device.index if cuda else "cpu"
-    with whole_random_init(acc, cfg.model.init == "config"):
+    with whole_model(acc, cfg.model.init == "config"):
         model = load_model(cfg.model, cfg.trainer.seed, cuda=cuda, quantization=quant, device=device)
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
     trainable, n_params = count_parameters(model)
@@ -120,8 +120,9 @@ def run(cfg: Config) -> RunResult:
         acc.load_state(str(out / "checkpoints" / "best"))  # export the best eval, not the last step
         summary["exported_step"] = outcome["best_eval"]["step"]
     if finished and cfg.export.enabled:
-        def base_loader():  # the un-quantised base, for export.mode=merged
-            return load_model(cfg.model, cfg.trainer.seed)
+        def base_loader():  # the un-quantised base, for export.mode=merged (rank 0 only: no zero.Init)
+            with whole_model(acc):
+                return load_model(cfg.model, cfg.trainer.seed)
 
         summary["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader))
     if acc.is_main_process:

@@ -63,12 +63,13 @@ def _quantise_random(model, quantization, dtype, device, common):
 
 
 @contextmanager
-def whole_random_init(accelerator, random_init: bool):
-    """Build a randomly initialised model whole even under ZeRO-3 (which would otherwise create it
-    in shards with zero.Init): the same seed then gives the same weights under every strategy.
-    Pretrained weights still load straight into shards."""
+def whole_model(accelerator, enabled: bool = True):
+    """Build a model whole even under ZeRO-3 (which would otherwise create it in shards with
+    zero.Init, a collective): for a random init, so the same seed gives the same weights under every
+    strategy, and for the base that rank 0 alone loads to merge adapters at export. Pretrained
+    weights for training still load straight into shards."""
     plugin = accelerator.state.deepspeed_plugin
-    if not random_init or plugin is None:
+    if not enabled or plugin is None:
         yield
         return
     from transformers.integrations import unset_hf_deepspeed_config

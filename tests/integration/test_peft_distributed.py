@@ -40,3 +40,13 @@ def test_quantised_and_8bit_under_zero2_train(tmp_path, overrides):
     s = launch(2, tmp_path, *overrides, *STEPS)
     losses = [x for _, x in s["train_loss_history"]]
     assert s["status"] == "finished" and losses[-1] < losses[0]
+
+
+def test_lora_zero3_merged_export(tmp_path):
+    """Rank 0 alone rebuilds the base to merge into: it must not enter ZeRO-3's collective init."""
+    from transformers import AutoModelForCausalLM
+
+    s = launch(2, tmp_path, "peft=lora", "parallel=zero3", "export.mode=merged", *STEPS)
+    assert s["status"] == "finished"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
