@@ -72,10 +72,12 @@ def launch_cmd(num_processes: int, out: Path, *overrides: str, port: int | None 
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 600, expect_ok: bool = True):
-    """`accelerate launch` num_processes CPU processes (gloo); returns summary.json (or the process)."""
-    proc = subprocess.run(launch_cmd(num_processes, out, *overrides), cwd=ROOT, env=CPU_ENV, capture_output=True,
-                          text=True, timeout=timeout)
+def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 600, expect_ok: bool = True,
+           env: dict | None = None):
+    """`accelerate launch` num_processes CPU processes (gloo; ``env`` may give GPUs back); returns
+    summary.json (or the process)."""
+    proc = subprocess.run(launch_cmd(num_processes, out, *overrides), cwd=ROOT, env={**CPU_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
     if not expect_ok:
         return proc
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -49,3 +49,21 @@ def test_bf16_gpu_run_tracks_fp32_cpu(tmp_path):
                    "model.attn_implementation=varlen").summary["train_loss_history"]
     for (_, a), (_, b) in zip(cpu, gpu):
         assert abs(a - b) <= 0.05 * a
+
+
+def test_fsdp2_trains_like_ddp_and_exports_full_weights(tmp_path):
+    """FSDP2 (GPU only): same per-step losses as DDP on one GPU, and a gathered final/ export."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import launch
+
+    steps = ["trainer.max_steps=4", "trainer.eval_every=0", "trainer.save_every=2", "logging.log_every=1",
+             "trainer.use_cuda=true"]
+    n = max(1, min(2, torch.cuda.device_count()))
+    env_gpu = {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(n))}
+    ddp = launch(n, tmp_path / "ddp", "parallel=ddp", *steps, env=env_gpu)
+    fsdp = launch(n, tmp_path / "fsdp", "parallel=fsdp", *steps, env=env_gpu)
+    for (_, a), (_, b) in zip(ddp["train_loss_history"], fsdp["train_loss_history"]):
+        assert b == pytest.approx(a, rel=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final")
+    assert all(p.numel() > 0 for p in model.parameters())

@@ -185,3 +185,21 @@ def test_preempt_requeue_resume_exact(tmp_path, jobs):
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"resumed weights differ from the uninterrupted run's in {differ}"
+
+
+@pytest.mark.timeout(600)
+def test_submitit_sweep_runs_each_job_on_slurm(tmp_path):
+    """hydra/launcher=submitit_slurm: a -m sweep becomes SLURM jobs, each with its own run dir."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "distsft.train", "-m", "hydra/launcher=submitit_slurm",
+                           "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+                           "experiment=tiny_smoke", "optim.lr=1e-3,3e-3", "logging.progress_bar=false"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "tiny_smoke"
+    jobs = sorted(d for d in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", d.name))
+    assert len(jobs) == 2 and all(list(j.glob("*_result.pkl")) for j in jobs)  # ran as SLURM array tasks
+    runs = sorted(d for d in sweep.iterdir() if d.is_dir() and not d.name.startswith("."))
+    assert [d.name for d in runs] == ["experiment=tiny_smoke,optim.lr=0.001", "experiment=tiny_smoke,optim.lr=0.003"]
+    assert all(_summary(d)["status"] == "finished" for d in runs)
