@@ -215,6 +215,12 @@ class DiagnosisConfig:
 
 
 @dataclass
+class PlanConfig:
+    #: Processes (GPUs) the plan assumes: batch arithmetic and sharded memory (WORLD_SIZE wins when set).
+    world_size: int = 1
+
+
+@dataclass
 class PreviewConfig:
     #: Examples that distsft.preview prints with their supervised tokens marked.
     examples: int = 3
@@ -237,6 +243,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 GROUP_SCHEMAS = {

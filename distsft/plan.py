@@ -1,0 +1,189 @@
+"""Plan (dry run): ``python -m distsft.plan key=value ...`` (console script ``distsft-plan``).
+
+On the same composed config as training, without training: the data after formatting and
+filtering, the batch arithmetic, steps, warmup, example views, the LR curve, FLOPs per token and an
+estimated peak memory per GPU. The model is built on the meta device (no weights are loaded).
+
+Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w bytes per weight):
+
+    weights      P*w (frozen 4-bit linear weights: ~0.52 bytes with double quantisation, 0.56 without)
+    gradients    T*w
+    optimizer    T*8 for AdamW in w=4 (two fp32 moments), T*2*w otherwise; T*2 for 8-bit; ~0 Adafactor
+    DeepSpeed    mixed precision keeps fp32 master weights + moments: 12*T, weights/grads in w=2 -> the
+                 ZeRO paper's 16*P for full fine-tuning; ZeRO-1 shards the optimizer (/N), ZeRO-2 also
+                 gradients, ZeRO-3 also weights; offload moves the optimizer (and ZeRO-3 weights) to CPU
+    activations  per token per layer (7h + 2*kv + 4i) * a bytes for a Llama block with SDPA (a: 2 in bf16,
+                 4 in fp32); with gradient checkpointing only the layer input h*a is kept, plus one layer
+    logits       per token V*(a + 4 + 4): the logits, their fp32 copy for the loss and its gradient
+
+These are estimates (allocator fragmentation, CUDA context and temporary buffers are not counted).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import Config, register_configs, resolve_batch
+from .train import CONF_DIR, with_user_errors
+
+register_configs()
+GIB = 2**30
+
+
+@dataclass
+class ModelShape:
+    params: int
+    trainable: int
+    quantizable: int  # weights of linear layers but the output head (what bitsandbytes quantises)
+    layers: int
+    hidden: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """Parameter counts on the meta device: no weights are read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model.peft import apply_peft
+
+    mc = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
+    quantizable = sum(m.weight.numel() for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    if cfg.peft.method != "none":
+        model = apply_peft(model, type(cfg.peft)(**{**asdict(cfg.peft), "quantize": "none"}), False)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    heads = mc.num_attention_heads
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
+    kv = getattr(mc, "num_key_value_heads", heads) * head_dim
+    return ModelShape(params, trainable, quantizable, mc.num_hidden_layers, mc.hidden_size, kv,
+                      mc.intermediate_size, mc.vocab_size)
+
+
+def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int) -> dict[str, float]:
+    """Bytes per GPU by component (see the module docstring)."""
+    p, t, n = shape.params, shape.trainable, world_size
+    bf16 = cfg.trainer.precision == "bf16" or cfg.model.dtype == "bfloat16"
+    w = 2 if cfg.model.dtype == "bfloat16" else 4
+    a = 2 if bf16 else 4
+    par, peft, optim = cfg.parallel, cfg.peft, cfg.optim.name
+    weights = float(p * w)
+    if peft.quantize == "nf4":
+        weights = (p - shape.quantizable) * 2 + shape.quantizable * (0.516 if peft.double_quant else 0.5625)
+    elif peft.quantize == "int8":
+        weights = (p - shape.quantizable) * 2 + shape.quantizable * 1.0
+    trainable_w = 4 if peft.quantize != "none" else w  # k-bit training keeps adapters in fp32
+    grads = float(t * trainable_w)
+    per_state = {"adamw": 2 * trainable_w, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adafactor": 0.1}[optim]
+    opt = float(t * per_state)
+    if par.strategy == "deepspeed":
+        if bf16:  # DeepSpeed mixed precision: bf16 weights/grads of the trainable part, fp32 master + moments
+            weights, grads, opt = weights - t * (w - 2), float(t * 2), float(t * (4 + per_state * 4 / trainable_w))
+        stage = par.zero_stage
+        opt = 0.0 if par.offload_optimizer else opt / n
+        grads = grads / n if stage >= 2 else grads
+        if stage == 3:
+            weights = 0.0 if par.offload_params else weights / n
+    elif par.strategy == "fsdp":
+        weights, grads, opt = weights / n, grads / n, opt / n
+    tokens = micro_batch * cfg.data.max_seq_len
+    per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * a
+    if cfg.model.gradient_checkpointing:
+        acts = tokens * (shape.layers * shape.hidden * a + per_layer)
+    else:
+        acts = tokens * shape.layers * per_layer
+    logits = tokens * shape.vocab * (a + 4 + 4)
+    out = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": float(acts),
+           "logits": float(logits)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def lr_table(cfg: Config, total: int) -> list[tuple[int, int, float]]:
+    from .trainer.schedule import lr_factor
+
+    rows = []
+    for pct in range(0, 101, 10):
+        step = min(total - 1, round(pct / 100 * (total - 1)))
+        rows.append((pct, step, cfg.optim.lr * lr_factor(step, cfg.schedule, total)))
+    return rows
+
+
+def make_plan(cfg: Config, world_size: int) -> dict:
+    """Everything the plan prints, as a dict (also written by tests)."""
+    from .data.loader import pack
+    from .data.prepare import prepare
+    from .model.load import load_tokenizer
+    from .trainer.schedule import warmup_steps
+
+    plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, cfg.trainer.global_batch_size,
+                         world_size)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
+    pack(data.train, cfg.data, data.train_stats)
+    st = data.train_stats
+    per_epoch = st.sequences // plan.global_batch_size
+    if per_epoch == 0:
+        from .data.sources import DataError
+
+        raise DataError(f"only {st.sequences} training sequences but one optimizer step needs "
+                        f"global_batch_size={plan.global_batch_size}", reason="config")
+    total = cfg.trainer.max_steps or max(1, -(-int(cfg.trainer.epochs * per_epoch * 1000) // 1000))
+    epochs = total / per_epoch
+    shape = model_shape(cfg)
+    full = shape.trainable == shape.params
+    flops_token = (6 if full else 4) * (shape.params - shape.vocab * shape.hidden)  # as train/mfu counts it
+    return {
+        "data": st.as_dict(), "eval": data.eval_stats.as_dict() if data.eval_stats else None,
+        "batch": asdict(plan), "steps_per_epoch": per_epoch, "total_steps": total, "epochs": epochs,
+        "warmup_steps": warmup_steps(cfg.schedule, total),
+        "example_views": round(st.kept * epochs), "lr_curve": lr_table(cfg, total),
+        "parameters": {"total": shape.params, "trainable": shape.trainable},
+        "flops_per_token": flops_token,
+        "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size),
+    }
+
+
+def render(p: dict) -> str:
+    b, d, mem = p["batch"], p["data"], p["memory_per_gpu_bytes"]
+    lines = [
+        f"data: {d['kept']:,} examples kept of {d['rows_in']:,} (dropped {d['dropped_overlong']} over-long, "
+        f"{d['dropped_short']} short, {d['dropped_unsupervised']} unsupervised), {d['tokens']:,} tokens "
+        f"({d['supervised_tokens']:,} supervised) in {d['sequences']:,} sequences, packing efficiency "
+        f"{(d['packing_efficiency'] or 0):.1%}",
+        f"batch: micro_batch_size {b['micro_batch_size']} x grad_accum {b['grad_accum']} x world_size "
+        f"{b['world_size']} = global_batch_size {b['global_batch_size']} sequences",
+        f"steps: {p['steps_per_epoch']} per epoch, {p['total_steps']} in all ({p['epochs']:.2f} epochs), "
+        f"{p['warmup_steps']} warmup; example views {p['example_views']:,}",
+        f"parameters: {p['parameters']['trainable']:,} trainable of {p['parameters']['total']:,}; "
+        f"{p['flops_per_token']:.3g} FLOPs per token (+ attention)",
+        "LR:  " + "  ".join(f"{pct}%:{lr:.2e}" for pct, _, lr in p["lr_curve"]),
+        "memory per GPU (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
+    ]
+    return "\n".join(lines)
+
+
+def plan_main(cfg: Config) -> None:
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", cfg.plan.world_size))
+    print(render(make_plan(cfg, world)), file=sys.stdout)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    with_user_errors(plan_main, cfg)
+
+
+if __name__ == "__main__":
+    main()

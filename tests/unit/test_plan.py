@@ -1,0 +1,66 @@
+"""Plan: numbers on a known config, and the memory formulas against the ZeRO paper by hand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from distsft.plan import ModelShape, make_plan, memory_estimate
+from tests.conftest import ROOT, typed_cfg
+
+P = 1_000_000_000
+SHAPE = ModelShape(params=P, trainable=P, quantizable=int(0.9 * P), layers=32, hidden=4096, kv_dim=1024,
+                   intermediate=14336, vocab=128256)
+
+
+def test_plan_numbers_on_the_embedded_default():
+    p = make_plan(typed_cfg(), world_size=1)
+    d = p["data"]
+    assert p["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8}
+    assert p["steps_per_epoch"] == d["sequences"] // 8
+    assert p["total_steps"] == 4 * p["steps_per_epoch"]  # the tiny recipe: 4 epochs
+    assert p["warmup_steps"] == int(0.05 * p["total_steps"])
+    assert p["example_views"] == 4 * d["kept"]
+    assert p["lr_curve"][0][0] == 0 and p["lr_curve"][-1][0] == 100
+    assert p["lr_curve"][-1][2] == pytest.approx(3e-3 * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(
+        __import__("math").pi * (p["total_steps"] - 1 - p["warmup_steps"]) / (p["total_steps"] - p["warmup_steps"])))))
+    two = make_plan(typed_cfg(), world_size=2)
+    assert two["batch"]["grad_accum"] == 1 and two["total_steps"] == p["total_steps"]
+
+
+@pytest.mark.parametrize("parallel,expect", [
+    ("ddp", 16 * P),  # fp32 weights + grads + two fp32 moments
+    ("zero1", 4 * P + 12 * P / 8),  # ZeRO paper: 4Psi + 12Psi/N
+    ("zero2", 2 * P + 14 * P / 8),  # 2Psi + 14Psi/N
+    ("zero3", 16 * P / 8),  # 16Psi/N
+    ("zero3_offload", 2 * P / 8),  # weights and optimizer in CPU RAM; gradient partitions pass through the GPU
+])
+def test_memory_formulas_match_the_zero_paper(parallel, expect):
+    precision = "fp32" if parallel == "ddp" else "bf16"
+    cfg = typed_cfg(f"parallel={parallel}", f"trainer.precision={precision}")
+    m = memory_estimate(cfg, SHAPE, world_size=8, micro_batch=1)
+    assert m["weights"] + m["gradients"] + m["optimizer"] == pytest.approx(expect)
+
+
+def test_memory_qlora_and_activations():
+    cfg = typed_cfg("peft=qlora", "trainer.precision=bf16")
+    shape = ModelShape(P, trainable=10_000_000, quantizable=int(0.9 * P), layers=32, hidden=4096, kv_dim=1024,
+                       intermediate=14336, vocab=128256)
+    m = memory_estimate(cfg, shape, world_size=1, micro_batch=1)
+    assert m["weights"] == pytest.approx(0.1 * P * 2 + 0.9 * P * 0.516)
+    assert m["gradients"] == 4 * 10_000_000 and m["optimizer"] == 8 * 10_000_000  # fp32 adapters, two moments
+    tokens = cfg.data.max_seq_len
+    assert m["activations"] == tokens * 32 * (7 * 4096 + 2 * 1024 + 4 * 14336) * 2
+    ckpt = memory_estimate(typed_cfg("peft=qlora", "trainer.precision=bf16", "model.gradient_checkpointing=true"),
+                           shape, 1, 1)
+    assert ckpt["activations"] < m["activations"] / 10
+    assert m["logits"] == tokens * 128256 * (2 + 4 + 4)
+
+
+def test_plan_cli():
+    proc = subprocess.run([sys.executable, "-m", "distsft.plan", "parallel=zero2", "plan.world_size=2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world_size 2 = global_batch_size 8" in proc.stdout and "memory per GPU (estimate)" in proc.stdout
