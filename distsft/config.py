@@ -172,6 +172,8 @@ class TrainerConfig:
     save_total_limit: int = 2
     #: auto resumes from the newest complete checkpoint in output_dir; never; or a checkpoint path.
     resume: str = "auto"
+    #: Resume even when the checkpoint was trained with other data or settings (the differences are logged).
+    resume_force: bool = False
     #: Seed of model init and of every process's RNG.
     seed: int = 42
     #: Use the GPU when one is visible; false forces CPU.

@@ -13,13 +13,15 @@ Weights are gathered first (ZeRO-3 shards them), on every rank. Everything is wr
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 
-def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, mode: str, base_loader) -> Path:
+def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, mode: str, base_loader,
+                 provenance: dict | None = None) -> Path:
     """``base_loader()`` rebuilds the un-quantised base model (merged mode)."""
     final, tmp = out_dir / "final", out_dir / "final.tmp"
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every rank takes part
@@ -39,6 +41,8 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, m
             inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         OmegaConf.save(OmegaConf.create(resolved), tmp / "distsft_config.yaml")
+        if provenance is not None:
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     accelerator.wait_for_everyone()

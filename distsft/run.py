@@ -18,6 +18,7 @@ from .data.templates import end_of_turn_id
 from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
+from .provenance import provenance
 from .model.attention import describe_attention
 from .model.load import count_parameters, load_model, load_tokenizer, whole_model
 from .trainer import checkpoint
@@ -95,18 +96,19 @@ def run(cfg: Config) -> RunResult:
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
     state = checkpoint.TrainState()
     acc.register_for_checkpointing(scheduler, state)
-    _maybe_resume(acc, cfg, out, resolved)
+    _maybe_resume(acc, cfg, out, resolved, data.fingerprint)
+    prov = provenance(data.fingerprint)
 
     parts = LoopParts(acc, model, optimizer, scheduler, loader, ev or None, state, total, out, resolved,
                       flops=model_flops(acc.unwrap_model(model), trainable, n_params),
-                      peak_flops=peak_flops(cfg.logging.peak_flops))
+                      peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov)
     outcome = train(parts, cfg.trainer, cfg.logging)
     status = outcome["status"]
     finished = status in ("finished", "early_stopped")
     diagnosis = diagnose(parts.history["train_loss"], parts.history["eval_loss"], cfg.diagnosis.bands)
     summary = {"status": status, "steps": state.step, "total_steps": total,
                "skipped_steps": outcome["skipped_steps"], "best_eval": outcome["best_eval"],
-               "diagnosis": diagnosis,
+               "diagnosis": diagnosis, "provenance": prov,
                "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
                "final_train_loss": _last(parts.history["train_loss"]),
                "final_eval_loss": _last(parts.history["eval_loss"]),
@@ -124,7 +126,8 @@ def run(cfg: Config) -> RunResult:
             with whole_model(acc):
                 return load_model(cfg.model, cfg.trainer.seed)
 
-        summary["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader))
+        summary["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader,
+                                                prov))
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
@@ -179,10 +182,10 @@ def _setup_run_dir(acc, out: Path, resolved: dict) -> None:
     acc.wait_for_everyone()
 
 
-def _maybe_resume(acc, cfg: Config, out: Path, resolved: dict) -> None:
+def _maybe_resume(acc, cfg: Config, out: Path, resolved: dict, fingerprint: str) -> None:
     ckpt = checkpoint.find_resume(cfg.trainer.resume, out / "checkpoints")
     if ckpt is None:
         return
-    checkpoint.check_compatible(ckpt, resolved, acc.num_processes)
+    checkpoint.check_compatible(ckpt, resolved, acc.num_processes, fingerprint, cfg.trainer.resume_force)
     acc.load_state(str(ckpt))
     log.info("resumed from %s at step %d", ckpt, int(ckpt.name.split("_")[1]))

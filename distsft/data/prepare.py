@@ -59,6 +59,7 @@ class Prepared:
     skipped: Skipped = field(default_factory=Skipped)
     template: str = ""
     cache_hit: bool = False
+    fingerprint: str = ""  # hash of the data files' content and every option that changes tokens
 
 
 def _digest_file(path: Path, h) -> None:
@@ -195,13 +196,15 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer") -
     template_name = f"data.chat_template={cfg.chat_template}" if cfg.chat_template else \
         f"the chat template of {tokenizer_name}"
     template = resolve_template(cfg.chat_template, tokenizer, tokenizer_name)
-    key = cache_key(cfg, tokenizer, template) if cfg.cache else None
-    path = cache_root(cfg) / key if key else None
+    key = cache_key(cfg, tokenizer, template)
+    path = cache_root(cfg) / key if cfg.cache else None
     if path is not None and (path / "meta.json").exists():
         log.info("tokenized data from cache %s", path)
-        return _load(path, template)
-    prep = _build(cfg, tokenizer, template, template_name)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save(prep, path)
+        prep = _load(path, template)
+    else:
+        prep = _build(cfg, tokenizer, template, template_name)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _save(prep, path)
+    prep.fingerprint = key
     return prep

@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config import ConfigError
+from ..provenance import training_differences
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -66,10 +67,7 @@ def find_resume(resume: str, root: Path) -> Path | None:
 
 
 # keys whose change makes a checkpoint's data position meaningless
-RESUME_INVARIANTS = ("data", "trainer.global_batch_size", "trainer.seed", "parallel.strategy")
-
-
-def check_compatible(ckpt: Path, current: dict, world_size: int) -> None:
+def check_compatible(ckpt: Path, current: dict, world_size: int, data_fingerprint: str, force: bool) -> None:
     saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"))
     meta = json.loads((ckpt / MARKER).read_text())
     was = meta.get("world_size", world_size)
@@ -80,16 +78,21 @@ def check_compatible(ckpt: Path, current: dict, world_size: int) -> None:
             f"state is sharded per rank, and this run has {world_size}. Resume with {was} processes, or convert it "
             f"with DeepSpeed's `python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt}/pytorch_model "
             "--output_folder <dir>` and load that into a fresh run")
-    for key in RESUME_INVARIANTS:
-        a, b = saved, current
-        for part in key.split("."):
-            a, b = a.get(part), b.get(part)
-        if a != b:
-            raise ConfigError(f"cannot resume from {ckpt}: {key} was {a!r} there and is {b!r} now "
-                              "(set trainer.resume=never or use a new output_dir)")
+    diffs = training_differences(saved, current)
+    prov = ckpt / "provenance.json"
+    was_data = json.loads(prov.read_text()).get("data_fingerprint") if prov.exists() else data_fingerprint
+    if was_data != data_fingerprint:
+        diffs.append(f"training data: fingerprint was {was_data}, now {data_fingerprint} (files or data options changed)")
+    if diffs and not force:
+        raise ConfigError(f"cannot resume from {ckpt}: what it was trained with differs:\n  " + "\n  ".join(diffs)
+                          + "\n(use a new output_dir, trainer.resume=never, or trainer.resume_force=true to resume "
+                          "anyway)")
+    if diffs:
+        log.warning("resuming from %s despite differences (trainer.resume_force): %s", ckpt, "; ".join(diffs))
 
 
-def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: str | None = None) -> Path:
+def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: str | None = None,
+         provenance: dict | None = None) -> Path:
     """checkpoints/step_<N> (or checkpoints/<name>, e.g. best, which is never pruned nor resumed from)."""
     name = name or f"step_{step}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -101,6 +104,8 @@ def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: st
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         OmegaConf.save(OmegaConf.create(resolved), tmp / "config.yaml")
+        if provenance is not None:
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (final / MARKER).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}) + "\n")

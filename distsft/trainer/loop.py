@@ -121,6 +121,7 @@ class LoopParts:
     peak_flops: float | None = None
     history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": []})
     early: EarlyStopping | None = None
+    provenance: dict | None = None
 
 
 def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
@@ -183,7 +184,7 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
                      f"(best {p.early.best:.4f} at step {p.early.best_step})")
     if saving or early:
         checkpoint.save(p.accelerator, p.output_dir / "checkpoints", st.step, p.resolved_config,
-                        trainer_cfg.save_total_limit)
+                        trainer_cfg.save_total_limit, provenance=p.provenance)
     window.t0 += time.perf_counter() - t_pause
     return early
 
@@ -248,4 +249,5 @@ def _log_eval(p: LoopParts, rep: Reporter, trainer_cfg) -> None:
     rep.scalars(p.state.step, values)
     rep.line(f"step {p.state.step} eval loss {loss:.4f}")
     if p.early.update(p.state.step, loss) and trainer_cfg.export_best:
-        checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, 0, name="best")
+        checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, 0, name="best",
+                        provenance=p.provenance)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_tiny
+from tests.conftest import run_tiny, typed_cfg
 
 SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
            "train/supervised_tokens_per_s", "train/step_time", "eval/loss", "train/supervised_tokens",
@@ -100,9 +100,24 @@ def test_incomplete_checkpoint_is_not_resumed(tmp_path):
     assert res.summary["steps"] == 4 and (broken / "COMPLETE").exists()
 
 
-def test_resume_refuses_changed_data_config(tmp_path):
+def test_resume_refuses_changed_training_and_lists_the_differences(tmp_path):
+    import shutil
+
     from distsft.config import ConfigError
 
-    run_tiny(tmp_path, "trainer.max_steps=4", "trainer.stop_after=2", "trainer.eval_every=0")
-    with pytest.raises(ConfigError, match="data was"):
-        run_tiny(tmp_path, "trainer.max_steps=4", "trainer.eval_every=0", "data.max_seq_len=128")
+    data = tmp_path / "d.jsonl"
+    shutil.copy(typed_cfg().data.train_files[0], data)
+    common = [f"data.train_files=[{data}]", "trainer.max_steps=4", "trainer.eval_every=0"]
+    run_tiny(tmp_path / "run", *common, "trainer.stop_after=2")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_2"
+    prov = json.loads((ckpt / "provenance.json").read_text())
+    assert prov["packages"]["torch"] and prov["data_fingerprint"]
+    with pytest.raises(ConfigError, match=r"data.max_seq_len: was 256, now 128\n  optim.lr: was 0.003, now 0.001"):
+        run_tiny(tmp_path / "run", *common, "optim.lr=1e-3", "data.max_seq_len=128")
+    data.write_text(data.read_text().replace("plus", "and"))  # same options, other content
+    with pytest.raises(ConfigError, match="training data: fingerprint was"):
+        run_tiny(tmp_path / "run", *common)
+    res = run_tiny(tmp_path / "run", *common, "trainer.resume_force=true")
+    assert res.summary["status"] == "finished" and res.summary["steps"] == 4
+    assert json.loads((tmp_path / "run" / "final" / "provenance.json").read_text())["data_fingerprint"] != \
+        prov["data_fingerprint"]
