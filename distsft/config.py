@@ -196,6 +196,13 @@ class LoggingConfig:
     log_every: int = 10
     #: Peak FLOP/s of one device for MFU; null looks the GPU up in a table (no MFU on CPU unless set).
     peak_flops: Optional[float] = None
+    #: Generate from sample_prompts every N steps into TensorBoard text (0: off).
+    sample_every: int = 0
+    #: Fixed prompts for the sample generations (as user turns, with the training chat template).
+    sample_prompts: list[str] = field(default_factory=lambda: ["What is 12 plus 7?", "Spell river backwards.",
+                                                               "What is the capital of Peru?"])
+    #: Tokens generated per sample (greedy).
+    sample_max_new_tokens: int = 32
     #: Write TensorBoard event files under output_dir/tensorboard.
     tensorboard: bool = True
     #: Show a progress bar with ETA (main process only).

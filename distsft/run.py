@@ -101,7 +101,7 @@ def run(cfg: Config) -> RunResult:
 
     parts = LoopParts(acc, model, optimizer, scheduler, loader, ev or None, state, total, out, resolved,
                       flops=model_flops(acc.unwrap_model(model), trainable, n_params),
-                      peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov)
+                      peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
     outcome = train(parts, cfg.trainer, cfg.logging)
     status = outcome["status"]
     finished = status in ("finished", "early_stopped")

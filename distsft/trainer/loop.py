@@ -25,6 +25,7 @@ from .loss import token_ce_sum
 from .guards import BadStepGuard, EarlyStopping
 from .metrics import Reporter, peak_memory_gb
 from .preempt import StopRequest
+from .samples import as_markdown, generate_samples
 
 
 COUNTED = ("n_supervised", "n_tokens", "attn_sq", "n_cells")  # summed over micro-batches and ranks
@@ -122,6 +123,7 @@ class LoopParts:
     history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": []})
     early: EarlyStopping | None = None
     provenance: dict | None = None
+    tokenizer: object = None
 
 
 def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
@@ -182,6 +184,11 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
         if early:
             rep.line(f"early stop at step {st.step}: eval loss has not improved for {p.early.bad_evals} evals "
                      f"(best {p.early.best:.4f} at step {p.early.best_step})")
+    if logging_cfg.sample_every and (st.step % logging_cfg.sample_every == 0 or st.step == p.total_steps):
+        samples = generate_samples(p.model, p.tokenizer, logging_cfg.sample_prompts,
+                                   logging_cfg.sample_max_new_tokens, p.accelerator)
+        rep.text(st.step, "samples", as_markdown(samples))
+        rep.line(f"step {st.step} samples: " + " | ".join(f"{q!r} -> {a!r}" for q, a in samples))
     if saving or early:
         checkpoint.save(p.accelerator, p.output_dir / "checkpoints", st.step, p.resolved_config,
                         trainer_cfg.save_total_limit, provenance=p.provenance)

@@ -46,6 +46,10 @@ class Reporter:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     def step(self, n: int = 1, **postfix) -> None:
         if self.bar is not None:
             self.bar.update(n)

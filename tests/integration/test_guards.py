@@ -109,3 +109,30 @@ def test_diagnosis_overfitting_from_eval_curve():
     d = diagnose(train, evals, [0.2, 0.5, 1.0])
     assert d["verdict"] == "overfitting" and "rose from 1.6000 (step 4)" in d["advice"]
     assert json.dumps(d)
+
+
+def _text_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    return ea.Tags()["tensors"], ea
+
+
+def test_sample_generations_in_tensorboard(tmp_path):
+    run_tiny(tmp_path, *STEPS, "logging.sample_every=2", "logging.sample_max_new_tokens=4")
+    tags, ea = _text_tags(tmp_path)
+    assert "samples/text_summary" in tags
+    events = ea.Tensors("samples/text_summary")
+    assert [e.step for e in events] == [2, 4, 5]
+    text = events[-1].tensor_proto.string_val[0].decode()
+    assert "**prompt:** What is 12 plus 7?" in text and "**output:**" in text
+
+
+@pytest.mark.multiproc
+def test_sample_generations_under_zero3(tmp_path):
+    """Every rank generates (ZeRO-3 gathers parameters collectively); rank 0 writes."""
+    launch(2, tmp_path, "parallel=zero3", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
+           "logging.sample_every=2", "logging.sample_max_new_tokens=4")
+    tags, _ = _text_tags(tmp_path)
+    assert "samples/text_summary" in tags
