@@ -133,6 +133,7 @@ def run(cfg: Config) -> RunResult:
         log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
                  state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
         log.info(describe_diagnosis(diagnosis))
+    acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
     acc.end_training()
     _close_run_log()
     return RunResult(summary, model, tokenizer)

@@ -32,9 +32,28 @@ def with_user_errors(task, cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    import logging
+    import os
+
     from .run import run
 
     with_user_errors(run, cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _in_sweep():
+        # Everything is written and the process group is gone. Native extensions of the CPU collectives
+        # (DeepSpeed's shared-memory op) have been seen to abort in their exit-time destructors
+        # ("terminate called without an active exception"), turning a finished run into a failed one
+        # for the launcher: leave without running them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":
