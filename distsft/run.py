@@ -42,6 +42,7 @@ class RunResult:
 
 
 def run(cfg: Config) -> RunResult:
+    """config -> data -> model -> Accelerate loop -> export -> summary."""
     t0 = time.time()
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
                          cfg.trainer.global_batch_size, launched_world_size())
@@ -49,32 +50,78 @@ def run(cfg: Config) -> RunResult:
     set_seed(cfg.trainer.seed)  # python, numpy, torch on every process (dropout, workers)
     if not acc.is_main_process:  # rank 0 speaks
         logging.getLogger().setLevel(logging.WARNING)
+    tokenizer = load_tokenizer(cfg.model)
+    d = build_data(cfg, acc, tokenizer, plan)
+    model, trainable, n_params = build_model(cfg, acc)
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    tokenizer = load_tokenizer(cfg.model)
+    _setup_run_dir(acc, out, resolved)  # only now, with data and config known to be good
+    _log_start(cfg, acc, plan, d, model, trainable, n_params, out)
+
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = acc.prepare(model, optimizer)
+    log.info("optimizer: %s (%s)", describe_optimizer(optimizer), cfg.optim.name)
+    # after prepare: ZeRO regroups the optimizer's parameters, the schedule must see the final groups
+    scheduler = build_scheduler(optimizer, cfg.schedule, d.total)
+    state = checkpoint.TrainState()
+    acc.register_for_checkpointing(scheduler, state)
+    _maybe_resume(acc, cfg, out, resolved, d.data.fingerprint)
+    prov = provenance(d.data.fingerprint)
+    parts = LoopParts(acc, model, optimizer, scheduler, d.loader, d.eval_batches, state, d.total, out, resolved,
+                      flops=model_flops(acc.unwrap_model(model), trainable, n_params),
+                      peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
+    outcome = train(parts, cfg.trainer, cfg.logging)
+
+    summary = _summary(cfg, plan, d, parts, outcome, prov, trainable, n_params)
+    if outcome["status"] in ("finished", "early_stopped") and cfg.export.enabled:
+        summary.update(_export(cfg, acc, model, tokenizer, out, resolved, outcome, prov))
+    summary["wall_time_s"] = time.time() - t0
+    if acc.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
+                 state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
+        log.info(describe_diagnosis(summary["diagnosis"]))
+    acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
+    acc.end_training()
+    _close_run_log()
+    return RunResult(summary, model, tokenizer)
+
+
+@dataclass
+class DataParts:
+    data: object  # data.prepare.Prepared
+    loader: StepLoader
+    eval_batches: list | None
+    total: int
+
+
+def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
     with acc.main_process_first():  # rank 0 tokenizes and fills the cache; the others then read it
         data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
     use_template(tokenizer, data.template, cfg.data.chat_template)
-    train_rows = pack(data.train, cfg.data, data.train_stats)
-    loader = StepLoader(data.train, train_rows, plan, acc.process_index, cfg.data,
+    loader = StepLoader(data.train, pack(data.train, cfg.data, data.train_stats), plan, acc.process_index, cfg.data,
                         tokenizer.pad_token_id, pin_memory=acc.device.type == "cuda")
-    total = loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
     ev = None
     if data.eval is not None:
         ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
                           acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id)
+    return DataParts(data, loader, ev or None, loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps))
+
+
+def build_model(cfg: Config, acc):
+    """(model, trainable, total parameters): load (quantised) -> adapters -> gradient checkpointing."""
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
     zero3 = cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
-    quant = quantization_config(cfg.peft, zero3)
-    device = acc.device.index if cuda else "cpu"
     with whole_model(acc, cfg.model.init == "config"):
-        model = load_model(cfg.model, cfg.trainer.seed, cuda=cuda, quantization=quant, device=device)
+        model = load_model(cfg.model, cfg.trainer.seed, cuda=cuda, quantization=quantization_config(cfg.peft, zero3),
+                           device=acc.device.index if cuda else "cpu")
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
-    trainable, n_params = count_parameters(model)
+    return (model, *count_parameters(model))
 
-    # Only now, with data and config known to be good, does anything get written.
-    _setup_run_dir(acc, out, resolved)
+
+def _log_start(cfg: Config, acc, plan, d: DataParts, model, trainable: int, n_params: int, out: Path) -> None:
+    data = d.data
     log.info("batch: %s", plan.describe())
     log.info("strategy: %s on %d %s process(es)", describe_strategy(cfg.parallel), acc.num_processes, acc.device.type)
     log.info("attention: %s", describe_attention(model.config._attn_implementation, cfg.data.mode))
@@ -85,58 +132,39 @@ def run(cfg: Config) -> RunResult:
         log.warning("skipped %d bad rows %s; see %s", len(data.skipped.rows), data.skipped.counts(),
                     out / "skipped_rows.jsonl")
         _write_skipped(acc, out, data.skipped)
-    log.info("steps: %d per epoch, %d in all, %d warmup", loader.steps_per_epoch, total,
-             warmup_steps(cfg.schedule, total))
+    log.info("steps: %d per epoch, %d in all, %d warmup", d.loader.steps_per_epoch, d.total,
+             warmup_steps(cfg.schedule, d.total))
     log.info("parameters: trainable %s / %s = %.2f%%", f"{trainable:,}", f"{n_params:,}", 100 * trainable / n_params)
 
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = acc.prepare(model, optimizer)
-    log.info("optimizer: %s (%s)", describe_optimizer(optimizer), cfg.optim.name)
-    # after prepare: ZeRO regroups the optimizer's parameters, the schedule must see the final groups
-    scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    state = checkpoint.TrainState()
-    acc.register_for_checkpointing(scheduler, state)
-    _maybe_resume(acc, cfg, out, resolved, data.fingerprint)
-    prov = provenance(data.fingerprint)
 
-    parts = LoopParts(acc, model, optimizer, scheduler, loader, ev or None, state, total, out, resolved,
-                      flops=model_flops(acc.unwrap_model(model), trainable, n_params),
-                      peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
-    outcome = train(parts, cfg.trainer, cfg.logging)
-    status = outcome["status"]
-    finished = status in ("finished", "early_stopped")
-    diagnosis = diagnose(parts.history["train_loss"], parts.history["eval_loss"], cfg.diagnosis.bands)
-    summary = {"status": status, "steps": state.step, "total_steps": total,
-               "skipped_steps": outcome["skipped_steps"], "best_eval": outcome["best_eval"],
-               "diagnosis": diagnosis, "provenance": prov,
-               "tokens": state.tokens, "supervised_tokens": state.supervised_tokens,
-               "final_train_loss": _last(parts.history["train_loss"]),
-               "final_eval_loss": _last(parts.history["eval_loss"]),
-               "train_loss_history": parts.history["train_loss"], "eval_loss_history": parts.history["eval_loss"],
-               "batch": plan.__dict__, "strategy": describe_strategy(cfg.parallel), "parameters": {"trainable": trainable, "total": n_params},
-               "data": {"train": data.train_stats.as_dict(),
-                        "eval": data.eval_stats.as_dict() if data.eval_stats else None,
-                        "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit},
-               "wall_time_s": time.time() - t0}
-    if finished and cfg.export.enabled and cfg.trainer.export_best and outcome["best_eval"]:
+def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: dict, prov: dict, trainable: int,
+             n_params: int) -> dict:
+    h, st, data = parts.history, parts.state, d.data
+    return {"status": outcome["status"], "steps": st.step, "total_steps": d.total,
+            "skipped_steps": outcome["skipped_steps"], "best_eval": outcome["best_eval"],
+            "diagnosis": diagnose(h["train_loss"], h["eval_loss"], cfg.diagnosis.bands), "provenance": prov,
+            "tokens": st.tokens, "supervised_tokens": st.supervised_tokens,
+            "final_train_loss": _last(h["train_loss"]), "final_eval_loss": _last(h["eval_loss"]),
+            "train_loss_history": h["train_loss"], "eval_loss_history": h["eval_loss"],
+            "batch": plan.__dict__, "strategy": describe_strategy(cfg.parallel),
+            "parameters": {"trainable": trainable, "total": n_params},
+            "data": {"train": data.train_stats.as_dict(),
+                     "eval": data.eval_stats.as_dict() if data.eval_stats else None,
+                     "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit}}
+
+
+def _export(cfg: Config, acc, model, tokenizer, out: Path, resolved: dict, outcome: dict, prov: dict) -> dict:
+    extra = {}
+    if cfg.trainer.export_best and outcome["best_eval"]:
         acc.load_state(str(out / "checkpoints" / "best"))  # export the best eval, not the last step
-        summary["exported_step"] = outcome["best_eval"]["step"]
-    if finished and cfg.export.enabled:
-        def base_loader():  # the un-quantised base, for export.mode=merged (rank 0 only: no zero.Init)
-            with whole_model(acc):
-                return load_model(cfg.model, cfg.trainer.seed)
+        extra["exported_step"] = outcome["best_eval"]["step"]
 
-        summary["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader,
-                                                prov))
-    if acc.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
-                 state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
-        log.info(describe_diagnosis(diagnosis))
-    acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
-    acc.end_training()
-    _close_run_log()
-    return RunResult(summary, model, tokenizer)
+    def base_loader():  # the un-quantised base, for export.mode=merged (rank 0 only: no zero.Init)
+        with whole_model(acc):
+            return load_model(cfg.model, cfg.trainer.seed)
+
+    extra["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader, prov))
+    return extra
 
 
 def use_template(tokenizer, template: str, name: str | None) -> None:
