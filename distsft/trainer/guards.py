@@ -31,10 +31,12 @@ class BadStepGuard:
         self.consecutive = 0
         self.skipped: list[int] = []
 
-    def check(self, step: int, finite: bool, origins: list[str], rank: int) -> None:
+    def check(self, step: int, finite: bool, origins, rank: int) -> None:
+        """``origins()`` names the step's samples; only called for a bad step."""
         if finite:
             self.consecutive = 0
             return
+        origins = origins()
         self.consecutive += 1
         self.skipped.append(step)
         log.warning("rank %d: step %d has a non-finite loss or gradient norm; %s; samples: %s", rank, step,

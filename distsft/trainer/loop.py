@@ -145,7 +145,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                 res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm,
                                  stop.local())
                 st.step += 1
-                guard.check(st.step, res.finite, _origins(p, micro_batches), acc.process_index)
+                guard.check(st.step, res.finite, lambda: _origins(p, micro_batches), acc.process_index)
                 window.add(res)
                 rep.step()
                 if res.counts[STOP] > 0:  # the same on every rank: it came through the all-reduce
