@@ -121,3 +121,30 @@ def test_resume_refuses_changed_training_and_lists_the_differences(tmp_path):
     assert res.summary["status"] == "finished" and res.summary["steps"] == 4
     assert json.loads((tmp_path / "run" / "final" / "provenance.json").read_text())["data_fingerprint"] != \
         prov["data_fingerprint"]
+
+
+def test_generate_answers_and_scores_per_split(default_run, tmp_path):
+    from distsft.generate import GenerateConfig, load_final, run_generate, score
+
+    out, res = default_run
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "What is 3 plus 4?", "expected": "3 plus 4 is 7.", "split": "exact"},
+        {"prompt": "what's 3 + 4", "expected": "7", "split": "variation"},
+        {"prompt": "Who wrote Hamlet?", "expected": "Shakespeare", "split": "out_of_domain"}]))
+    import io
+
+    buf = io.StringIO()
+    report = run_generate(GenerateConfig(run_dir=str(out), prompt="Spell river backwards.",
+                                         prompts_file=str(cases), max_new_tokens=16), stream=buf)
+    assert (out / "generate_eval.json").exists()
+    assert set(report["scores"]) == {"exact", "variation", "out_of_domain", "overall"}
+    assert report["scores"]["overall"]["n"] == 3 and len(report["answers"]) == 3
+    # the answers are the trained model's own greedy outputs (same template as training)
+    model, tok = load_final(out)
+    from distsft.generate import answer
+
+    assert report["answers"][0]["answer"] == answer(model, tok, "What is 3 plus 4?", 16)
+    assert score([{"prompt": "p", "expected": "7"}, {"prompt": "q", "expected": "x", "split": "s"}], ["7", "a x b"]) == {
+        "overall": {"n": 2, "exact_match": 0.5, "contains_match": 1.0},
+        "s": {"n": 1, "exact_match": 0.0, "contains_match": 1.0}}

@@ -1,0 +1,131 @@
+"""Try the result: ``python -m distsft.generate run_dir=outputs/tiny prompt="What is 2 plus 2?"``
+(console script ``distsft-generate``).
+
+Loads ``run_dir/final`` — a full or merged model, or an adapter on its base rebuilt from the run's
+config — with the tokenizer saved there, so prompts are rendered with the training chat template.
+With ``prompts_file=cases.jsonl`` (rows ``{"prompt": ..., "expected": ..., "split": ...}``, split
+optional, e.g. exact / variation / out_of_domain) it answers every prompt and reports exact-match
+and contains-match rates per split, written to ``run_dir/generate_eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .config import ConfigError, ModelConfig, register_configs
+
+
+@dataclass
+class GenerateConfig:
+    #: A distsft run dir (its final/ is loaded).
+    run_dir: str = MISSING
+    #: One prompt to answer (a user turn).
+    prompt: Optional[str] = None
+    #: JSONL of {"prompt", "expected", "split"} to score.
+    prompts_file: Optional[str] = None
+    #: Tokens to generate per answer (greedy).
+    max_new_tokens: int = 64
+
+
+register_configs()
+ConfigStore.instance().store(name="distsft_generate_schema", node=GenerateConfig)
+# the primary config: the schema, and a Hydra that writes nothing of its own
+ConfigStore.instance().store(name="distsft_generate", node={
+    "defaults": ["distsft_generate_schema", {"override hydra/job_logging": "none"},
+                 {"override hydra/hydra_logging": "none"}, "_self_"],
+    "hydra": {"run": {"dir": "."}, "output_subdir": None}})
+
+
+def load_final(run_dir: Path):
+    """(model, tokenizer) of run_dir/final, whatever the export mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run_dir / "final"
+    if not final.is_dir():
+        raise ConfigError(f"run_dir={run_dir}: no final/ (the run has not finished, or export.enabled=false)")
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    if (final / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        from .model.load import load_model
+
+        cfg = OmegaConf.to_container(OmegaConf.load(final / "distsft_config.yaml"))
+        base = load_model(ModelConfig(**cfg["model"]), cfg["trainer"]["seed"])
+        model = PeftModel.from_pretrained(base, final)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def score(rows: list[dict], answers: list[str]) -> dict:
+    """Exact-match (whitespace-trimmed) and contains-match rates per split, and overall."""
+    by = defaultdict(lambda: {"n": 0, "exact": 0, "contains": 0})
+    for row, got in zip(rows, answers):
+        want = str(row["expected"]).strip()
+        for split in (row.get("split", "all"), "overall") if row.get("split") else ("overall",):
+            s = by[split]
+            s["n"] += 1
+            s["exact"] += got == want
+            s["contains"] += want in got
+    return {k: {"n": v["n"], "exact_match": v["exact"] / v["n"], "contains_match": v["contains"] / v["n"]}
+            for k, v in by.items()}
+
+
+def run_generate(cfg: GenerateConfig, stream=sys.stdout) -> dict | None:
+    run_dir = Path(cfg.run_dir)
+    if not cfg.prompt and not cfg.prompts_file:
+        raise ConfigError("give prompt=\"...\" or prompts_file=cases.jsonl")
+    model, tokenizer = load_final(run_dir)
+    if cfg.prompt:
+        print(answer(model, tokenizer, cfg.prompt, cfg.max_new_tokens), file=stream)
+    if not cfg.prompts_file:
+        return None
+    rows = []
+    for n, line in enumerate(Path(cfg.prompts_file).read_text().splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str) or "expected" not in row:
+                raise ConfigError(f"{cfg.prompts_file} line {n}: expected {{\"prompt\": str, \"expected\": ...}}")
+            rows.append(row)
+    answers = [answer(model, tokenizer, r["prompt"], cfg.max_new_tokens) for r in rows]
+    report = {"scores": score(rows, answers),
+              "answers": [{**r, "answer": a} for r, a in zip(rows, answers)]}
+    (run_dir / "generate_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    for split, s in report["scores"].items():
+        print(f"{split}: {s['n']} prompts, exact match {s['exact_match']:.1%}, contains {s['contains_match']:.1%}",
+              file=stream)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="distsft_generate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_generate(OmegaConf.to_object(cfg))
+    except ConfigError as e:
+        print(f"distsft: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
