@@ -3,14 +3,14 @@
 Every option is a dataclass field with a default and a one-line docstring (the ``#:``
 comment above it). Hydra composes the YAML groups under ``conf/`` over these schemas, so an
 unknown key or a wrong type fails at compose time naming the key. Cross-field rules that a
-schema cannot express (batch arithmetic, warmup bounds) live in :func:`validate`.
+schema cannot express live in ``checks.py``; the batch arithmetic in ``batch.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -255,12 +255,6 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
 
 
-GROUP_SCHEMAS = {
-    "model": ModelConfig, "data": DataConfig, "peft": PeftConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-    "parallel": ParallelConfig, "trainer": TrainerConfig, "logging": LoggingConfig,
-}
-
-
 def register_configs() -> None:
     """Register the schema (first in ``conf/config.yaml``'s defaults) and the asset resolver."""
     ConfigStore.instance().store(name="distsft_schema", node=Config)
@@ -285,156 +279,13 @@ def sweep_suffix() -> str:
     return "/" + (hc.job.override_dirname or f"job{hc.job.num}")
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.init": ("pretrained", "config"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
-    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "instruction_completion"),
-    "data.bad_rows": ("error", "skip"),
-    "data.mode": ("pack", "pad"),
-    "data.loss_on": ("assistant", "last_assistant", "all"),
-    "data.overlong": ("drop", "truncate"),
-    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"),
-    "peft.method": ("none", "lora", "dora"),
-    "peft.quantize": ("none", "nf4", "int8"),
-    "peft.compute_dtype": ("bfloat16", "float16", "float32"),
-    "export.mode": ("auto", "full", "adapter", "merged"),
-    "schedule.name": ("cosine", "linear", "constant"),
-    "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
-    "parallel.zero_stage": (1, 2, 3),
-    "trainer.precision": ("fp32", "bf16"),
-}
-
-
 def to_object(cfg: DictConfig | Config) -> Config:
     """Resolve a composed DictConfig into the typed dataclass tree and validate it."""
+    from .checks import validate  # cross-field rules; they import the schemas from here
+
     obj = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
     validate(obj)
     return obj
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    t, d = cfg.trainer, cfg.data
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.max_seq_len < 2:
-        raise ConfigError(f"data.max_seq_len={d.max_seq_len} must be >= 2")
-    if t.max_steps < 0 or t.epochs <= 0 and t.max_steps == 0:
-        raise ConfigError(f"set trainer.max_steps > 0 or trainer.epochs > 0 (got {t.max_steps}, {t.epochs})")
-    if not 0.0 <= cfg.schedule.warmup_ratio < 1.0:
-        raise ConfigError(f"schedule.warmup_ratio={cfg.schedule.warmup_ratio} must be in [0, 1)")
-    if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
-        raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1]")
-    par = cfg.parallel
-    if par.offload_params and not (par.strategy == "deepspeed" and par.zero_stage == 3):
-        raise ConfigError("parallel.offload_params=true needs parallel.strategy=deepspeed with zero_stage=3")
-    if par.offload_optimizer and par.strategy != "deepspeed":
-        raise ConfigError("parallel.offload_optimizer=true needs parallel.strategy=deepspeed")
-    check_combinations(cfg)
-    if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
-        raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
-    if t.export_best and not (t.eval_every and (d.val_files or d.val_fraction > 0)):
-        raise ConfigError("trainer.export_best=true needs evals: set trainer.eval_every and data.val_fraction or val_files")
-    if len(cfg.diagnosis.bands) != 3 or sorted(cfg.diagnosis.bands) != list(cfg.diagnosis.bands):
-        raise ConfigError(f"diagnosis.bands={cfg.diagnosis.bands}: expected 3 increasing loss values")
-    if not cfg.output_dir:
-        raise ConfigError("output_dir must be set")
-
-
-def check_combinations(cfg: Config) -> None:
-    """Combinations that do not work, refused with the alternative (the README lists the matrix)."""
-    pe, par, opt = cfg.peft, cfg.parallel, cfg.optim
-    ds = par.strategy == "deepspeed"
-    if pe.quantize != "none" and pe.method == "none":
-        raise ConfigError(f"peft.quantize={pe.quantize} freezes the base in {pe.quantize}: it needs adapters to train "
-                          "(peft=qlora, or peft.method=lora)")
-    if pe.method == "none" and cfg.export.mode in ("adapter", "merged"):
-        raise ConfigError(f"export.mode={cfg.export.mode} needs adapters (peft=lora|dora|qlora); use export.mode=full")
-    if pe.method != "none" and cfg.export.mode == "full":
-        raise ConfigError("export.mode=full under PEFT: use export.mode=merged (a full model with the adapters "
-                          "folded in) or adapter")
-    if pe.quantize != "none" and par.strategy == "fsdp":
-        raise ConfigError("peft.quantize with parallel=fsdp is not supported; use parallel=zero3 (QLoRA) or ddp")
-    if pe.quantize != "none" and ds and par.offload_params:
-        raise ConfigError("peft.quantize with parallel.offload_params: DeepSpeed cannot offload bitsandbytes weights; "
-                          "use parallel=zero3 without parameter offload")
-    if opt.name != "adamw" and par.offload_optimizer:
-        raise ConfigError(f"optim.name={opt.name} with parallel.offload_optimizer=true: DeepSpeed keeps the offloaded "
-                          "optimizer state itself (its CPUAdam); use optim=adamw")
-    if opt.name == "adafactor" and ds:
-        raise ConfigError("optim.name=adafactor under DeepSpeed ZeRO sees flattened 1-D shards and cannot factor its "
-                          "second moment; use optim=adamw_8bit (or adamw) with ZeRO, or adafactor with parallel=ddp")
-
-
-def check_device_combinations(cfg: Config, cuda: bool) -> None:
-    """Combinations that depend on the device."""
-    pe, par = cfg.peft, cfg.parallel
-    if not cuda and pe.quantize == "nf4" and par.strategy == "deepspeed" and par.zero_stage == 3:
-        raise ConfigError("peft.quantize=nf4 with ZeRO-3 needs CUDA (bitsandbytes' CPU 4-bit kernels cannot read the "
-                          "bf16 storage ZeRO-3 requires); on CPU use parallel=zero2 or ddp")
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """global_batch_size = micro_batch_size x grad_accum x world_size, all resolved."""
-
-    micro_batch_size: int
-    grad_accum: int
-    world_size: int
-    global_batch_size: int
-
-    def describe(self) -> str:
-        return (f"micro_batch_size {self.micro_batch_size} x grad_accum {self.grad_accum} x "
-                f"world_size {self.world_size} = global_batch_size {self.global_batch_size}")
-
-
-def resolve_batch(micro: Optional[int], accum: Optional[int], global_: Optional[int],
-                  world_size: int) -> BatchPlan:
-    """Derive the unset one of (micro, accum, global) from the other two and the world size.
-
-    >>> resolve_batch(4, None, 32, 2).grad_accum
-    4
-    """
-    given = {"trainer.micro_batch_size": micro, "trainer.grad_accum": accum,
-             "trainer.global_batch_size": global_}
-    for key, value in given.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    unset = [k for k, v in given.items() if v is None]
-    if len(unset) > 1:
-        raise ConfigError(f"set at least two of {', '.join(given)}; unset: {', '.join(unset)}")
-    w = world_size
-    if micro is None:
-        if global_ % (accum * w):
-            raise ConfigError(
-                f"trainer.global_batch_size={global_} is not divisible by grad_accum {accum} x "
-                f"world_size {w} = {accum * w}; cannot derive trainer.micro_batch_size")
-        micro = global_ // (accum * w)
-    elif accum is None:
-        if global_ % (micro * w):
-            raise ConfigError(
-                f"trainer.global_batch_size={global_} is not divisible by micro_batch_size {micro} x "
-                f"world_size {w} = {micro * w}; cannot derive trainer.grad_accum "
-                f"(choose a global batch that is a multiple of {micro * w})")
-        accum = global_ // (micro * w)
-    elif global_ is None:
-        global_ = micro * accum * w
-    elif micro * accum * w != global_:
-        raise ConfigError(
-            f"micro_batch_size {micro} x grad_accum {accum} x world_size {w} = {micro * accum * w} "
-            f"!= trainer.global_batch_size={global_}; set one of them to null to derive it")
-    return BatchPlan(micro, accum, w, global_)
 
 
 def reference() -> str:

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import hydra
 from omegaconf import DictConfig
 
-from .config import Config, register_configs, resolve_batch
+from .batch import resolve_batch
+from .config import Config, register_configs
 from .train import CONF_DIR, with_user_errors
 
 register_configs()

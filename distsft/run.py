@@ -11,7 +11,9 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from .config import Config, check_device_combinations, resolve_batch
+from .batch import resolve_batch
+from .checks import check_device_combinations
+from .config import Config
 from .data.loader import StepLoader, eval_batches, pack, summarize
 from .data.prepare import prepare
 from .data.templates import end_of_turn_id

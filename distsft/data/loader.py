@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import BatchPlan, DataConfig
+from ..batch import BatchPlan
+from ..config import DataConfig
 from .collate import TokenStore, collate_packed, collate_padded
 from .packing import best_fit_decreasing, epoch_rows
 from .prepare import SplitStats

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from ..config import BatchPlan, ConfigError, ParallelConfig, TrainerConfig
+from ..batch import BatchPlan
+from ..config import ConfigError, ParallelConfig, TrainerConfig
 from .strategy import PRECISION, check_launcher, plugins
 
 

@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from ..config import BatchPlan, ConfigError, ParallelConfig, TrainerConfig
+from ..batch import BatchPlan
+from ..config import ConfigError, ParallelConfig, TrainerConfig
 
 PRECISION = {"fp32": "no", "bf16": "bf16"}
 

@@ -80,7 +80,7 @@ def test_optimizers_learn_and_resume_exactly(tmp_path, optim):
 def test_gradient_checkpointing_same_loss_and_gradients(tokenizer):
     from accelerate import Accelerator
 
-    from distsft.config import BatchPlan
+    from distsft.batch import BatchPlan
     from distsft.data.loader import StepLoader, pack
     from distsft.data.prepare import prepare
     from distsft.model.peft import apply_peft
@@ -121,7 +121,8 @@ def test_refused_combinations(overrides, message):
 
 
 def test_qlora_zero3_refused_on_cpu():
-    from distsft.config import ConfigError, check_device_combinations
+    from distsft.checks import check_device_combinations
+    from distsft.config import ConfigError
 
     with pytest.raises(ConfigError, match="nf4 with ZeRO-3 needs CUDA"):
         check_device_combinations(typed_cfg("peft=qlora", "parallel=zero3"), cuda=False)

@@ -9,7 +9,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from distsft.config import ConfigError, resolve_batch
+from distsft.batch import resolve_batch
+from distsft.config import ConfigError
 from tests.conftest import CONF, ROOT, compose_cfg, typed_cfg
 
 GROUPS = ["model", "data", "optim", "schedule", "parallel", "trainer", "logging", "experiment"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from distsft.config import BatchPlan, DataConfig
+from distsft.batch import BatchPlan
+from distsft.config import DataConfig
 from distsft.data.loader import StepLoader, pack
 from distsft.data.prepare import prepare
 from distsft.trainer.loop import accumulate_gradients, forward_loss_sum

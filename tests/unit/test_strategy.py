@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from distsft.config import BatchPlan, ConfigError
+from distsft.batch import BatchPlan
+from distsft.config import ConfigError
 from distsft.trainer.strategy import check_launcher, deepspeed_config, plugins
 from tests.conftest import typed_cfg
 
