@@ -120,11 +120,9 @@ def run_generate(cfg: GenerateConfig, stream=sys.stdout) -> dict | None:
 
 @hydra.main(version_base="1.3", config_path=None, config_name="distsft_generate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run_generate(OmegaConf.to_object(cfg))
-    except ConfigError as e:
-        print(f"distsft: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from .train import with_user_errors
+
+    with_user_errors(run_generate, cfg, typed=OmegaConf.to_object)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def lr_table(cfg: Config, total: int) -> list[tuple[int, int, float]]:
 
 def make_plan(cfg: Config, world_size: int) -> dict:
     """Everything the plan prints, as a dict (also written by tests)."""
-    from .data.loader import pack
+    from .data.loader import StepLoader, pack
     from .data.prepare import prepare
     from .model.load import load_tokenizer
     from .trainer.schedule import warmup_steps
@@ -131,15 +131,12 @@ def make_plan(cfg: Config, world_size: int) -> dict:
                          world_size)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
-    pack(data.train, cfg.data, data.train_stats)
+    # the trainer's own step arithmetic (no DataLoader is created until steps() is iterated)
+    loader = StepLoader(data.train, pack(data.train, cfg.data, data.train_stats), plan, 0, cfg.data,
+                        tokenizer.pad_token_id)
     st = data.train_stats
-    per_epoch = st.sequences // plan.global_batch_size
-    if per_epoch == 0:
-        from .data.sources import DataError
-
-        raise DataError(f"only {st.sequences} training sequences but one optimizer step needs "
-                        f"global_batch_size={plan.global_batch_size}", reason="config")
-    total = cfg.trainer.max_steps or max(1, -(-int(cfg.trainer.epochs * per_epoch * 1000) // 1000))
+    per_epoch = loader.steps_per_epoch
+    total = loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
     epochs = total / per_epoch
     shape = model_shape(cfg)
     full = shape.trainable == shape.params

@@ -20,18 +20,18 @@ from .data.templates import end_of_turn_id
 from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
-from .provenance import provenance
 from .model.attention import describe_attention
 from .model.load import count_parameters, load_model, load_tokenizer, whole_model
+from .model.peft import apply_peft, quantization_config
+from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
-from .trainer.strategy import describe as describe_strategy
 from .trainer.loop import LoopParts, train
 from .trainer.metrics import model_flops, peak_flops
-from .model.peft import apply_peft, quantization_config
 from .trainer.optim import build_optimizer
 from .trainer.optim import describe as describe_optimizer
 from .trainer.schedule import build_scheduler, warmup_steps
+from .trainer.strategy import describe as describe_strategy
 
 log = logging.getLogger("distsft")
 

@@ -17,14 +17,14 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
-def with_user_errors(task, cfg: DictConfig) -> None:
-    """Run task(typed config); a user error (bad config or data) is one line and exit code 2,
+def with_user_errors(task, cfg: DictConfig, typed=to_object) -> None:
+    """Run task(typed(cfg)); a user error (bad config or data) is one line and exit code 2,
     without a traceback through the trainer."""
     from .data.sources import DataError
     from .trainer.guards import TrainingError
 
     try:
-        task(to_object(cfg))
+        task(typed(cfg))
     except (ConfigError, DataError, TrainingError) as e:
         print(f"distsft: error: {e}", file=sys.stderr)
         sys.exit(2)

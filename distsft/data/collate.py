@@ -112,6 +112,12 @@ def collate_padded(store: TokenStore, rows: list[list[int]], pad_id: int) -> dic
 
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
+ON_DEVICE = MODEL_INPUTS + ("labels", "cu_seqlens")  # the rest (counts, ids, max_seqlen) stays on the host
+
+
+def to_device(batch: dict[str, torch.Tensor], device, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """The batch with what the forward and the loss read moved to ``device``."""
+    return {k: v.to(device, non_blocking=non_blocking) if k in ON_DEVICE else v for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor], varlen: bool = False) -> dict:

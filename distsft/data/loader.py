@@ -17,7 +17,6 @@ import logging
 import math
 
 import numpy as np
-
 import torch
 from torch.utils.data import DataLoader, Dataset
 

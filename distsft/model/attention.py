@@ -20,7 +20,6 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-
 VARLEN = "distsft_varlen"
 
 

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..data.collate import model_inputs
+from ..data.collate import model_inputs, to_device
 from ..model.attention import VARLEN
 from . import checkpoint
-from .loss import token_ce_sum
 from .guards import BadStepGuard, EarlyStopping
+from .loss import token_ce_sum
 from .metrics import Reporter, peak_memory_gb
 from .preempt import StopRequest
 from .samples import as_markdown, generate_samples
-
 
 COUNTED = ("n_supervised", "n_tokens", "attn_sq", "n_cells")  # summed over micro-batches and ranks
 SUP, REAL, ATTN, CELLS, STOP = range(5)
@@ -51,14 +50,14 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
                          stop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward every micro-batch of one optimizer step under the loss contract.
 
-    Returns (this rank's share of the step loss, [supervised, real, stop requests] of all ranks).
+    Returns (this rank's share of the step loss, the COUNTED sums and stop requests of all ranks).
     """
     device = accelerator.device
     counts = torch.tensor([float(sum(int(mb[k]) for mb in micro_batches)) for k in COUNTED] + [stop],
                           dtype=torch.float64)
     # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
     counts = accelerator.reduce(counts.to(device), reduction="sum")
-    n_sup = counts[0].clamp(min=1).float()
+    n_sup = counts[SUP].clamp(min=1).float()
     # DDP/ZeRO average gradients over W ranks and Accelerate/DeepSpeed divide the loss by the
     # accumulation steps A: undo both, then divide by N
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / n_sup
@@ -66,7 +65,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     for mb in micro_batches:
         # accumulate(): no gradient sync (DDP no_sync / DeepSpeed boundary) but on the last micro-batch
         with accelerator.accumulate(model):
-            mb = {key: v.to(device, non_blocking=True) if key != "max_seqlen" else v for key, v in mb.items()}
+            mb = to_device(mb, device, non_blocking=True)
             ce_sum = forward_loss_sum(model, mb)
             accelerator.backward(ce_sum * scale)
             total += ce_sum.detach()
@@ -98,7 +97,7 @@ def evaluate(model, batches: list[dict], accelerator) -> float:
     # every rank runs the same number of batches (ZeRO-3 gathers parameters collectively)
     with accelerator.autocast():
         for mb in batches:
-            mb = {k: v.to(accelerator.device) if k != "max_seqlen" else v for k, v in mb.items()}
+            mb = to_device(mb, accelerator.device)
             sums[0] += forward_loss_sum(model, mb).double()
             sums[1] += (mb["labels"][:, 1:] != -100).sum()
     sums = accelerator.reduce(sums, reduction="sum")

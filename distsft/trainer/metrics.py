@@ -50,11 +50,9 @@ class Reporter:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
 
-    def step(self, n: int = 1, **postfix) -> None:
+    def step(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def line(self, msg: str) -> None:
         if self.is_main:
