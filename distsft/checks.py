@@ -11,6 +11,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "config"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "varlen"),
+    "model.kernels": ("auto", "torch", "liger"),
     "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "instruction_completion"),
     "data.bad_rows": ("error", "skip"),
     "data.mode": ("pack", "pad"),
@@ -95,6 +96,17 @@ def check_combinations(cfg: Config) -> None:
 def check_device_combinations(cfg: Config, cuda: bool) -> None:
     """Combinations that depend on the device."""
     pe, par = cfg.peft, cfg.parallel
+    if cuda and cfg.model.attn_implementation == "varlen" and cfg.model.dtype == "float32" \
+            and cfg.trainer.precision == "fp32":
+        raise ConfigError("model.attn_implementation=varlen on CUDA runs flash kernels, which need bf16: set "
+                          "trainer.precision=bf16 or model.dtype=bfloat16 (or use attn_implementation=sdpa for fp32)")
+    if cfg.model.kernels == "liger":
+        if not cuda:
+            raise ConfigError("model.kernels=liger needs CUDA (Liger's kernels are Triton GPU kernels); use "
+                              "model.kernels=torch on this machine")
+        if par.strategy == "fsdp" or par.strategy == "deepspeed" and par.zero_stage == 3:
+            raise ConfigError("model.kernels=liger reads the output head's full weight for its fused loss, which "
+                              "ZeRO-3 and FSDP shard; use model.kernels=torch with them, or parallel=zero2")
     if not cuda and pe.quantize == "nf4" and par.strategy == "deepspeed" and par.zero_stage == 3:
         raise ConfigError("peft.quantize=nf4 with ZeRO-3 needs CUDA (bitsandbytes' CPU 4-bit kernels cannot read the "
                           "bf16 storage ZeRO-3 requires); on CPU use parallel=zero2 or ddp")

@@ -14,7 +14,8 @@ Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w by
                  gradients, ZeRO-3 also weights; offload moves the optimizer (and ZeRO-3 weights) to CPU
     activations  per token per layer (7h + 2*kv + 4i) * a bytes for a Llama block with SDPA (a: 2 in bf16,
                  4 in fp32); with gradient checkpointing only the layer input h*a is kept, plus one layer
-    logits       per token V*(a + 4 + 4): the logits, their fp32 copy for the loss and its gradient
+    logits       per token V*(2a + 8): the logits and their gradient, the log-softmax kept for backward and
+                 its fp32 gradient; with model.kernels=liger no logits (chunked), only V*h*a for the head's gradient
 
 These are estimates (allocator fragmentation, CUDA context and temporary buffers are not counted).
 """
@@ -45,6 +46,7 @@ class ModelShape:
     kv_dim: int
     intermediate: int
     vocab: int
+    tied: bool = False  # output head shares the input embedding's weight
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -67,12 +69,16 @@ def model_shape(cfg: Config) -> ModelShape:
     heads = mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
     kv = getattr(mc, "num_key_value_heads", heads) * head_dim
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is emb.weight
     return ModelShape(params, trainable, quantizable, mc.num_hidden_layers, mc.hidden_size, kv,
-                      mc.intermediate_size, mc.vocab_size)
+                      mc.intermediate_size, mc.vocab_size, tied)
 
 
-def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int) -> dict[str, float]:
-    """Bytes per GPU by component (see the module docstring)."""
+def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
+                    fused_loss: bool = False) -> dict[str, float]:
+    """Bytes per GPU by component (see the module docstring). ``fused_loss``: Liger's fused linear
+    cross-entropy (model.kernels=liger) never holds the logits."""
     p, t, n = shape.params, shape.trainable, world_size
     bf16 = cfg.trainer.precision == "bf16" or cfg.model.dtype == "bfloat16"
     w = 2 if cfg.model.dtype == "bfloat16" else 4
@@ -103,7 +109,8 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
         acts = tokens * (shape.layers * shape.hidden * a + per_layer)
     else:
         acts = tokens * shape.layers * per_layer
-    logits = tokens * shape.vocab * (a + 4 + 4)
+    head_grad = shape.vocab * shape.hidden * a if t == p else 0  # Liger's own buffer for the head's gradient
+    logits = head_grad if fused_loss else tokens * shape.vocab * (2 * a + 8)
     out = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": float(acts),
            "logits": float(logits)}
     out["total"] = sum(out.values())
@@ -140,7 +147,12 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     epochs = total / per_epoch
     shape = model_shape(cfg)
     full = shape.trainable == shape.params
-    flops_token = (6 if full else 4) * (shape.params - shape.vocab * shape.hidden)  # as train/mfu counts it
+    # as train/mfu counts it: the embedding lookup is no matmul, unless it is tied to the output head
+    flops_token = (6 if full else 4) * (shape.params - (0 if shape.tied else shape.vocab * shape.hidden))
+    from .model.kernels import resolve_kernels
+
+    sharded = cfg.parallel.strategy == "fsdp" or cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
+    kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=sharded)[0]  # planned for a GPU run
     return {
         "data": st.as_dict(), "eval": data.eval_stats.as_dict() if data.eval_stats else None,
         "batch": asdict(plan), "steps_per_epoch": per_epoch, "total_steps": total, "epochs": epochs,
@@ -148,7 +160,8 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "example_views": round(st.kept * epochs), "lr_curve": lr_table(cfg, total),
         "parameters": {"total": shape.params, "trainable": shape.trainable},
         "flops_per_token": flops_token,
-        "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size),
+        "kernels": kernels,
+        "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger"),
     }
 
 
@@ -166,7 +179,7 @@ def render(p: dict) -> str:
         f"parameters: {p['parameters']['trainable']:,} trainable of {p['parameters']['total']:,}; "
         f"{p['flops_per_token']:.3g} FLOPs per token (+ attention)",
         "LR:  " + "  ".join(f"{pct}%:{lr:.2e}" for pct, _, lr in p["lr_curve"]),
-        "memory per GPU (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
+        f"memory per GPU on CUDA (estimate, kernels={p['kernels']}): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
     ]
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
 from .model.attention import describe_attention
+from .model.kernels import apply_kernels, resolve_kernels
 from .model.load import count_parameters, load_model, load_tokenizer, whole_model
 from .model.peft import apply_peft, quantization_config
 from .provenance import provenance
@@ -111,13 +112,17 @@ def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
 
 
 def build_model(cfg: Config, acc):
-    """(model, trainable, total parameters): load (quantised) -> adapters -> gradient checkpointing."""
+    """(model, trainable, total parameters): load (quantised) -> kernels -> adapters -> gradient checkpointing."""
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
     zero3 = cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
     with whole_model(acc, cfg.model.init == "config"):
         model = load_model(cfg.model, cfg.trainer.seed, cuda=cuda, quantization=quantization_config(cfg.peft, zero3),
                            device=acc.device.index if cuda else "cpu")
+    sharded = zero3 or cfg.parallel.strategy == "fsdp"
+    kernels, why = resolve_kernels(cfg.model.kernels, cuda, sharded)
+    log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
+    model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
     return (model, *count_parameters(model))
 

@@ -15,7 +15,9 @@ Packed rows are run with restarting ``position_ids``, no ``attention_mask`` and 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,37 @@ def _reference_varlen(q, k, v, cu: torch.Tensor, scale: float | None) -> torch.T
     return out
 
 
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _cuda_varlen(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+    """PyTorch's flash varlen kernel, causal, across the torch versions that have it: 2.10 takes
+    ``is_causal``, later ones a ``window_size``; grouped-query heads are expanded where ``enable_gqa``
+    is missing."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    dtype = q.dtype
+    if dtype not in (torch.float16, torch.bfloat16):  # fp32 weights under bf16 autocast: RoPE gave fp32 q/k
+        if not torch.is_autocast_enabled("cuda"):
+            raise RuntimeError("attn_implementation=varlen on CUDA runs flash kernels, which need bf16 or fp16: "
+                               "set trainer.precision=bf16 or model.dtype=bfloat16")
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    params = _varlen_params()
+    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra).to(dtype)
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention interface: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D]."""
@@ -56,11 +89,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         kwargs["max_length_q"] = t
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))  # [B*T, H, D]
     if q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
         n = int(kwargs["max_length_q"])
-        out = varlen_attn(q, k, v, cu, cu, n, n, scale=scaling, window_size=(-1, 0),
-                          enable_gqa=k.shape[1] != hq)
+        out = _cuda_varlen(q, k, v, cu, n, scaling)
     else:
         out = _reference_varlen(q, k, v, cu, scaling)
     return out.reshape(b, t, hq, d), None

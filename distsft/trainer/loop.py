@@ -20,6 +20,7 @@ import torch
 
 from ..data.collate import model_inputs, to_device
 from ..model.attention import VARLEN
+from ..model.kernels import fused_loss
 from . import checkpoint
 from .guards import BadStepGuard, EarlyStopping
 from .loss import token_ce_sum
@@ -42,7 +43,10 @@ class StepResult:
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # use_cache=False and no attention_mask on packed rows: that is what keeps documents apart
     varlen = getattr(model, "module", model).config._attn_implementation == VARLEN
-    logits = model(**model_inputs(batch, varlen), use_cache=False).logits
+    inputs = model_inputs(batch, varlen)
+    if fused_loss(model):  # Liger: the loss straight from the hidden states, no logits (sum: 1 item)
+        return model(**inputs, labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss.float()
+    logits = model(**inputs, use_cache=False).logits
     return token_ce_sum(logits, batch["labels"])
 
 

@@ -86,13 +86,16 @@ def model_flops(model, trainable: int, total: int) -> tuple[float, float]:
     """(FLOPs per token of the weights, FLOPs per (document length)^2 of attention) for one training step.
 
     Weights: 6N for full fine-tuning (forward 2N, backward 4N), 4N when the base is frozen (PEFT: no
-    weight gradients), N excluding the input embedding (a lookup, not a matmul). Attention, causal,
+    weight gradients), N excluding the input embedding (a lookup, not a matmul) unless it is tied to the
+    output head (then it is the head's matmul too). Attention, causal,
     per layer: forward 2*d*T^2 (QK^T and AV over half the square), x3 with backward -> 6*L*d*T^2.
     """
     cfg = getattr(model, "config", None)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    emb = inner.get_input_embeddings()
-    n = total - (getattr(emb.weight, "ds_numel", emb.weight.numel()) if emb is not None else 0)
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    # the input embedding is a lookup; but a tied one is also the output head, a full matmul
+    tied = emb is not None and head is not None and head.weight is emb.weight
+    n = total - (getattr(emb.weight, "ds_numel", emb.weight.numel()) if emb is not None and not tied else 0)
     per_token = (6 if trainable == total else 4) * n
     layers = getattr(cfg, "num_hidden_layers", 0)
     heads = getattr(cfg, "num_attention_heads", 0)

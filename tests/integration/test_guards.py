@@ -87,6 +87,23 @@ def test_mfu_flops_formula():
     assert per_token == 4 * (sum(p.numel() for p in lora.parameters()) - 640 * 64)
 
 
+
+def test_mfu_flops_count_a_tied_head_once_as_a_matmul():
+    """Llama-3.2-1B ties the output head to the input embedding: its 128k x 2048 matmul must be counted
+    (6 * 1.236e9 per token), not dropped with the embedding lookup (that would be 6 * 0.973e9)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distsft.trainer.metrics import model_flops
+    from tests.conftest import ROOT
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "bench/models/llama3_2_1b"))
+    total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    assert total == 1_235_814_400
+    assert model_flops(model, total, total)[0] == 6 * total
+
+
 def test_mfu_scalar_logged_when_peak_known(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -56,11 +56,13 @@ def test_memory_qlora_and_activations():
     ckpt = memory_estimate(typed_cfg("peft=qlora", "trainer.precision=bf16", "model.gradient_checkpointing=true"),
                            shape, 1, 1)
     assert ckpt["activations"] < m["activations"] / 10
-    assert m["logits"] == tokens * 128256 * (2 + 4 + 4)
+    assert m["logits"] == tokens * 128256 * (2 + 2 + 4 + 4)
+    fused = memory_estimate(cfg, shape, 1, 1, fused_loss=True)
+    assert fused["logits"] == 0  # frozen head: no gradient buffer either
 
 
 def test_plan_cli():
     proc = subprocess.run([sys.executable, "-m", "distsft.plan", "parallel=zero2", "plan.world_size=2"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "world_size 2 = global_batch_size 8" in proc.stdout and "memory per GPU (estimate)" in proc.stdout
+    assert "world_size 2 = global_batch_size 8" in proc.stdout and "memory per GPU on CUDA (estimate, kernels=" in proc.stdout

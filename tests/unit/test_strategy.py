@@ -60,3 +60,25 @@ def test_fsdp_refused_on_cpu_and_offload_needs_deepspeed():
         plugins(cfg.parallel, cfg.trainer, PLAN, cuda=False)
     with pytest.raises(ConfigError, match="offload_params=true needs parallel.strategy=deepspeed with zero_stage=3"):
         typed_cfg("parallel=zero2", "parallel.offload_params=true")
+
+
+def test_liger_kernels_refused_where_they_cannot_run():
+    from distsft.checks import check_device_combinations
+
+    with pytest.raises(ConfigError, match="model.kernels=liger needs CUDA"):
+        check_device_combinations(typed_cfg("model.kernels=liger"), cuda=False)
+    for strategy in ("parallel=zero3", "parallel=fsdp"):
+        with pytest.raises(ConfigError, match="ZeRO-3 and FSDP shard"):
+            check_device_combinations(typed_cfg("model.kernels=liger", strategy), cuda=True)
+    check_device_combinations(typed_cfg("model.kernels=liger", "parallel=zero2"), cuda=True)  # allowed
+    with pytest.raises(ConfigError, match="model.kernels='ligr' is not one of auto, torch, liger"):
+        typed_cfg("model.kernels=ligr")
+
+
+def test_auto_kernels_choose_liger_only_where_it_can_run():
+    from distsft.model.kernels import resolve_kernels
+
+    assert resolve_kernels("auto", cuda=False, sharded=False)[0] == "torch"
+    assert resolve_kernels("auto", cuda=True, sharded=True)[0] == "torch"
+    assert resolve_kernels("torch", cuda=True, sharded=False)[0] == "torch"
+    assert resolve_kernels("liger", cuda=True, sharded=False)[0] == "liger"

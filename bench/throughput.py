@@ -1,0 +1,376 @@
+"""Training throughput, MFU and memory of distsft side by side with TRL's SFTTrainer and HF Trainer.
+
+    python bench/throughput.py --model llama3_2_1b --data alpaca            # one GPU, ~3 min
+    python bench/throughput.py --model llama3_1_8b --data alpaca --lora     # LoRA r=16, checkpointing
+    python bench/throughput.py --model tiny --data toy --steps 2            # the harness on CPU (seconds)
+
+Every system gets the same model (built from ``bench/models/<name>/config.json``, random bf16 weights
+made on the GPU from one seed), the same synthetic conversations (random token ids, never zeros;
+lognormal lengths; the first ~30% of each one is prompt, unsupervised), the same optimizer (fused
+AdamW, constant LR, clipping at 1.0) and bf16 autocast, and about the same number of examples per
+optimizer step (distsft packs to a token budget; the others take the mean of distsft's examples per
+step). Each system runs in its own process (a clean allocator, a fair ``max_memory_allocated``):
+
+    distsft       BFD-packed rows, torch varlen flash attention, distsft's own loop (train_step)
+    distsft_liger the same with model.kernels=liger (Liger RMSNorm/RoPE/SwiGLU + fused linear CE)
+    trl_pad       TRL SFTTrainer, padded batches, SDPA with a padding mask
+    trl_padfree   TRL SFTTrainer, padding_free=True, the same varlen kernel as distsft
+    trl_padfree_liger  the same with use_liger_kernel=True (TRL's own Liger integration)
+    hf            transformers Trainer, dynamic padding (DataCollatorForSeq2Seq), SDPA
+
+Steps are timed end to end (data included) after warm-up, with CUDA synchronisation. MFU counts 6N
+per real token for full fine-tuning (4N with a frozen base) plus causal attention per document
+(distsft.trainer.metrics.model_flops), over the H100 SXM dense bf16 peak (989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IGNORE = -100
+PEAK = 989e12  # H100 SXM dense bf16
+DATA = {  # lognormal token lengths: median, sigma, clip
+    "alpaca": (150, 0.64, 4096),  # p95 = 150 * e^(1.645 * 0.64) ~ 430
+    "ultrachat": (1200, 0.555, 8192),  # mean = 1200 * e^(0.555^2 / 2) ~ 1400
+    "toy": (40, 0.5, 256),  # CPU smoke test with the tiny model
+}
+# distsft: (packed row length, rows per micro-batch, accumulation); peers: examples per micro-batch
+SETUPS = {"alpaca": dict(seq=4096, rows=4, accum=2, pad_micro=16, free_micro=64),
+          "ultrachat": dict(seq=8192, rows=2, accum=2, pad_micro=4, free_micro=8),
+          "toy": dict(seq=256, rows=2, accum=2, pad_micro=4, free_micro=8)}
+SYSTEMS = ("distsft", "distsft_liger", "trl_pad", "trl_padfree", "trl_padfree_liger", "hf")
+
+
+def model_dir(name: str) -> Path:
+    return ROOT / ("distsft/assets/tiny-llama" if name == "tiny" else f"bench/models/{name}")
+
+
+def synth(data: str, n: int, vocab: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    median, sigma, clip = DATA[data]
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(math.log(median), sigma, n).astype(int), 8, clip)
+    ids, labels = [], []
+    low = min(1000, vocab // 4)  # clear of special tokens and the pad id
+    for n_tok in lengths:
+        x = rng.integers(low, vocab, n_tok).tolist()
+        prompt = max(1, int(round(0.3 * n_tok)))
+        ids.append(x)
+        labels.append([IGNORE] * prompt + x[prompt:])
+    return ids, labels
+
+
+def build_model(a, attn: str, kernels: str = "torch"):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distsft.model.attention import resolve_attention
+
+    cfg = AutoConfig.from_pretrained(model_dir(a.model))
+    cuda = a.device == "cuda"
+    torch.manual_seed(0)
+    with torch.device(a.device):  # random weights made where they train (an 8B init on CPU takes minutes)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation=resolve_attention(attn, cuda))
+    model.config.use_cache = False
+    from distsft.model.kernels import apply_kernels
+
+    model = apply_kernels(model, kernels)
+    if a.lora:
+        from distsft.config import PeftConfig
+        from distsft.model.peft import apply_peft
+
+        model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True)
+    return model
+
+
+def tokenizer():
+    from distsft.config import ModelConfig
+    from distsft.model.load import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path=str(model_dir("tiny"))))  # only its pad id is used
+
+
+class Clock:
+    """Synchronised wall-clock intervals between consecutive optimizer-step ends."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.times = cuda, []
+        self.start()
+
+    def start(self):
+        self._sync()
+        self.last = time.perf_counter()
+
+    def tick(self):
+        self._sync()
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def run_distsft(a, ids, labels, n_steps: int) -> dict:
+    from distsft.batch import resolve_batch
+    from distsft.config import DataConfig, OptimConfig, ParallelConfig, TrainerConfig
+    from distsft.data.collate import TokenStore
+    from distsft.data.loader import StepLoader
+    from distsft.data.packing import best_fit_decreasing
+    from distsft.trainer.accelerator import build_accelerator
+    from distsft.trainer.loop import ATTN, CELLS, REAL, SUP, train_step
+    from distsft.trainer.optim import build_optimizer
+
+    s, cuda = SETUPS[a.data], a.device == "cuda"
+    plan = resolve_batch(s["rows"], s["accum"], None, 1)
+    acc = build_accelerator(ParallelConfig(), TrainerConfig(precision="bf16" if cuda else "fp32", use_cuda=cuda,
+                                                            micro_batch_size=s["rows"], grad_accum=s["accum"]), plan)
+    store = TokenStore(ids, labels)
+    rows = best_fit_decreasing(store.lengths, s["seq"], 0)
+    data_cfg = DataConfig(mode="pack", max_seq_len=s["seq"], num_workers=a.workers)
+    loader = StepLoader(store, rows, plan, 0, data_cfg, pad_id=0, pin_memory=cuda)
+    model = build_model(a, "varlen", "liger" if a.system == "distsft_liger" else "torch")
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-5, weight_decay=0.0))
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model.train()
+    counts, losses, examples = [], [], []
+    clock = Clock(cuda)
+    for step, mbs in enumerate(loader.steps(0)):
+        res = train_step(model, mbs, acc, optimizer, scheduler, 1.0)
+        clock.tick()
+        c = res.counts.tolist()
+        counts.append((c[REAL], c[SUP], c[CELLS], c[ATTN]))
+        losses.append(float(res.loss_sum))
+        examples.append(sum(len(mb["example_ids"]) for mb in mbs))
+        if step + 1 == n_steps:
+            break
+    return dict(times=clock.times, counts=counts, losses=losses, examples=examples, model=acc.unwrap_model(model))
+
+
+class Counting:
+    """Wraps a peer's collator to count what each micro-batch holds (they are consumed in order)."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def __call__(self, features):
+        out = self.inner(features)
+        lens = np.array([len(f["input_ids"]) for f in features], dtype=np.float64)
+        self.seen.append((lens.sum(), float((out["labels"] != IGNORE).sum()), out["input_ids"].numel(),
+                          (lens ** 2).sum()))
+        return out
+
+
+def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback, TrainingArguments
+
+    s, cuda = SETUPS[a.data], a.device == "cuda"
+    padfree = system.startswith("trl_padfree")
+    micro = s["free_micro"] if padfree else s["pad_micro"]
+    accum = max(1, round(examples_per_step / micro))
+    tok = tokenizer()
+    model = build_model(a, "varlen" if padfree else "sdpa")
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+                  max_steps=n_steps, learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0,
+                  max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
+                  logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+                  dataloader_num_workers=0, gradient_checkpointing=a.lora,
+                  gradient_checkpointing_kwargs={"use_reentrant": False})
+    clock = Clock(cuda)
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *args, **kw):
+            clock.start()
+
+        def on_step_end(self, *args, **kw):
+            clock.tick()
+
+    if system == "hf":
+        from transformers import DataCollatorForSeq2Seq, Trainer
+
+        collator = Counting(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE))
+        ds = Dataset.from_dict({"input_ids": ids, "labels": labels})
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ds, data_collator=collator,
+                          callbacks=[Timer()])
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        ds = Dataset.from_dict({"input_ids": ids, "completion_mask": [[int(y != IGNORE) for y in row] for row in labels]})
+        # documents are already shorter than the row length; padding-free refuses a max_length without packing
+        args = SFTConfig(**common, max_length=None if padfree else s["seq"], padding_free=padfree, completion_only_loss=True,
+                         use_liger_kernel=system.endswith("_liger"))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+        collator = trainer.data_collator = Counting(trainer.data_collator)  # TRL's own collator, counted
+    trainer.train()
+    seen = collator.seen
+    counts = [tuple(map(sum, zip(*seen[k * accum:(k + 1) * accum]))) for k in range(n_steps)]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return dict(times=clock.times, counts=counts, losses=losses, examples=[micro * accum] * n_steps,
+                model=trainer.model)
+
+
+def one(a) -> dict:
+    """Run one system (in its own process) and return its figures."""
+    cuda = a.device == "cuda"
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir(a.model)).vocab_size
+    median, sigma, _ = DATA[a.data]
+    s = SETUPS[a.data]
+    n_steps = a.warmup + a.steps
+    mean_len = median * math.exp(sigma ** 2 / 2)
+    n = int(1.5 * n_steps * s["seq"] * s["rows"] * s["accum"] / mean_len) + 64
+    ids, labels = synth(a.data, n, vocab, seed=1)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if a.system.startswith("distsft"):
+        r = run_distsft(a, ids, labels, n_steps)
+    else:
+        r = run_peer(a, a.system, ids, labels, n_steps, a.examples_per_step)
+    model = r.pop("model")
+    est = memory_estimate(a) if a.system.startswith("distsft") else None
+    from distsft.trainer.metrics import model_flops
+
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_token, per_sq = model_flops(model, trainable, total)
+    timed = slice(a.warmup, n_steps)
+    t = r["times"][timed]
+    real, sup, cells, attn_sq = (sum(c[i] for c in r["counts"][timed]) for i in range(4))
+    flops = per_token * real + per_sq * attn_sq
+    out = {"system": a.system, "model": a.model, "data": a.data, "lora": a.lora, "steps": len(t),
+           "tokens_per_s": real / sum(t), "supervised_tokens_per_s": sup / sum(t),
+           "mfu": flops / sum(t) / PEAK if cuda else None, "tflops": flops / sum(t) / 1e12,
+           "step_s_median": statistics.median(t), "step_s_min": min(t), "step_s_max": max(t),
+           "real_per_computed": real / cells, "examples_per_step": statistics.mean(r["examples"][timed]),
+           "tokens_per_step": real / len(t), "first_loss": r["losses"][0] if r["losses"] else None,
+           "ln_vocab": math.log(vocab), "losses": r["losses"],
+           "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "estimate_gib": est}
+    return out
+
+
+def memory_estimate(a) -> dict:
+    """distsft.plan's estimate (GiB) for the distsft run of this benchmark, to compare with the measured peak."""
+    from hydra import compose, initialize_config_dir
+
+    from distsft.config import register_configs, to_object
+    from distsft.plan import memory_estimate as estimate
+    from distsft.plan import model_shape
+
+    s = SETUPS[a.data]
+    over = [f"model.name_or_path={model_dir(a.model)}", "model.init=config", f"data.max_seq_len={s['seq']}",
+            f"trainer.micro_batch_size={s['rows']}", f"trainer.grad_accum={s['accum']}", "trainer.global_batch_size=null",
+            f"model.gradient_checkpointing={str(a.lora).lower()}"]
+    if a.device == "cuda":
+        over += ["model.dtype=bfloat16", "trainer.precision=bf16"]
+    if a.lora:
+        over += ["peft=lora", "peft.dropout=0.0"]
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_object(compose(config_name="config", overrides=over))
+    est = estimate(cfg, model_shape(cfg), 1, s["rows"], fused_loss=a.system == "distsft_liger")
+    return {k: v / 2**30 for k, v in est.items()}
+
+
+def distsft_examples_per_step(a) -> float:
+    """Mean examples per optimizer step of distsft's packing (what the peers are given)."""
+    from distsft.data.packing import best_fit_decreasing
+
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir(a.model)).vocab_size
+    s = SETUPS[a.data]
+    median, sigma, _ = DATA[a.data]
+    n = int(1.5 * (a.warmup + a.steps) * s["seq"] * s["rows"] * s["accum"] / (median * math.exp(sigma ** 2 / 2))) + 64
+    ids, _ = synth(a.data, n, vocab, seed=1)
+    rows = best_fit_decreasing(np.array([len(x) for x in ids]), s["seq"], 0)
+    return sum(len(r) for r in rows) / len(rows) * s["rows"] * s["accum"]
+
+
+def table(results: list[dict]) -> str:
+    base = next((r for r in results if r["system"] == "distsft" and "error" not in r), None)
+    head = (f"{'system':<12} {'tok/s':>9} {'sup tok/s':>9} {'MFU':>6} {'step s (min-max)':>18} {'real/comp':>9} "
+            f"{'ex/step':>7} {'mem GiB':>8} {'loss0':>7} {'distsft x':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['system']:<12} failed: {r['error'].splitlines()[-1][:100] if r['error'] else '?'}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['max_memory_gib']:.1f}" if r["max_memory_gib"] is not None else "-"
+        speed = f"{base['tokens_per_s'] / r['tokens_per_s']:.2f}" if base else "-"
+        loss0 = f"{r['first_loss']:.3f}" if r["first_loss"] is not None else "-"
+        lines.append(f"{r['system']:<12} {r['tokens_per_s']:>9,.0f} {r['supervised_tokens_per_s']:>9,.0f} {mfu:>6} "
+                     f"{r['step_s_median']:>7.3f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f}) "
+                     f"{r['real_per_computed']:>9.1%} {r['examples_per_step']:>7.1f} {mem:>8} {loss0:>7} {speed:>9}")
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama3_2_1b", help="a folder of bench/models, or tiny")
+    p.add_argument("--data", default="alpaca", choices=sorted(DATA))
+    p.add_argument("--lora", action="store_true", help="LoRA r=16 on all linear layers + gradient checkpointing")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--workers", type=int, default=0, help="distsft DataLoader workers")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--system", help=argparse.SUPPRESS)  # child process: run this one system
+    p.add_argument("--examples-per-step", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=int, default=420, help="seconds per system")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    a = parse(argv)
+    if a.system:
+        print("RESULT " + json.dumps(one(a)), flush=True)
+        return []
+    eps = distsft_examples_per_step(a)
+    results = []
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{a.model}_{a.data}{'_lora' if a.lora else ''}"
+    for system in a.systems.split(","):
+        cmd = [sys.executable, __file__, "--system", system, "--examples-per-step", str(eps),
+               "--model", a.model, "--data", a.data, "--warmup", str(a.warmup), "--steps", str(a.steps),
+               "--workers", str(a.workers), "--device", a.device] + (["--lora"] if a.lora else [])
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            r = json.loads(found[-1][7:]) if found else {"system": system, "error": proc.stderr.strip()[-2000:]}
+        except subprocess.TimeoutExpired:
+            r = {"system": system, "error": f"timed out after {a.timeout}s"}
+        r["wall_s"] = time.time() - t0
+        results.append(r)
+        (out / f"throughput_{tag}.json").write_text(json.dumps(results, indent=1))  # kept if a later one hangs
+        print(f"{system}: " + (f"{r['tokens_per_s']:,.0f} tok/s" if "error" not in r else "\n  ".join(r["error"].splitlines()[-3:])),
+              flush=True)
+    print(f"\n{a.model} {'LoRA r=16 + checkpointing' if a.lora else 'full fine-tune'}, {a.data}-like data, "
+          f"{a.steps} timed steps after {a.warmup} warm-up, {torch.cuda.get_device_name() if a.device == 'cuda' else 'cpu'}")
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

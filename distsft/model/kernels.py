@@ -1,0 +1,55 @@
+"""Model stage 1b (kernels): Liger's Triton kernels in place of transformers' layers, on request.
+
+``model.kernels=liger`` (or ``auto`` on CUDA with liger-kernel installed, outside ZeRO-3/FSDP) patches the loaded model (before adapters) with Liger's RMSNorm, RoPE and
+SwiGLU kernels and its fused linear cross-entropy: in training, given labels, the model returns the
+loss without ever building the [tokens, vocab] logits (for a 128k vocabulary that is the largest
+tensor of a step). The loss keeps the contract: called with ``num_items_in_batch=1`` it is the sum of
+token cross-entropies, and the trainer divides by the step's supervised tokens as always.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+log = logging.getLogger(__name__)
+FUSED_LOSS = "_distsft_fused_loss"  # set on the model: its forward computes the loss from labels itself
+
+
+def resolve_kernels(kernels: str, cuda: bool, sharded: bool) -> tuple[str, str]:
+    """(kernels to use, why) for model.kernels=auto|torch|liger. ``sharded``: ZeRO-3 or FSDP."""
+    if kernels != "auto":
+        return kernels, "asked for"
+    if not cuda:
+        return "torch", "no CUDA"
+    if sharded:
+        return "torch", "ZeRO-3/FSDP shard the output head that Liger's fused loss reads"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "torch", "liger-kernel is not installed (pip install 'distsft[liger]')"
+    return "liger", "CUDA and liger-kernel installed"
+
+
+def apply_kernels(model, kernels: str):
+    if kernels == "torch":
+        return model
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise RuntimeError(f"model.kernels=liger needs the liger-kernel package ({e}); pip install "
+                           "'distsft[liger]' or set model.kernels=torch") from e
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise RuntimeError(f"model.kernels=liger: Liger has no kernels for model type {model_type!r}; "
+                           "set model.kernels=torch")
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=True, cross_entropy=False)
+    setattr(model, FUSED_LOSS, True)
+    log.info("kernels: liger (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) for %s", model_type)
+    return model
+
+
+def fused_loss(model) -> bool:
+    """Whether the (possibly wrapped: DDP/DeepSpeed, PEFT) model computes its loss with Liger."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return bool(getattr(inner, FUSED_LOSS, False))
