@@ -74,7 +74,7 @@ def synth(data: str, n: int, vocab: int, seed: int) -> tuple[list[list[int]], li
     return ids, labels
 
 
-def build_model(a, attn: str, kernels: str = "torch"):
+def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distsft.model.attention import resolve_attention
@@ -94,6 +94,10 @@ def build_model(a, attn: str, kernels: str = "torch"):
         from distsft.model.peft import apply_peft
 
         model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True)
+        if distsft and cuda:  # what distsft's build_model does under bf16 autocast
+            from distsft.model.peft import adapters_under_autocast
+
+            adapters_under_autocast(model)
     return model
 
 
@@ -144,16 +148,25 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
     rows = best_fit_decreasing(store.lengths, s["seq"], 0)
     data_cfg = DataConfig(mode="pack", max_seq_len=s["seq"], num_workers=a.workers)
     loader = StepLoader(store, rows, plan, 0, data_cfg, pad_id=0, pin_memory=cuda)
-    model = build_model(a, "varlen", "liger" if a.system == "distsft_liger" else "torch")
+    model = build_model(a, "varlen", "liger" if a.system == "distsft_liger" else "torch", distsft=True)
     optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-5, weight_decay=0.0))
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model.train()
     counts, losses, examples = [], [], []
     clock = Clock(cuda)
+    prof = None
     for step, mbs in enumerate(loader.steps(0)):
+        if a.profile and step == a.warmup:  # one step after warm-up, by CUDA time
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
         res = train_step(model, mbs, acc, optimizer, scheduler, 1.0)
         clock.tick()
+        if prof is not None and step == a.warmup:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            Path(a.out, f"profile_{a.model}_{a.data}_{a.system}.txt").write_text(table)
         c = res.counts.tolist()
         counts.append((c[REAL], c[SUP], c[CELLS], c[ATTN]))
         losses.append(float(res.loss_sum))
@@ -332,6 +345,7 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--workers", type=int, default=0, help="distsft DataLoader workers")
+    p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--system", help=argparse.SUPPRESS)  # child process: run this one system
@@ -353,7 +367,8 @@ def main(argv=None) -> list[dict]:
     for system in a.systems.split(","):
         cmd = [sys.executable, __file__, "--system", system, "--examples-per-step", str(eps),
                "--model", a.model, "--data", a.data, "--warmup", str(a.warmup), "--steps", str(a.steps),
-               "--workers", str(a.workers), "--device", a.device] + (["--lora"] if a.lora else [])
+               "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
+            (["--lora"] if a.lora else []) + (["--profile"] if a.profile else [])
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)

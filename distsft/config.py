@@ -184,6 +184,10 @@ class TrainerConfig:
     stop_after: int = 0
     #: Abort after this many consecutive steps with a non-finite loss or gradient norm (each is skipped).
     max_bad_steps: int = 3
+    #: Log a loss spike (with the step's sample ids) when a step's loss exceeds this many times the running median of the last spike_window steps (0: off).
+    spike_factor: float = 3.0
+    #: Steps in the running median for spike_factor (spikes are looked for once this many steps have passed).
+    spike_window: int = 20
     #: Early stopping: stop after this many evals without improvement (0: off).
     early_stop_patience: int = 0
     #: Early stopping: an eval loss must beat the best by more than this to count as improvement.
@@ -209,6 +213,8 @@ class LoggingConfig:
     tensorboard: bool = True
     #: Show a progress bar with ETA (main process only).
     progress_bar: bool = True
+    #: At the end, draw output_dir/curves.png: train/eval loss, learning rate, gradient norm (from TensorBoard, so resumed runs show every step).
+    plot: bool = True
 
 
 @dataclass
@@ -229,6 +235,8 @@ class DiagnosisConfig:
 class PlanConfig:
     #: Processes (GPUs) the plan assumes: batch arithmetic and sharded memory (WORLD_SIZE wins when set).
     world_size: int = 1
+    #: Also draw the planned LR schedule into this PNG file (null: table only).
+    lr_plot: Optional[str] = None
 
 
 @dataclass

@@ -117,11 +117,13 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     return out
 
 
-def lr_table(cfg: Config, total: int) -> list[tuple[int, int, float]]:
+def lr_table(cfg: Config, total: int, points: int = 10) -> list[tuple[float, int, float]]:
+    """(percent of training, step, LR) at ``points`` + 1 evenly spaced places."""
     from .trainer.schedule import lr_factor
 
     rows = []
-    for pct in range(0, 101, 10):
+    for k in range(points + 1):
+        pct = 100 * k / points
         step = min(total - 1, round(pct / 100 * (total - 1)))
         rows.append((pct, step, cfg.optim.lr * lr_factor(step, cfg.schedule, total)))
     return rows
@@ -158,6 +160,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "batch": asdict(plan), "steps_per_epoch": per_epoch, "total_steps": total, "epochs": epochs,
         "warmup_steps": warmup_steps(cfg.schedule, total),
         "example_views": round(st.kept * epochs), "lr_curve": lr_table(cfg, total),
+        "lr_curve_full": lr_table(cfg, total, points=min(total, 200)),
         "parameters": {"total": shape.params, "trainable": shape.trainable},
         "flops_per_token": flops_token,
         "kernels": kernels,
@@ -178,7 +181,7 @@ def render(p: dict) -> str:
         f"{p['warmup_steps']} warmup; example views {p['example_views']:,}",
         f"parameters: {p['parameters']['trainable']:,} trainable of {p['parameters']['total']:,}; "
         f"{p['flops_per_token']:.3g} FLOPs per token (+ attention)",
-        "LR:  " + "  ".join(f"{pct}%:{lr:.2e}" for pct, _, lr in p["lr_curve"]),
+        "LR:  " + "  ".join(f"{pct:g}%:{lr:.2e}" for pct, _, lr in p["lr_curve"]),
         f"memory per GPU on CUDA (estimate, kernels={p['kernels']}): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
     ]
     return "\n".join(lines)
@@ -188,7 +191,14 @@ def plan_main(cfg: Config) -> None:
     import os
 
     world = int(os.environ.get("WORLD_SIZE", cfg.plan.world_size))
-    print(render(make_plan(cfg, world)), file=sys.stdout)
+    p = make_plan(cfg, world)
+    print(render(p), file=sys.stdout)
+    if cfg.plan.lr_plot:
+        from .plots import lr_curve
+
+        path = lr_curve([(step, lr) for _, step, lr in p["lr_curve_full"]], cfg.plan.lr_plot,
+                        f"{cfg.schedule.name} schedule, {p['warmup_steps']} warmup of {p['total_steps']} steps")
+        print(f"LR curve: {path}", file=sys.stdout)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -20,10 +20,11 @@ from .data.templates import end_of_turn_id
 from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
-from .model.attention import describe_attention
+from .model.attention import auto_attention, describe_attention
 from .model.kernels import apply_kernels, resolve_kernels
 from .model.load import count_parameters, load_model, load_tokenizer, whole_model
-from .model.peft import apply_peft, quantization_config
+from .model.peft import adapters_under_autocast, apply_peft, quantization_config
+from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
@@ -84,6 +85,9 @@ def run(cfg: Config) -> RunResult:
         log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
                  state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
         log.info(describe_diagnosis(summary["diagnosis"]))
+        if cfg.logging.plot:
+            history = history_from_tensorboard(out / "tensorboard") or parts.history
+            log.info("curves: %s", training_curves(history, out / "curves.png"))
     acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
     acc.end_training()
     _close_run_log()
@@ -116,14 +120,20 @@ def build_model(cfg: Config, acc):
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
     zero3 = cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
+    model_cfg = cfg.model
+    if model_cfg.attn_implementation == "auto":  # decided here, where packing and precision are known
+        half = cfg.trainer.precision == "bf16" or model_cfg.dtype == "bfloat16"
+        model_cfg = replace(model_cfg, attn_implementation=auto_attention(cuda, cfg.data.mode == "pack", half))
     with whole_model(acc, cfg.model.init == "config"):
-        model = load_model(cfg.model, cfg.trainer.seed, cuda=cuda, quantization=quantization_config(cfg.peft, zero3),
+        model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, quantization=quantization_config(cfg.peft, zero3),
                            device=acc.device.index if cuda else "cpu")
     sharded = zero3 or cfg.parallel.strategy == "fsdp"
     kernels, why = resolve_kernels(cfg.model.kernels, cuda, sharded)
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
+    if cfg.peft.method != "none" and cfg.trainer.precision == "bf16":
+        adapters_under_autocast(model)
     return (model, *count_parameters(model))
 
 
@@ -148,7 +158,8 @@ def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: dict, p
              n_params: int) -> dict:
     h, st, data = parts.history, parts.state, d.data
     return {"status": outcome["status"], "steps": st.step, "total_steps": d.total,
-            "skipped_steps": outcome["skipped_steps"], "best_eval": outcome["best_eval"],
+            "skipped_steps": outcome["skipped_steps"], "loss_spikes": outcome["loss_spikes"],
+            "best_eval": outcome["best_eval"],
             "diagnosis": diagnose(h["train_loss"], h["eval_loss"], cfg.diagnosis.bands), "provenance": prov,
             "tokens": st.tokens, "supervised_tokens": st.supervised_tokens,
             "final_train_loss": _last(h["train_loss"]), "final_eval_loss": _last(h["eval_loss"]),

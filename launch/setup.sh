@@ -8,9 +8,12 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 stamp=.venv/.distsft-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  extras=dev
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     pip install -q "torch==2.13.0"
+  else
+    extras=dev,liger  # Liger's Triton kernels: model.kernels=auto uses them on CUDA
   fi
-  pip install -q -e ".[dev]"
+  pip install -q -e ".[$extras]"
   touch "$stamp"
 fi

@@ -10,7 +10,8 @@ Packed rows are run with restarting ``position_ids``, no ``attention_mask`` and 
                         document from the collator's ``cu_seqlens``; on CUDA PyTorch's flash kernel
                         ``torch.nn.attention.varlen.varlen_attn``, on CPU a reference loop of
                         causal SDPA per document (slow; for checking, not for speed)
-    auto                flash_attention_2 if flash-attn imports on CUDA, else sdpa
+    auto                flash_attention_2 if flash-attn imports on CUDA; else varlen for packed bf16
+                        training on CUDA; else sdpa
 """
 
 from __future__ import annotations
@@ -25,10 +26,20 @@ import torch.nn.functional as F
 VARLEN = "distsft_varlen"
 
 
+def auto_attention(cuda: bool, packed: bool, half: bool) -> str:
+    """What ``auto`` means for a training run: flash-attn where installed on CUDA; else, for packed rows
+    in bf16 on CUDA, PyTorch's own flash varlen kernel (torch >= 2.10); else sdpa."""
+    if cuda and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    if cuda and packed and half and importlib.util.find_spec("torch.nn.attention.varlen"):
+        return "varlen"
+    return "sdpa"
+
+
 def resolve_attention(impl: str, cuda: bool) -> str:
     """The attn_implementation given to transformers."""
     if impl == "auto":
-        return "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+        impl = auto_attention(cuda, packed=False, half=False)
     if impl == "varlen":
         register_varlen()
         return VARLEN

@@ -54,3 +54,16 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool):
             # frozen embeddings give no grad to checkpointed blocks' inputs; adapters need one
             model.enable_input_require_grads()
     return model
+
+
+def adapters_under_autocast(model) -> int:
+    """Stop PEFT from casting each adapted layer's input to the adapters' fp32 dtype: under bf16 autocast
+    the adapter matmuls run in bf16 anyway, so the cast only writes (and backpropagates through) an fp32
+    copy of every activation entering a LoRA layer (~20% of an 8B LoRA step on an H100). The adapter
+    weights and their optimizer state stay fp32. Only for trainer.precision=bf16. Returns layers changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)

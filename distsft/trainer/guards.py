@@ -1,4 +1,4 @@
-"""Trainer stage 9: guards — non-finite steps, early stopping.
+"""Trainer stage 9: guards — non-finite steps, loss spikes, early stopping.
 
 Non-finite loss or gradient norm: the gradient norm is computed from gradients already reduced
 over ranks, so every rank sees the same verdict without another collective; the update is
@@ -7,6 +7,9 @@ the step are named (file and row, from every rank), and after ``trainer.max_bad_
 consecutive bad steps the run stops with a clear message. Under DeepSpeed the engine applies the
 update inside backward, so a non-finite step cannot be undone: the run stops at once.
 
+Loss spikes: a step loss above ``trainer.spike_factor`` x the running median of recent steps is
+logged with the step's samples (it is trained on; a spike is a lead to a bad row, not a failure).
+
 Early stopping: eval losses are all-reduced (identical on every rank); rank 0 decides and the
 decision is broadcast, so all ranks stop together.
 """
@@ -14,6 +17,8 @@ decision is broadcast, so all ranks stop together.
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 
 import torch
 from accelerate.utils import broadcast
@@ -50,6 +55,33 @@ class BadStepGuard:
             raise TrainingError(f"{self.consecutive} consecutive steps with a non-finite loss or gradient norm (up to "
                                 f"step {step}; trainer.max_bad_steps={self.max_bad}): lower optim.lr, keep "
                                 "trainer.max_grad_norm > 0, or check the samples named above")
+
+
+class SpikeDetector:
+    """A step loss above ``factor`` x the running median of the last ``window`` steps is a spike: logged
+    with the step's samples (every rank names its own), counted, and training goes on. The step loss is
+    the all-reduced one, so every rank agrees on what is a spike."""
+
+    def __init__(self, factor: float, window: int):
+        self.factor, self.window = factor, max(1, window)
+        self.recent: list[float] = []
+        self.spikes: list[int] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor > 0
+
+    def check(self, step: int, loss: float, origins, rank: int) -> bool:
+        spike = len(self.recent) >= self.window and loss > self.factor * statistics.median(self.recent)
+        if spike:
+            self.spikes.append(step)
+            names = origins()
+            log.warning("rank %d: loss spike at step %d: %.4f > %g x running median %.4f of the last %d steps; "
+                        "samples: %s", rank, step, loss, self.factor, statistics.median(self.recent), self.window,
+                        "; ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
+        if math.isfinite(loss) and not spike:  # a spike or a NaN does not move the median
+            self.recent = (self.recent + [loss])[-self.window:]
+        return spike
 
 
 class EarlyStopping:

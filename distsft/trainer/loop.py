@@ -22,7 +22,7 @@ from ..data.collate import model_inputs, to_device
 from ..model.attention import VARLEN
 from ..model.kernels import fused_loss
 from . import checkpoint
-from .guards import BadStepGuard, EarlyStopping
+from .guards import BadStepGuard, EarlyStopping, SpikeDetector
 from .loss import token_ce_sum
 from .metrics import Reporter, peak_memory_gb
 from .preempt import StopRequest
@@ -123,7 +123,7 @@ class LoopParts:
     resolved_config: dict
     flops: tuple[float, float] = (0.0, 0.0)  # per real token, per (document length)^2
     peak_flops: float | None = None
-    history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": []})
+    history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": [], "lr": [], "grad_norm": []})
     early: EarlyStopping | None = None
     provenance: dict | None = None
     tokenizer: object = None
@@ -135,6 +135,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                    logging_cfg.tensorboard, logging_cfg.progress_bar)
     stop = StopRequest(p.output_dir, acc.is_main_process)
     guard = BadStepGuard(trainer_cfg.max_bad_steps, acc.state.deepspeed_plugin is not None)
+    spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
     p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
     window = _Window(acc.device)
     outcome = "finished"
@@ -149,6 +150,9 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                                  stop.local())
                 st.step += 1
                 guard.check(st.step, res.finite, lambda: _origins(p, micro_batches), acc.process_index)
+                if spikes.enabled and res.finite:
+                    step_loss = acc.reduce(res.loss_sum.detach().clone(), reduction="sum").item()
+                    spikes.check(st.step, step_loss, lambda: _origins(p, micro_batches), acc.process_index)
                 window.add(res)
                 rep.step()
                 if res.counts[STOP] > 0:  # the same on every rank: it came through the all-reduce
@@ -168,7 +172,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
         outcome = "early_stopped" if outcome == "early_stopped" else "finished"
     elif outcome != "preempted":
         outcome = "stopped"
-    return {"status": outcome, "skipped_steps": guard.skipped,
+    return {"status": outcome, "skipped_steps": guard.skipped, "loss_spikes": spikes.spikes,
             "best_eval": {"step": p.early.best_step, "loss": p.early.best} if p.early.best is not None else None}
 
 
@@ -234,6 +238,8 @@ def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: int
     st.supervised_tokens += int(sup)
     grad_norm = float(w.grad_norm)
     p.history["train_loss"].append((st.step, loss))
+    p.history["lr"].append((st.step, lr))
+    p.history["grad_norm"].append((st.step, grad_norm))
     scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                "train/tokens_per_s": real / dt, "train/supervised_tokens_per_s": sup / dt,
                "train/step_time": dt / w.steps, "train/supervised_tokens": sup / w.steps,

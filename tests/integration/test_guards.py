@@ -42,6 +42,27 @@ def test_nan_step_is_skipped_with_sample_ids(tmp_path, monkeypatch, caplog):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_loss_spike_is_logged_with_sample_ids_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    real, calls = loop.forward_loss_sum, {"n": 0}
+
+    def spiky(model, batch):  # step 9's first micro-batch (grad_accum 2) counts 20x
+        calls["n"] += 1
+        return real(model, batch) * (20.0 if calls["n"] == 17 else 1.0)
+
+    monkeypatch.setattr(loop, "forward_loss_sum", spiky)
+    with caplog.at_level(logging.WARNING, logger="distsft"):
+        res = run_tiny(tmp_path, "trainer.max_steps=10", "trainer.eval_every=0", "trainer.save_every=0",
+                       "trainer.spike_window=5")
+    s = res.summary
+    assert s["status"] == "finished" and s["loss_spikes"] == [9] and s["skipped_steps"] == []
+    warning = next(r.getMessage() for r in caplog.records if "loss spike" in r.getMessage())
+    assert "step 9" in warning and "running median" in warning and "tiny_sft.jsonl row" in warning
+    calls["n"] = 0  # negative control: the same run without the spike logs none
+    monkeypatch.setattr(loop, "forward_loss_sum", real)
+    assert run_tiny(tmp_path / "calm", "trainer.max_steps=10", "trainer.eval_every=0", "trainer.save_every=0",
+                    "trainer.spike_window=5").summary["loss_spikes"] == []
+
+
 def test_repeated_nans_abort_with_a_clear_message(tmp_path, monkeypatch):
     poison(monkeypatch, {"all"})
     with pytest.raises(TrainingError, match=r"3 consecutive steps with a non-finite loss or gradient norm"):

@@ -138,3 +138,27 @@ def test_lora_with_dropout_resumes_exactly(tmp_path):
     a = load_file(tmp_path / "a" / "final" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "final" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_without_input_casts_under_autocast_is_the_same_function():
+    """adapters_under_autocast drops PEFT's fp32 copy of each LoRA input: under bf16 autocast the adapter
+    matmuls see the same bf16 values either way, so logits and adapter gradients are identical."""
+    from distsft.model.peft import adapters_under_autocast, apply_peft
+
+    x = torch.randint(3, 640, (2, 48))
+    out = []
+    for drop_cast in (False, True):
+        model = apply_peft(load_model(typed_cfg().model, seed=0), typed_cfg("peft=lora", "peft.dropout=0.0").peft,
+                           False)
+        torch.manual_seed(1)  # LoRA B starts at zero: give it values so the adapters change the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.05)
+        if drop_cast:
+            assert adapters_under_autocast(model) == 2 * 7  # 2 layers x 7 linear modules
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=x, use_cache=False).logits
+        logits.float().sum().backward()
+        grad = next(p.grad for n, p in model.named_parameters() if "lora_A" in n)
+        out.append((logits.detach(), grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])

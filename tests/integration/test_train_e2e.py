@@ -24,7 +24,7 @@ def default_run(tmp_path_factory):
 
 def test_run_dir_layout(default_run):
     out, res = default_run
-    for name in ("config.yaml", "summary.json", "train.log", "final/model.safetensors", "final/config.json",
+    for name in ("config.yaml", "summary.json", "train.log", "curves.png", "final/model.safetensors", "final/config.json",
                  "final/tokenizer.json", "final/generation_config.json"):
         assert (out / name).exists(), name
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -87,6 +87,17 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert resumed.summary["train_loss_history"] == straight.summary["train_loss_history"][3:]
     assert resumed.summary["tokens"] == straight.summary["tokens"]
+    # the curves of the resumed run show every step, the ones before the stop included
+    from distsft.plots import history_from_tensorboard
+
+    curves = history_from_tensorboard(tmp_path / "b" / "tensorboard")
+    assert [s for s, _ in curves["train_loss"]] == [1, 2, 3, 4, 5, 6] == [s for s, _ in curves["lr"]]
+    for (s, v), (s2, v2) in zip(curves["train_loss"], straight.summary["train_loss_history"]):
+        assert s == s2 and abs(v - v2) < 1e-5
+    from PIL import Image
+
+    with Image.open(tmp_path / "b" / "curves.png") as png:
+        assert png.size == (1500, 400)
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path):

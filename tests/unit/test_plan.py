@@ -61,8 +61,10 @@ def test_memory_qlora_and_activations():
     assert fused["logits"] == 0  # frozen head: no gradient buffer either
 
 
-def test_plan_cli():
-    proc = subprocess.run([sys.executable, "-m", "distsft.plan", "parallel=zero2", "plan.world_size=2"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+def test_plan_cli(tmp_path):
+    png = tmp_path / "lr.png"
+    proc = subprocess.run([sys.executable, "-m", "distsft.plan", "parallel=zero2", "plan.world_size=2",
+                           f"plan.lr_plot={png}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world_size 2 = global_batch_size 8" in proc.stdout and "memory per GPU on CUDA (estimate, kernels=" in proc.stdout
+    assert f"LR curve: {png}" in proc.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -82,3 +82,15 @@ def test_auto_kernels_choose_liger_only_where_it_can_run():
     assert resolve_kernels("auto", cuda=True, sharded=True)[0] == "torch"
     assert resolve_kernels("torch", cuda=True, sharded=False)[0] == "torch"
     assert resolve_kernels("liger", cuda=True, sharded=False)[0] == "liger"
+
+
+def test_auto_attention_prefers_a_varlen_kernel_for_packed_bf16_on_cuda():
+    import importlib.util
+
+    from distsft.model.attention import auto_attention
+
+    flash = importlib.util.find_spec("flash_attn") is not None
+    assert auto_attention(cuda=False, packed=True, half=True) == "sdpa"
+    assert auto_attention(cuda=True, packed=True, half=True) == ("flash_attention_2" if flash else "varlen")
+    assert auto_attention(cuda=True, packed=False, half=True) == ("flash_attention_2" if flash else "sdpa")
+    assert auto_attention(cuda=True, packed=True, half=False) == ("flash_attention_2" if flash else "sdpa")

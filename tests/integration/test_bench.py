@@ -1,0 +1,28 @@
+"""bench/throughput.py on CPU at toy size: the harness counts what the systems compute, and they agree
+on the first loss (the GPU figures in bench/README.md come from the same code)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_throughput_harness_counts_tokens_and_losses_agree(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    results = throughput.main(["--model", "tiny", "--data", "toy", "--warmup", "1", "--steps", "2", "--device", "cpu",
+                               "--systems", "distsft,hf", "--out", str(tmp_path), "--timeout", "300"])
+    by = {r["system"]: r for r in results}
+    assert set(by) == {"distsft", "hf"} and not any("error" in r for r in results), results
+    d, hf = by["distsft"], by["hf"]
+    for r in (d, hf):
+        assert abs(r["first_loss"] - math.log(640)) < 0.1  # random init: ~ln(vocab)
+        assert r["tokens_per_s"] > 0 and r["steps"] == 2 and len(r["losses"]) == 3
+    assert d["real_per_computed"] > 0.9 > hf["real_per_computed"]  # packed rows vs padded micro-batches
+    assert abs(hf["examples_per_step"] - d["examples_per_step"]) <= 4  # peers get distsft's examples per step
+    assert d["estimate_gib"]["total"] > 0 and (tmp_path / "throughput_tiny_toy.json").exists()
