@@ -92,3 +92,25 @@ def test_liger_fused_loss_equals_logits_loss(tokenizer):
     (a, ga), (b, gb) = out
     assert b == pytest.approx(a, rel=2e-3)  # bf16 logits (torch) vs fp32 accumulation inside Liger
     assert ((ga.float() - gb.float()).norm() / ga.float().norm()).item() < 2e-2
+
+
+def test_plan_memory_estimate_tracks_max_memory_allocated(tmp_path):
+    """distsft.plan's per-GPU estimate against torch.cuda.max_memory_allocated of the same config: a
+    Llama-3.2-1B shape, full fine-tune in bf16, 2 x 1024-token rows (the trainer's own run, 3 steps)."""
+    from distsft.model.kernels import resolve_kernels
+    from distsft.plan import memory_estimate, model_shape
+    from tests.conftest import ROOT
+
+    over = [f"model.name_or_path={ROOT / 'bench/models/llama3_2_1b'}", "model.init=config",
+            f"model.tokenizer={ROOT / 'distsft/assets/tiny-llama'}", "model.dtype=bfloat16", "trainer.precision=bf16",
+            "data.max_seq_len=1024", "trainer.micro_batch_size=2", "trainer.grad_accum=1",
+            "trainer.global_batch_size=null", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=0",
+            "export.enabled=false", "optim.lr=1e-5"]
+    cfg = typed_cfg(*over)
+    torch.cuda.reset_peak_memory_stats()
+    run_tiny(tmp_path, *over, "trainer.use_cuda=true")
+    measured = torch.cuda.max_memory_allocated()
+    fused = resolve_kernels(cfg.model.kernels, cuda=True, sharded=False)[0] == "liger"
+    est = memory_estimate(cfg, model_shape(cfg), 1, 2, fused_loss=fused)["total"]
+    print(f"estimate {est / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB (liger={fused})")
+    assert 0.75 < est / measured < 1.25
