@@ -93,7 +93,8 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
         from distsft.config import PeftConfig
         from distsft.model.peft import apply_peft
 
-        model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True)
+        model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True,
+                           checkpoint_every=a.checkpoint_every if distsft else 1)
         if distsft and cuda:  # what distsft's build_model does under bf16 autocast
             from distsft.model.peft import adapters_under_autocast
 
@@ -345,6 +346,8 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--workers", type=int, default=0, help="distsft DataLoader workers")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="distsft with --lora: recompute every Nth layer only (model.checkpoint_every)")
     p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -368,7 +371,8 @@ def main(argv=None) -> list[dict]:
         cmd = [sys.executable, __file__, "--system", system, "--examples-per-step", str(eps),
                "--model", a.model, "--data", a.data, "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
-            (["--lora"] if a.lora else []) + (["--profile"] if a.profile else [])
+            (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
+            ["--checkpoint-every", str(a.checkpoint_every)]
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)

@@ -44,6 +44,8 @@ def validate(cfg: Config) -> None:
     t, d = cfg.trainer, cfg.data
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if cfg.model.checkpoint_every < 1:
+        raise ConfigError(f"model.checkpoint_every={cfg.model.checkpoint_every} must be >= 1 (1 recomputes every layer)")
     if d.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len={d.max_seq_len} must be >= 2")
     if t.max_steps < 0 or t.epochs <= 0 and t.max_steps == 0:

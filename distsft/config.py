@@ -40,6 +40,8 @@ class ModelConfig:
     revision: Optional[str] = None
     #: Recompute activations in backward (non-reentrant): less memory, ~30% more compute.
     gradient_checkpointing: bool = False
+    #: With gradient_checkpointing: recompute only every Nth decoder layer (1: all; 2: half, trading memory for ~1/6 less compute).
+    checkpoint_every: int = 1
     #: Layer kernels: auto (liger where it can run, else torch), torch (transformers' own), or liger (Liger's Triton RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy that never materialises the logits; CUDA, pip install liger-kernel; not with ZeRO-3/FSDP).
     kernels: str = "auto"
 

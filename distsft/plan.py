@@ -105,8 +105,9 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
         weights, grads, opt = weights / n, grads / n, opt / n
     tokens = micro_batch * cfg.data.max_seq_len
     per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * a
-    if cfg.model.gradient_checkpointing:
-        acts = tokens * (shape.layers * shape.hidden * a + per_layer)
+    if cfg.model.gradient_checkpointing:  # recomputed layers keep their input; the others everything
+        recomputed = -(-shape.layers // cfg.model.checkpoint_every)
+        acts = tokens * (recomputed * shape.hidden * a + (shape.layers - recomputed) * per_layer + per_layer)
     else:
         acts = tokens * shape.layers * per_layer
     head_grad = shape.vocab * shape.hidden * a if t == p else 0  # Liger's own buffer for the head's gradient

@@ -131,7 +131,7 @@ def build_model(cfg: Config, acc):
     kernels, why = resolve_kernels(cfg.model.kernels, cuda, sharded)
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
-    model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing)
+    model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every)
     if cfg.peft.method != "none" and cfg.trainer.precision == "bf16":
         adapters_under_autocast(model)
     return (model, *count_parameters(model))

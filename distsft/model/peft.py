@@ -34,7 +34,7 @@ def quantization_config(cfg: PeftConfig, zero3: bool = False):
                               bnb_4bit_quant_storage=compute if zero3 else torch.uint8)
 
 
-def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool):
+def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_every: int = 1):
     """The transformations after loading, in the documented order."""
     if cfg.quantize != "none":
         from peft import prepare_model_for_kbit_training
@@ -50,6 +50,8 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool):
         model = get_peft_model(model, lora)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpoint_every > 1:
+            checkpoint_only_every(model, checkpoint_every)
         if cfg.method != "none":
             # frozen embeddings give no grad to checkpointed blocks' inputs; adapters need one
             model.enable_input_require_grads()
@@ -67,3 +69,14 @@ def adapters_under_autocast(model) -> int:
     for m in layers:
         m.cast_input_dtype_enabled = False
     return len(layers)
+
+
+def checkpoint_only_every(model, n: int) -> int:
+    """Keep recomputation on decoder layers 0, n, 2n, ... only (the others keep their activations):
+    between full checkpointing (least memory) and none (least compute). Returns the layers recomputed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % n == 0
+    return sum(layer.gradient_checkpointing for layer in layers)

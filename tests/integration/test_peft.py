@@ -92,15 +92,20 @@ def test_gradient_checkpointing_same_loss_and_gradients(tokenizer):
     step = next(StepLoader(prep.train, pack(prep.train, cfg.data, prep.train_stats), BatchPlan(4, 2, 1, 8), 0,
                            cfg.data, 0).steps(0))
     out = {}
-    for gc in (False, True):
+    for gc, every in ((False, 1), (True, 1), (True, 2)):
         reset_accelerate()
-        model = apply_peft(load_model(cfg.model, seed=0), cfg.peft, gradient_checkpointing=gc).train()
+        model = apply_peft(load_model(cfg.model, seed=0), cfg.peft, gradient_checkpointing=gc,
+                           checkpoint_every=every).train()
         assert model.is_gradient_checkpointing == gc
+        recomputed = [m.gradient_checkpointing for m in model.model.layers]
+        assert recomputed == ([False, False] if not gc else [True, True] if every == 1 else [True, False])
         loss, _ = accumulate_gradients(model, step, Accelerator(cpu=True, gradient_accumulation_steps=2))
-        out[gc] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+        out[gc, every] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
     reset_accelerate()
-    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
-    assert ((out[True][1] - out[False][1]).norm() / out[False][1].norm()).item() <= 1e-5
+    base = out[False, 1]
+    for key in ((True, 1), (True, 2)):
+        assert out[key][0] == pytest.approx(base[0], rel=1e-5)
+        assert ((out[key][1] - base[1]).norm() / base[1].norm()).item() <= 1e-5
 
 
 @pytest.mark.parametrize("overrides,message", [

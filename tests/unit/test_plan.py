@@ -56,6 +56,10 @@ def test_memory_qlora_and_activations():
     ckpt = memory_estimate(typed_cfg("peft=qlora", "trainer.precision=bf16", "model.gradient_checkpointing=true"),
                            shape, 1, 1)
     assert ckpt["activations"] < m["activations"] / 10
+    half = memory_estimate(typed_cfg("peft=qlora", "trainer.precision=bf16", "model.gradient_checkpointing=true",
+                                     "model.checkpoint_every=2"), shape, 1, 1)
+    per_layer = (7 * 4096 + 2 * 1024 + 4 * 14336) * 2
+    assert half["activations"] == tokens * (16 * 4096 * 2 + 16 * per_layer + per_layer)  # 16 of 32 recomputed
     assert m["logits"] == tokens * 128256 * (2 + 2 + 4 + 4)
     fused = memory_estimate(cfg, shape, 1, 1, fused_loss=True)
     assert fused["logits"] == 0  # frozen head: no gradient buffer either
