@@ -1,7 +1,8 @@
 """Model stage 1b (kernels): Liger's Triton kernels in place of transformers' layers, on request.
 
-``model.kernels=liger`` (or ``auto`` on CUDA with liger-kernel installed, outside ZeRO-3/FSDP) patches the loaded model (before adapters) with Liger's RMSNorm, RoPE and
-SwiGLU kernels and its fused linear cross-entropy: in training, given labels, the model returns the
+``model.kernels=liger`` (or ``auto`` on CUDA with liger-kernel installed, outside ZeRO-3/FSDP)
+patches the loaded model (before adapters) with Liger's RMSNorm, RoPE and SwiGLU kernels and its
+fused linear cross-entropy: in training, given labels, the model returns the
 loss without ever building the [tokens, vocab] logits (for a 128k vocabulary that is the largest
 tensor of a step). The loss keeps the contract: called with ``num_items_in_batch=1`` it is the sum of
 token cross-entropies, and the trainer divides by the step's supervised tokens as always.
