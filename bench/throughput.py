@@ -94,11 +94,7 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
         from distsft.model.peft import apply_peft
 
         model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True,
-                           checkpoint_every=a.checkpoint_every if distsft else 1)
-        if distsft and cuda:  # what distsft's build_model does under bf16 autocast
-            from distsft.model.peft import adapters_under_autocast
-
-            adapters_under_autocast(model)
+                           checkpoint_every=a.checkpoint_every if distsft else 1, bf16_autocast=distsft and cuda)
     return model
 
 
@@ -240,18 +236,23 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
                 model=trainer.model)
 
 
-def one(a) -> dict:
-    """Run one system (in its own process) and return its figures."""
-    cuda = a.device == "cuda"
+def bench_data(a) -> tuple[list[list[int]], list[list[int]], int]:
+    """(ids, labels, vocab): enough examples for every step of the run, the same in every process."""
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model_dir(a.model)).vocab_size
     median, sigma, _ = DATA[a.data]
     s = SETUPS[a.data]
-    n_steps = a.warmup + a.steps
     mean_len = median * math.exp(sigma ** 2 / 2)
-    n = int(1.5 * n_steps * s["seq"] * s["rows"] * s["accum"] / mean_len) + 64
-    ids, labels = synth(a.data, n, vocab, seed=1)
+    n = int(1.5 * (a.warmup + a.steps) * s["seq"] * s["rows"] * s["accum"] / mean_len) + 64
+    return (*synth(a.data, n, vocab, seed=1), vocab)
+
+
+def one(a) -> dict:
+    """Run one system (in its own process) and return its figures."""
+    cuda = a.device == "cuda"
+    n_steps = a.warmup + a.steps
+    ids, labels, vocab = bench_data(a)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if a.system.startswith("distsft"):
@@ -307,13 +308,8 @@ def distsft_examples_per_step(a) -> float:
     """Mean examples per optimizer step of distsft's packing (what the peers are given)."""
     from distsft.data.packing import best_fit_decreasing
 
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(model_dir(a.model)).vocab_size
     s = SETUPS[a.data]
-    median, sigma, _ = DATA[a.data]
-    n = int(1.5 * (a.warmup + a.steps) * s["seq"] * s["rows"] * s["accum"] / (median * math.exp(sigma ** 2 / 2))) + 64
-    ids, _ = synth(a.data, n, vocab, seed=1)
+    ids, _, _ = bench_data(a)
     rows = best_fit_decreasing(np.array([len(x) for x in ids]), s["seq"], 0)
     return sum(len(r) for r in rows) / len(rows) * s["rows"] * s["accum"]
 
