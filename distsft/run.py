@@ -23,7 +23,7 @@ from .export import export_final
 from .model.attention import auto_attention, describe_attention
 from .model.kernels import apply_kernels, resolve_kernels
 from .model.load import count_parameters, load_model, load_tokenizer, whole_model
-from .model.peft import adapters_under_autocast, apply_peft, quantization_config
+from .model.peft import apply_peft, quantization_config
 from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
 from .trainer import checkpoint
@@ -131,9 +131,8 @@ def build_model(cfg: Config, acc):
     kernels, why = resolve_kernels(cfg.model.kernels, cuda, sharded)
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
-    model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every)
-    if cfg.peft.method != "none" and cfg.trainer.precision == "bf16":
-        adapters_under_autocast(model)
+    model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
+                       bf16_autocast=cfg.trainer.precision == "bf16")
     return (model, *count_parameters(model))
 
 

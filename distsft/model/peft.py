@@ -34,8 +34,10 @@ def quantization_config(cfg: PeftConfig, zero3: bool = False):
                               bnb_4bit_quant_storage=compute if zero3 else torch.uint8)
 
 
-def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_every: int = 1):
-    """The transformations after loading, in the documented order."""
+def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_every: int = 1,
+               bf16_autocast: bool = False):
+    """The transformations after loading, in the documented order. ``bf16_autocast``: training runs
+    under bf16 autocast (trainer.precision=bf16), so adapters need no fp32 copy of their inputs."""
     if cfg.quantize != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -48,6 +50,8 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_
         lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                           use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
+        if bf16_autocast:
+            adapters_under_autocast(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if checkpoint_every > 1:
