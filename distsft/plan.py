@@ -46,7 +46,7 @@ class ModelShape:
     kv_dim: int
     intermediate: int
     vocab: int
-    tied: bool = False  # output head shares the input embedding's weight
+    flops_per_token: float = 0.0  # as train/mfu counts it (trainer.metrics.model_flops)
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -69,10 +69,10 @@ def model_shape(cfg: Config) -> ModelShape:
     heads = mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
     kv = getattr(mc, "num_key_value_heads", heads) * head_dim
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and head.weight is emb.weight
+    from .trainer.metrics import model_flops
+
     return ModelShape(params, trainable, quantizable, mc.num_hidden_layers, mc.hidden_size, kv,
-                      mc.intermediate_size, mc.vocab_size, tied)
+                      mc.intermediate_size, mc.vocab_size, model_flops(model, trainable, params)[0])
 
 
 def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
@@ -149,9 +149,6 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     total = loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
     epochs = total / per_epoch
     shape = model_shape(cfg)
-    full = shape.trainable == shape.params
-    # as train/mfu counts it: the embedding lookup is no matmul, unless it is tied to the output head
-    flops_token = (6 if full else 4) * (shape.params - (0 if shape.tied else shape.vocab * shape.hidden))
     from .model.kernels import resolve_kernels
 
     sharded = cfg.parallel.strategy == "fsdp" or cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
@@ -161,9 +158,8 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "batch": asdict(plan), "steps_per_epoch": per_epoch, "total_steps": total, "epochs": epochs,
         "warmup_steps": warmup_steps(cfg.schedule, total),
         "example_views": round(st.kept * epochs), "lr_curve": lr_table(cfg, total),
-        "lr_curve_full": lr_table(cfg, total, points=min(total, 200)),
         "parameters": {"total": shape.params, "trainable": shape.trainable},
-        "flops_per_token": flops_token,
+        "flops_per_token": shape.flops_per_token,
         "kernels": kernels,
         "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger"),
     }
@@ -197,7 +193,8 @@ def plan_main(cfg: Config) -> None:
     if cfg.plan.lr_plot:
         from .plots import lr_curve
 
-        path = lr_curve([(step, lr) for _, step, lr in p["lr_curve_full"]], cfg.plan.lr_plot,
+        points = lr_table(cfg, p["total_steps"], points=min(p["total_steps"], 200))
+        path = lr_curve([(step, lr) for _, step, lr in points], cfg.plan.lr_plot,
                         f"{cfg.schedule.name} schedule, {p['warmup_steps']} warmup of {p['total_steps']} steps")
         print(f"LR curve: {path}", file=sys.stdout)
 
