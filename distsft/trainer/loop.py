@@ -125,6 +125,7 @@ class LoopParts:
     peak_flops: float | None = None
     history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": [], "lr": [], "grad_norm": []})
     early: EarlyStopping | None = None
+    spikes: SpikeDetector | None = None
     provenance: dict | None = None
     tokenizer: object = None
 
@@ -135,7 +136,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                    logging_cfg.tensorboard, logging_cfg.progress_bar)
     stop = StopRequest(p.output_dir, acc.is_main_process)
     guard = BadStepGuard(trainer_cfg.max_bad_steps, acc.state.deepspeed_plugin is not None)
-    spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
+    p.spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
     p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
     window = _Window(acc.device)
     outcome = "finished"
@@ -149,11 +150,9 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                 res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm,
                                  stop.local())
                 st.step += 1
-                guard.check(st.step, res.finite, lambda: _origins(p, micro_batches), acc.process_index)
-                if spikes.enabled and res.finite:
-                    step_loss = acc.reduce(res.loss_sum.detach().clone(), reduction="sum").item()
-                    spikes.check(st.step, step_loss, lambda: _origins(p, micro_batches), acc.process_index)
-                window.add(res)
+                ids = [mb["example_ids"] for mb in micro_batches]
+                guard.check(st.step, res.finite, lambda: _origins(p, ids), acc.process_index)
+                window.add(st.step, res, ids)
                 rep.step()
                 if res.counts[STOP] > 0:  # the same on every rank: it came through the all-reduce
                     rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
@@ -172,7 +171,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
         outcome = "early_stopped" if outcome == "early_stopped" else "finished"
     elif outcome != "preempted":
         outcome = "stopped"
-    return {"status": outcome, "skipped_steps": guard.skipped, "loss_spikes": spikes.spikes,
+    return {"status": outcome, "skipped_steps": guard.skipped, "loss_spikes": p.spikes.spikes,
             "best_eval": {"step": p.early.best_step, "loss": p.early.best} if p.early.best is not None else None}
 
 
@@ -203,9 +202,10 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
     return early
 
 
-def _origins(p: LoopParts, micro_batches: list[dict]) -> list[str]:
+def _origins(p: LoopParts, example_ids: list[torch.Tensor]) -> list[str]:
+    """'file row N' of every example of a step (its micro-batches' example ids)."""
     store = p.loader.store
-    return [store.origin(int(i)) for mb in micro_batches for i in mb["example_ids"]]
+    return [store.origin(int(i)) for ids in example_ids for i in ids]
 
 
 class _Window:
@@ -216,22 +216,32 @@ class _Window:
         self.reset()
 
     def reset(self):
-        self.loss = torch.zeros((), device=self.device)
+        self.losses: list[torch.Tensor] = []  # per step: this rank's share of the step loss (on the device)
+        self.steps_seen: list[tuple[int, bool, list]] = []  # per step: (step, finite, example ids)
         self.counts = torch.zeros(5, device=self.device, dtype=torch.float64)
         self.grad_norm = None
-        self.steps = 0
         self.t0 = time.perf_counter()
 
-    def add(self, res: StepResult):
-        self.loss += res.loss_sum
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    def add(self, step: int, res: StepResult, example_ids: list):
+        self.losses.append(res.loss_sum)
+        self.steps_seen.append((step, res.finite, example_ids))
         self.counts += res.counts.double()
         self.grad_norm = res.grad_norm
-        self.steps += 1
 
 
 def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: int) -> None:
     acc, st = p.accelerator, p.state
-    loss = acc.reduce(w.loss.clone(), reduction="sum").item() / w.steps  # mean step loss of the window
+    # one collective and one host read per window: every step's loss summed over ranks
+    step_losses = acc.reduce(torch.stack(w.losses).float(), reduction="sum").tolist()
+    loss = sum(step_losses) / w.steps  # mean step loss of the window
+    if p.spikes.enabled:  # judged here, in step order, rather than with a sync in every step
+        for (step, finite, ids), step_loss in zip(w.steps_seen, step_losses):
+            if finite:
+                p.spikes.check(step, step_loss, lambda ids=ids: _origins(p, ids), acc.process_index)
     sup, real, attn_sq, cells, _ = w.counts.tolist()
     dt = time.perf_counter() - w.t0
     st.tokens += int(real)
