@@ -18,7 +18,9 @@ step). Each system runs in its own process (a clean allocator, a fair ``max_memo
     trl_padfree_liger  the same with use_liger_kernel=True (TRL's own Liger integration)
     hf            transformers Trainer, dynamic padding (DataCollatorForSeq2Seq), SDPA
 
-Steps are timed end to end (data included) after warm-up, with CUDA synchronisation. MFU counts 6N
+Steps are timed end to end (data included) after warm-up, by CUDA events at each optimizer-step end
+(no synchronisation inside the timed steps; the peers log their loss at the first and last step
+only, so neither side pays a per-step read-back it would not pay in real use). MFU counts 6N
 per real token for full fine-tuning (4N with a frozen base) plus causal attention per document
 (distsft.trainer.metrics.model_flops), over the H100 SXM dense bf16 peak (989 TFLOP/s).
 """
@@ -106,25 +108,34 @@ def tokenizer():
 
 
 class Clock:
-    """Synchronised wall-clock intervals between consecutive optimizer-step ends."""
+    """Intervals between consecutive optimizer-step ends, taken without stalling the steps: on CUDA each
+    end is an event recorded in the stream (GPU time between them, idle gaps included), read after the
+    run; on CPU the wall clock."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.times = cuda, []
+        self.cuda = cuda
         self.start()
 
     def start(self):
-        self._sync()
-        self.last = time.perf_counter()
+        self.marks = [self._mark()]
 
     def tick(self):
-        self._sync()
-        now = time.perf_counter()
-        self.times.append(now - self.last)
-        self.last = now
+        self.marks.append(self._mark())
 
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @property
+    def times(self) -> list[float]:
+        pairs = list(zip(self.marks, self.marks[1:]))
+        if not self.cuda:
+            return [b - a for a, b in pairs]
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in pairs]
 
 
 def run_distsft(a, ids, labels, n_steps: int) -> dict:
@@ -150,7 +161,7 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model.train()
-    counts, losses, examples = [], [], []
+    results, examples = [], []  # read back after the run: no host sync in the timed steps
     clock = Clock(cuda)
     prof = None
     for step, mbs in enumerate(loader.steps(0)):
@@ -164,12 +175,12 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
             Path(a.out, f"profile_{a.model}_{a.data}_{a.system}.txt").write_text(table)
-        c = res.counts.tolist()
-        counts.append((c[REAL], c[SUP], c[CELLS], c[ATTN]))
-        losses.append(float(res.loss_sum))
+        results.append((res.counts, res.loss_sum))
         examples.append(sum(len(mb["example_ids"]) for mb in mbs))
         if step + 1 == n_steps:
             break
+    counts = [tuple(c.tolist()[i] for i in (REAL, SUP, CELLS, ATTN)) for c, _ in results]
+    losses = [float(loss) for _, loss in results]
     return dict(times=clock.times, counts=counts, losses=losses, examples=examples, model=acc.unwrap_model(model))
 
 
@@ -200,7 +211,7 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                   max_steps=n_steps, learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0,
                   max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
-                  logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+                  logging_steps=n_steps, logging_first_step=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
                   dataloader_num_workers=0, gradient_checkpointing=a.lora,
                   gradient_checkpointing_kwargs={"use_reentrant": False})
     clock = Clock(cuda)

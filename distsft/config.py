@@ -108,7 +108,7 @@ class PeftConfig:
 
 @dataclass
 class OptimConfig:
-    #: Optimizer: adamw (torch; fused on CUDA), adamw_8bit, paged_adamw_8bit (bitsandbytes), adafactor (transformers).
+    #: Optimizer: adamw (torch, fused kernel), adamw_8bit, paged_adamw_8bit (bitsandbytes), adafactor (transformers).
     name: str = "adamw"
     #: Peak learning rate.
     lr: float = 2e-5

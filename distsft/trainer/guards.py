@@ -7,6 +7,9 @@ the step are named (file and row, from every rank), and after ``trainer.max_bad_
 consecutive bad steps the run stops with a clear message. Under DeepSpeed the engine applies the
 update inside backward, so a non-finite step cannot be undone: the run stops at once.
 
+With fused AdamW the skip happens on the device, and the host learns of it (and of a stop request)
+one step late, through ``StepVerdicts``: the training step itself never waits for the GPU.
+
 Loss spikes: a step loss above ``trainer.spike_factor`` x the running median of recent steps is
 logged with the step's samples (it is trained on; a spike is a lead to a bad row, not a failure).
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections import deque
 
 import torch
 from accelerate.utils import broadcast
@@ -55,6 +59,39 @@ class BadStepGuard:
             raise TrainingError(f"{self.consecutive} consecutive steps with a non-finite loss or gradient norm (up to "
                                 f"step {step}; trainer.max_bad_steps={self.max_bad}): lower optim.lr, keep "
                                 "trainer.max_grad_norm > 0, or check the samples named above")
+
+
+class StepVerdicts:
+    """Each step's flags (finite, stop requested), read on the host ``lag`` steps late.
+
+    Reading a device value waits for all the work queued before it. Read right after its own step,
+    it would leave the GPU idle while the host loads and launches the next step; read once the next
+    step is queued, the GPU has work meanwhile. The copy goes to pinned memory behind an event.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: deque = deque()
+        self.ring = [torch.zeros(2, dtype=torch.float64, pin_memory=self.cuda) for _ in range(4)]
+        self.pushed = 0
+
+    def push(self, step: int, flags: torch.Tensor, payload) -> None:
+        buf = self.ring[self.pushed % len(self.ring)]  # at most lag + 1 <= 2 are pending at once
+        self.pushed += 1
+        buf.copy_(flags, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((step, buf, event, payload))
+
+    def ready(self, lag: int):
+        """(step, finite, stop requested, payload) of every pending step but the last ``lag``, in order."""
+        while len(self.pending) > lag:
+            step, buf, event, payload = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            yield step, bool(buf[0]), bool(buf[1]), payload
 
 
 class SpikeDetector:

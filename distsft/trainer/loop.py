@@ -4,7 +4,8 @@
         count supervised tokens of all its micro-batches, all-reduce  -> N
         for each micro-batch (no gradient sync but on the last):
             loss = sum token CE / N * world_size ; backward
-        clip, optimizer step, scheduler step
+        clip, optimizer step (a non-finite one skipped, on the device with fused AdamW), scheduler step
+        one step later: the host reads its flags (non-finite? stop requested?)
         every log_every: reduce loss + counts, write scalars (main process)
         every eval_every: eval loss ; every save_every: checkpoint
 """
@@ -22,9 +23,10 @@ from ..data.collate import model_inputs, to_device
 from ..model.attention import VARLEN
 from ..model.kernels import fused_loss
 from . import checkpoint
-from .guards import BadStepGuard, EarlyStopping, SpikeDetector
+from .guards import BadStepGuard, EarlyStopping, SpikeDetector, StepVerdicts
 from .loss import token_ce_sum
 from .metrics import Reporter, peak_memory_gb
+from .optim import skip_flag
 from .preempt import StopRequest
 from .samples import as_markdown, generate_samples
 
@@ -37,7 +39,12 @@ class StepResult:
     loss_sum: torch.Tensor  # this rank's share of the step loss (sum over ranks = step loss)
     grad_norm: torch.Tensor
     counts: torch.Tensor  # [supervised, real, sum doc_len^2, computed tokens, stop requests], all ranks
-    finite: bool = True  # loss and gradient norm finite (the update was applied)
+    finite: torch.Tensor  # loss and gradient norm finite (the update was applied); on the device
+    lag: int = 0  # 1: the update was decided on the device, the host may read the flags a step late
+
+    @property
+    def flags(self) -> torch.Tensor:
+        return torch.stack([self.finite.double(), self.counts[STOP].double()])
 
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -59,8 +66,10 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     device = accelerator.device
     counts = torch.tensor([float(sum(int(mb[k]) for mb in micro_batches)) for k in COUNTED] + [stop],
                           dtype=torch.float64)
+    if device.type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
+        counts = counts.pin_memory()
     # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
-    counts = accelerator.reduce(counts.to(device), reduction="sum")
+    counts = accelerator.reduce(counts.to(device, non_blocking=True), reduction="sum")
     n_sup = counts[SUP].clamp(min=1).float()
     # DDP/ZeRO average gradients over W ranks and Accelerate/DeepSpeed divide the loss by the
     # accumulation steps A: undo both, then divide by N
@@ -83,13 +92,17 @@ def train_step(model, micro_batches: list[dict], accelerator, optimizer, schedul
     # under DeepSpeed the engine has already clipped and stepped; this returns its global norm
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else math.nan, device=accelerator.device)
-    # the norm comes from gradients reduced over ranks: the same verdict everywhere (one host sync)
-    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_share))
-    if finite:
+    # the norm comes from gradients reduced over ranks: the same verdict everywhere
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss_share)
+    skip = skip_flag(optimizer)
+    if skip is not None:  # fused AdamW skips a non-finite update itself: no host sync in the step
+        skip.copy_(~finite)
+        optimizer.step()
+    elif bool(finite):  # other optimizers: decided on the host (one sync)
         optimizer.step()
     scheduler.step()  # the schedule follows the step count, skipped steps included
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_share, grad_norm, counts, finite)
+    return StepResult(loss_share, grad_norm, counts, finite, lag=int(skip is not None))
 
 
 @torch.no_grad()
@@ -126,6 +139,8 @@ class LoopParts:
     history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": [], "lr": [], "grad_norm": []})
     early: EarlyStopping | None = None
     spikes: SpikeDetector | None = None
+    guard: BadStepGuard | None = None
+    verdicts: StepVerdicts | None = None
     provenance: dict | None = None
     tokenizer: object = None
 
@@ -135,7 +150,8 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     rep = Reporter(acc.is_main_process, p.output_dir, p.total_steps, st.step,
                    logging_cfg.tensorboard, logging_cfg.progress_bar)
     stop = StopRequest(p.output_dir, acc.is_main_process)
-    guard = BadStepGuard(trainer_cfg.max_bad_steps, acc.state.deepspeed_plugin is not None)
+    p.guard = BadStepGuard(trainer_cfg.max_bad_steps, acc.state.deepspeed_plugin is not None)
+    p.verdicts = StepVerdicts(acc.device)
     p.spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
     p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
     window = _Window(acc.device)
@@ -151,15 +167,12 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                                  stop.local())
                 st.step += 1
                 ids = [mb["example_ids"] for mb in micro_batches]
-                guard.check(st.step, res.finite, lambda: _origins(p, ids), acc.process_index)
+                p.verdicts.push(st.step, res.flags, ids)
                 window.add(st.step, res, ids)
                 rep.step()
-                if res.counts[STOP] > 0:  # the same on every rank: it came through the all-reduce
-                    rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
-                    stop_at, outcome = st.step, "preempted"
-                early = _after_step(p, rep, window, lr, trainer_cfg, logging_cfg, stop_at, guard)
-                if early:
-                    stop_at, outcome = st.step, "early_stopped"
+                ended = _after_step(p, rep, window, lr, trainer_cfg, logging_cfg, stop_at, res.lag)
+                if ended:
+                    stop_at, outcome = st.step, ended
                 if st.step >= stop_at:
                     break
     finally:
@@ -171,17 +184,32 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
         outcome = "early_stopped" if outcome == "early_stopped" else "finished"
     elif outcome != "preempted":
         outcome = "stopped"
-    return {"status": outcome, "skipped_steps": guard.skipped, "loss_spikes": p.spikes.spikes,
+    return {"status": outcome, "skipped_steps": p.guard.skipped, "loss_spikes": p.spikes.spikes,
             "best_eval": {"step": p.early.best_step, "loss": p.early.best} if p.early.best is not None else None}
 
 
+def _judge(p: LoopParts, lag: int) -> bool:
+    """Judge the steps whose flags are due (all but the last ``lag``); True if a stop was requested
+    (the same on every rank: it came through the step's all-reduce)."""
+    stop = False
+    for step, finite, stop_requested, ids in p.verdicts.ready(lag):
+        p.guard.check(step, finite, lambda ids=ids: _origins(p, ids), p.accelerator.process_index)
+        stop |= stop_requested
+    return stop
+
+
 def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, logging_cfg, stop_at: int,
-                guard: BadStepGuard) -> bool:
-    """Logging, eval, early stopping and checkpoints after a step; True to stop early."""
+                lag: int) -> str | None:
+    """Judging, logging, eval, early stopping and checkpoints after a step; why to stop now, if so."""
     st = p.state
+    stop = _judge(p, lag)
     saving = trainer_cfg.save_every and st.step % trainer_cfg.save_every == 0 or st.step == stop_at
-    if st.step % logging_cfg.log_every == 0 or saving:  # a checkpoint holds exact token counts
-        _log_window(p, rep, window, lr, len(guard.skipped))
+    if st.step % logging_cfg.log_every == 0 or saving or stop:  # a checkpoint holds exact token counts
+        stop |= _judge(p, 0)  # every step so far judged: exact skipped steps, and a stop seen before saving
+        _log_window(p, rep, window, lr, p.guard.skipped)
+    if stop:
+        rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
+        saving = True
     t_pause = time.perf_counter()  # eval and checkpoints do not count as training time
     early = False
     if p.eval_batches and trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0:
@@ -199,7 +227,7 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
         checkpoint.save(p.accelerator, p.output_dir / "checkpoints", st.step, p.resolved_config,
                         trainer_cfg.save_total_limit, provenance=p.provenance)
     window.t0 += time.perf_counter() - t_pause
-    return early
+    return "preempted" if stop else "early_stopped" if early else None
 
 
 def _origins(p: LoopParts, example_ids: list[torch.Tensor]) -> list[str]:
@@ -217,7 +245,7 @@ class _Window:
 
     def reset(self):
         self.losses: list[torch.Tensor] = []  # per step: this rank's share of the step loss (on the device)
-        self.steps_seen: list[tuple[int, bool, list]] = []  # per step: (step, finite, example ids)
+        self.steps_seen: list[tuple[int, list]] = []  # per step: (step, example ids)
         self.counts = torch.zeros(5, device=self.device, dtype=torch.float64)
         self.grad_norm = None
         self.t0 = time.perf_counter()
@@ -228,19 +256,19 @@ class _Window:
 
     def add(self, step: int, res: StepResult, example_ids: list):
         self.losses.append(res.loss_sum)
-        self.steps_seen.append((step, res.finite, example_ids))
+        self.steps_seen.append((step, example_ids))
         self.counts += res.counts.double()
         self.grad_norm = res.grad_norm
 
 
-def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: int) -> None:
+def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: list[int]) -> None:
     acc, st = p.accelerator, p.state
     # one collective and one host read per window: every step's loss summed over ranks
     step_losses = acc.reduce(torch.stack(w.losses).float(), reduction="sum").tolist()
     loss = sum(step_losses) / w.steps  # mean step loss of the window
     if p.spikes.enabled:  # judged here, in step order, rather than with a sync in every step
-        for (step, finite, ids), step_loss in zip(w.steps_seen, step_losses):
-            if finite:
+        for (step, ids), step_loss in zip(w.steps_seen, step_losses):
+            if step not in skipped:
                 p.spikes.check(step, step_loss, lambda ids=ids: _origins(p, ids), acc.process_index)
     sup, real, attn_sq, cells, _ = w.counts.tolist()
     dt = time.perf_counter() - w.t0
@@ -254,7 +282,7 @@ def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: int
                "train/tokens_per_s": real / dt, "train/supervised_tokens_per_s": sup / dt,
                "train/step_time": dt / w.steps, "train/supervised_tokens": sup / w.steps,
                "train/packing_efficiency": real / max(cells, 1), "train/peak_memory_gb": peak_memory_gb(),
-               "train/skipped_steps": skipped}
+               "train/skipped_steps": len(skipped)}
     mfu = ""
     if p.peak_flops:
         flops = p.flops[0] * real + p.flops[1] * attn_sq

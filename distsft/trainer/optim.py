@@ -1,6 +1,7 @@
 """Trainer stage 2: the optimizer. No weight decay on biases, norms and other 1-D weights.
 
-    adamw             torch.optim.AdamW (fused kernel on CUDA)
+    adamw             torch.optim.AdamW, fused kernel (CUDA and CPU): it can also skip a non-finite
+                      update on the device (``skip_flag``), so the step needs no host sync
     adamw_8bit        bitsandbytes AdamW8bit: optimizer state in 8 bits (~75% less than fp32 Adam)
     paged_adamw_8bit  bitsandbytes PagedAdamW8bit: 8-bit state that pages to CPU memory under pressure
                       (on a machine without CUDA bitsandbytes falls back to the unpaged version)
@@ -29,8 +30,7 @@ def build_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "adamw":
-        on_cuda = next(model.parameters()).is_cuda
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=on_cuda or None)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
     if cfg.name in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
@@ -39,6 +39,22 @@ def build_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
     from transformers.optimization import Adafactor
 
     return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def skip_flag(optimizer) -> torch.Tensor | None:
+    """A 0-d float tensor on the parameters' device: set to 1 before ``optimizer.step()``, torch's fused
+    AdamW leaves parameters, moments and step count untouched (its ``found_inf`` input, as under a
+    GradScaler). None where the optimizer cannot skip on the device: then the step is decided on the host.
+    Not under DeepSpeed (its engine steps) or FSDP2 (DTensor parameters)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    if not hasattr(inner, "_distsft_skip"):
+        params = [p for g in inner.param_groups for p in g["params"]]
+        fused = isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused")
+        plain = all(type(p.data) is torch.Tensor for p in params)  # noqa: E721 (a DTensor is a subclass)
+        inner._distsft_skip = None
+        if fused and plain and params:
+            inner._distsft_skip = inner.found_inf = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    return inner._distsft_skip
 
 
 def describe(optimizer) -> str:

@@ -3,8 +3,9 @@
 A stop is requested by SIGUSR1 or SIGTERM on any process (SLURM's ``--signal``, a scheduler's
 termination notice) or by a file ``output_dir/STOP`` (what ``slurm/train.sbatch`` writes when its
 batch shell gets the signal). The request travels with the per-step token-count all-reduce, so all
-ranks see it at the same step: they finish that optimizer step, write a complete checkpoint and
-exit; ``trainer.resume=auto`` continues from there.
+ranks see it at the same step (read one step late when fused AdamW decides the update on the
+device: see ``guards.StepVerdicts``): they finish that optimizer step, write a complete checkpoint
+and exit; ``trainer.resume=auto`` continues from there.
 """
 
 from __future__ import annotations

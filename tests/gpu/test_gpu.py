@@ -114,3 +114,29 @@ def test_plan_memory_estimate_tracks_max_memory_allocated(tmp_path):
     est = memory_estimate(cfg, model_shape(cfg), 1, 2, fused_loss=fused)["total"]
     print(f"estimate {est / 2**30:.2f} GiB, measured {measured / 2**30:.2f} GiB (liger={fused})")
     assert 0.75 < est / measured < 1.25
+
+
+def test_training_step_queues_work_without_a_host_sync(tmp_path, monkeypatch):
+    """With fused AdamW a training step never waits for the GPU: the supervised-token count, the
+    non-finite verdict (fused AdamW's found_inf) and the stop flag stay on the device, and the host
+    reads them a step late. torch's sync debug mode turns any sync inside the step into an error.
+    (Liger's fused cross-entropy reads its token count back once per micro-batch: torch kernels here.)"""
+    import distsft.trainer.loop as loop
+
+    real, calls = loop.train_step, {"n": 0}
+
+    def strict(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first step builds optimizer state and warms caches
+            return real(*args, **kwargs)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(loop, "train_step", strict)
+    s = run_tiny(tmp_path, "trainer.max_steps=6", "trainer.eval_every=0", "trainer.save_every=0",
+                 "logging.log_every=3", "trainer.use_cuda=true", "trainer.precision=bf16",
+                 "model.attn_implementation=varlen", "model.kernels=torch").summary
+    assert s["status"] == "finished" and s["steps"] == 6 and calls["n"] == 6

@@ -22,7 +22,8 @@ def test_throughput_harness_counts_tokens_and_losses_agree(tmp_path):
     d, hf = by["distsft"], by["hf"]
     for r in (d, hf):
         assert abs(r["first_loss"] - math.log(640)) < 0.1  # random init: ~ln(vocab)
-        assert r["tokens_per_s"] > 0 and r["steps"] == 2 and len(r["losses"]) == 3
+        assert r["tokens_per_s"] > 0 and r["steps"] == 2
+    assert len(d["losses"]) == 3 and len(hf["losses"]) == 2  # peers log the first and last step only
     assert d["real_per_computed"] > 0.9 > hf["real_per_computed"]  # packed rows vs padded micro-batches
     assert abs(hf["examples_per_step"] - d["examples_per_step"]) <= 4  # peers get distsft's examples per step
     assert d["estimate_gib"]["total"] > 0 and (tmp_path / "throughput_tiny_toy.json").exists()

@@ -174,3 +174,57 @@ def test_sample_generations_under_zero3(tmp_path):
            "logging.sample_every=2", "logging.sample_max_new_tokens=4")
     tags, _ = _text_tags(tmp_path)
     assert "samples/text_summary" in tags
+
+
+def test_fused_adamw_skips_a_nonfinite_step_on_the_device_bit_exactly():
+    """A NaN step through the device-side skip (fused AdamW's found_inf) leaves parameters, moments and
+    step count exactly as if the step had never been taken; a finite step does change them (control)."""
+    from distsft.config import OptimConfig
+    from distsft.trainer.optim import build_optimizer, skip_flag
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1))
+    flag = skip_flag(opt)
+    assert flag is not None and opt.defaults["fused"]
+    x = torch.randn(4, 8)
+
+    def step(scale: float):
+        model(x).sum().mul(scale).backward()
+        finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        flag.copy_(~finite)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def snapshot():
+        state = [v.clone() for s in opt.state.values() for v in s.values()]
+        return [p.detach().clone() for p in model.parameters()] + state
+
+    step(1.0)
+    before = snapshot()
+    step(math.nan)  # skipped on the device
+    after = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    step(1.0)  # negative control: a finite step moves parameters, moments and the step count
+    moved = snapshot()
+    assert not any(torch.equal(a, b) for a, b in zip(after, moved))
+
+
+@pytest.mark.parametrize("optim,stop_seen_at", [("adamw", 4), ("adafactor", 3)])
+def test_stop_request_is_read_one_step_late_only_when_the_device_decides(tmp_path, monkeypatch, optim,
+                                                                           stop_seen_at):
+    """A stop requested during step 3: with fused AdamW (no host sync in the step) the host reads it
+    after step 4 is queued and checkpoints there; Adafactor's step is decided on the host, so at 3."""
+    from distsft.trainer import preempt
+
+    calls = {"n": 0}
+
+    def local(self):
+        calls["n"] += 1
+        return 1.0 if calls["n"] == 3 else 0.0
+
+    monkeypatch.setattr(preempt.StopRequest, "local", local)
+    s = run_tiny(tmp_path, "trainer.max_steps=8", "trainer.eval_every=0", "trainer.save_every=0",
+                 f"optim={optim}").summary
+    assert s["status"] == "preempted" and s["steps"] == stop_seen_at
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_{stop_seen_at}"]
