@@ -58,6 +58,17 @@ SETUPS = {"alpaca": dict(seq=4096, rows=4, accum=2, pad_micro=16, free_micro=64)
 SYSTEMS = ("distsft", "distsft_liger", "trl_pad", "trl_padfree", "trl_padfree_liger", "hf")
 
 
+def setup(a) -> dict:
+    """The data's batch layout; ``--rows`` changes distsft's rows per micro-batch, keeping rows x accumulation."""
+    s = dict(SETUPS[a.data])
+    if a.rows:
+        per_step = s["rows"] * s["accum"]
+        if per_step % a.rows:
+            raise SystemExit(f"--rows {a.rows} must divide the {per_step} rows of a step")
+        s["rows"], s["accum"] = a.rows, per_step // a.rows
+    return s
+
+
 def model_dir(name: str) -> Path:
     return ROOT / ("distsft/assets/tiny-llama" if name == "tiny" else f"bench/models/{name}")
 
@@ -97,6 +108,10 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
 
         model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True,
                            checkpoint_every=a.checkpoint_every if distsft else 1, bf16_autocast=distsft and cuda)
+    if distsft and a.compile:
+        from distsft.model.kernels import compile_layers
+
+        compile_layers(model)
     return model
 
 
@@ -148,7 +163,7 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
     from distsft.trainer.loop import ATTN, CELLS, REAL, SUP, train_step
     from distsft.trainer.optim import build_optimizer
 
-    s, cuda = SETUPS[a.data], a.device == "cuda"
+    s, cuda = setup(a), a.device == "cuda"
     plan = resolve_batch(s["rows"], s["accum"], None, 1)
     acc = build_accelerator(ParallelConfig(), TrainerConfig(precision="bf16" if cuda else "fp32", use_cuda=cuda,
                                                             micro_batch_size=s["rows"], grad_accum=s["accum"]), plan)
@@ -202,7 +217,7 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
     from datasets import Dataset
     from transformers import TrainerCallback, TrainingArguments
 
-    s, cuda = SETUPS[a.data], a.device == "cuda"
+    s, cuda = setup(a), a.device == "cuda"
     padfree = system.startswith("trl_padfree")
     micro = s["free_micro"] if padfree else s["pad_micro"]
     accum = max(1, round(examples_per_step / micro))
@@ -253,7 +268,7 @@ def bench_data(a) -> tuple[list[list[int]], list[list[int]], int]:
 
     vocab = AutoConfig.from_pretrained(model_dir(a.model)).vocab_size
     median, sigma, _ = DATA[a.data]
-    s = SETUPS[a.data]
+    s = setup(a)
     mean_len = median * math.exp(sigma ** 2 / 2)
     n = int(1.5 * (a.warmup + a.steps) * s["seq"] * s["rows"] * s["accum"] / mean_len) + 64
     return (*synth(a.data, n, vocab, seed=1), vocab)
@@ -300,10 +315,10 @@ def memory_estimate(a) -> dict:
     from distsft.plan import memory_estimate as estimate
     from distsft.plan import model_shape
 
-    s = SETUPS[a.data]
+    s = setup(a)
     over = [f"model.name_or_path={model_dir(a.model)}", "model.init=config", f"data.max_seq_len={s['seq']}",
             f"trainer.micro_batch_size={s['rows']}", f"trainer.grad_accum={s['accum']}", "trainer.global_batch_size=null",
-            f"model.gradient_checkpointing={str(a.lora).lower()}"]
+            f"model.gradient_checkpointing={str(a.lora).lower()}", f"model.checkpoint_every={a.checkpoint_every}"]
     if a.device == "cuda":
         over += ["model.dtype=bfloat16", "trainer.precision=bf16"]
     if a.lora:
@@ -319,7 +334,7 @@ def distsft_examples_per_step(a) -> float:
     """Mean examples per optimizer step of distsft's packing (what the peers are given)."""
     from distsft.data.packing import best_fit_decreasing
 
-    s = SETUPS[a.data]
+    s = setup(a)
     ids, _, _ = bench_data(a)
     rows = best_fit_decreasing(np.array([len(x) for x in ids]), s["seq"], 0)
     return sum(len(r) for r in rows) / len(rows) * s["rows"] * s["accum"]
@@ -355,6 +370,8 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=0, help="distsft DataLoader workers")
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="distsft with --lora: recompute every Nth layer only (model.checkpoint_every)")
+    p.add_argument("--rows", type=int, default=0, help="distsft rows per micro-batch (rows x accumulation kept)")
+    p.add_argument("--compile", action="store_true", help="distsft: torch.compile the decoder layers (model.compile)")
     p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -379,7 +396,7 @@ def main(argv=None) -> list[dict]:
                "--model", a.model, "--data", a.data, "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
             (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
-            ["--checkpoint-every", str(a.checkpoint_every)]
+            ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else [])
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)

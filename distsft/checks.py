@@ -90,6 +90,11 @@ def check_combinations(cfg: Config) -> None:
     if opt.name != "adamw" and par.offload_optimizer:
         raise ConfigError(f"optim.name={opt.name} with parallel.offload_optimizer=true: DeepSpeed keeps the offloaded "
                           "optimizer state itself (its CPUAdam); use optim=adamw")
+    if cfg.model.compile and par.strategy != "ddp":
+        name = f"zero{par.zero_stage}" if ds else par.strategy
+        raise ConfigError(f"model.compile=true with parallel={name} is not supported yet (ZeRO and "
+                          "FSDP wrap or hook the decoder layers that would be compiled); use parallel=ddp, or "
+                          "model.compile=false")
     if opt.name == "adafactor" and ds:
         raise ConfigError("optim.name=adafactor under DeepSpeed ZeRO sees flattened 1-D shards and cannot factor its "
                           "second moment; use optim=adamw_8bit (or adamw) with ZeRO, or adafactor with parallel=ddp")

@@ -44,7 +44,9 @@ SAFE_TO_CHANGE = ("output_dir", "run_name", "logging.", "trainer.resume", "train
                   "trainer.save_total_limit", "trainer.eval_every", "trainer.use_cuda", "trainer.max_bad_steps",
                   "trainer.early_stop", "trainer.export_best", "export.", "preview.", "plan.", "diagnosis.",
                   "data.num_workers", "data.num_proc", "data.cache", "model.name_or_path", "model.tokenizer",
-                  "model.revision", "trainer.micro_batch_size", "trainer.grad_accum")
+                  "model.revision", "trainer.micro_batch_size", "trainer.grad_accum",
+                  # the same function computed another way (speed or memory): switch them on at a resume after an OOM
+                  "model.compile", "model.gradient_checkpointing", "model.checkpoint_every")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -21,7 +21,7 @@ from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
 from .model.attention import auto_attention, describe_attention
-from .model.kernels import apply_kernels, resolve_kernels
+from .model.kernels import apply_kernels, compile_layers, resolve_kernels
 from .model.load import count_parameters, load_model, load_tokenizer, whole_model
 from .model.peft import apply_peft, quantization_config
 from .plots import history_from_tensorboard, training_curves
@@ -116,7 +116,8 @@ def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
 
 
 def build_model(cfg: Config, acc):
-    """(model, trainable, total parameters): load (quantised) -> kernels -> adapters -> gradient checkpointing."""
+    """(model, trainable, total parameters): load (quantised) -> kernels -> adapters -> gradient checkpointing
+    -> compiled layers."""
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
     zero3 = cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
@@ -133,6 +134,8 @@ def build_model(cfg: Config, acc):
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
                        bf16_autocast=cfg.trainer.precision == "bf16")
+    if cfg.model.compile:  # last: the compiled layers hold the kernels and adapters
+        compile_layers(model)
     return (model, *count_parameters(model))
 
 

@@ -1,4 +1,5 @@
-"""Model stage 1b (kernels): Liger's Triton kernels in place of transformers' layers, on request.
+"""Model stage 1b (kernels): Liger's Triton kernels in place of transformers' layers, on request;
+and regional ``torch.compile`` of the decoder layers (``model.compile``).
 
 ``model.kernels=liger`` (or ``auto`` on CUDA with liger-kernel installed, outside ZeRO-3/FSDP)
 patches the loaded model (before adapters) with Liger's RMSNorm, RoPE and SwiGLU kernels and its
@@ -54,3 +55,20 @@ def fused_loss(model) -> bool:
     inner = getattr(model, "module", model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return bool(getattr(inner, FUSED_LOSS, False))
+
+
+def compile_layers(model) -> int:
+    """``torch.compile`` every decoder layer in place (``nn.Module.compile``: parameter names, PEFT,
+    checkpoints and export are unchanged). The layers share one class, so one compiled graph serves all
+    of them; ``dynamic=True`` keeps packed rows of a new width from recompiling. Returns how many."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise RuntimeError(f"model.compile: no decoder layers found in {type(base).__name__} (transformers names "
+                           "none in _no_split_modules); set model.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compile: %d %s layers (torch.compile, dynamic shapes; compiled on the first step)", len(layers),
+             type(layers[0]).__name__)
+    return len(layers)

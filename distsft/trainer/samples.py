@@ -23,7 +23,8 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     for prompt in prompts:
         enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True).to(accelerator.device)
-        with accelerator.autocast():
+        # compiled layers (model.compile) would recompile for every cache length and layer index: eager here
+        with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             gen = inner.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
                                  synced_gpus=zero3, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)

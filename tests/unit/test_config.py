@@ -97,3 +97,17 @@ def test_readme_reference_is_current():
     from distsft.config import reference
 
     assert reference() in (ROOT / "README.md").read_text(), "README config reference is stale: python -m distsft.config"
+
+
+def test_speed_switches_may_change_at_a_resume_but_training_keys_may_not():
+    from omegaconf import OmegaConf
+
+    from distsft.provenance import training_differences
+
+    def resolved(*over):
+        return OmegaConf.to_container(OmegaConf.structured(typed_cfg(*over)))
+
+    base = resolved()
+    assert training_differences(base, resolved("model.compile=true", "model.gradient_checkpointing=true",
+                                               "model.checkpoint_every=2")) == []
+    assert training_differences(base, resolved("optim.lr=1e-3")) == ["optim.lr: was 0.003, now 0.001"]
