@@ -241,6 +241,8 @@ class PlanConfig:
     world_size: int = 1
     #: Also draw the planned LR schedule into this PNG file (null: table only).
     lr_plot: Optional[str] = None
+    #: GPU memory (GiB) to fit into when suggesting activation checkpointing (null: this machine's GPU, if any).
+    gpu_memory_gib: Optional[float] = None
 
 
 @dataclass

@@ -18,12 +18,17 @@ Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w by
                  its fp32 gradient; with model.kernels=liger no logits (chunked), only V*h*a for the head's gradient
 
 These are estimates (allocator fragmentation, CUDA context and temporary buffers are not counted).
+
+Activation checkpointing options: the estimate without it and with every 1st/2nd/4th/8th layer
+recomputed, with the compute each adds (a recomputed forward is 1/3 of a full fine-tuning step's
+FLOPs, 1/2 of a frozen-base one's); given ``plan.gpu_memory_gib`` (or a visible GPU) the least
+recompute whose estimate fits in 85% of it is suggested (the estimate is good to ~10%).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import hydra
 from omegaconf import DictConfig
@@ -34,6 +39,7 @@ from .train import CONF_DIR, with_user_errors
 
 register_configs()
 GIB = 2**30
+HEADROOM = 0.85  # of the GPU's memory, for what the estimate leaves out
 
 
 @dataclass
@@ -118,6 +124,38 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     return out
 
 
+def checkpointing_options(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
+                          fused_loss: bool) -> list[dict]:
+    """Peak memory (bytes) and extra compute (fraction of a step) without activation checkpointing and
+    with every 1st, 2nd, 4th and 8th layer recomputed."""
+    forward_share = 1 / 2 if shape.trainable < shape.params else 1 / 3
+    out = []
+    for every in (None, 1, 2, 4, 8):
+        if every is not None and every > shape.layers:
+            break
+        model = replace(cfg.model, gradient_checkpointing=every is not None, checkpoint_every=every or 1)
+        memory = memory_estimate(replace(cfg, model=model), shape, world_size, micro_batch, fused_loss)["total"]
+        recomputed = -(-shape.layers // every) / shape.layers if every else 0.0
+        out.append({"checkpoint_every": every, "memory": memory, "extra_compute": recomputed * forward_share})
+    return out
+
+
+def suggest_checkpointing(options: list[dict], gpu_bytes: float | None) -> dict | None:
+    """The option with the least recompute whose estimate fits in HEADROOM of the GPU (None if none fits)."""
+    if not gpu_bytes:
+        return None
+    fits = [o for o in options if o["memory"] <= HEADROOM * gpu_bytes]
+    return min(fits, key=lambda o: o["extra_compute"]) if fits else None
+
+
+def gpu_memory(cfg: Config) -> float | None:
+    if cfg.plan.gpu_memory_gib:
+        return cfg.plan.gpu_memory_gib * GIB
+    import torch
+
+    return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+
+
 def lr_table(cfg: Config, total: int, points: int = 10) -> list[tuple[float, int, float]]:
     """(percent of training, step, LR) at ``points`` + 1 evenly spaced places."""
     from .trainer.schedule import lr_factor
@@ -153,6 +191,8 @@ def make_plan(cfg: Config, world_size: int) -> dict:
 
     sharded = cfg.parallel.strategy == "fsdp" or cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
     kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=sharded)[0]  # planned for a GPU run
+    options = checkpointing_options(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger")
+    gpu = gpu_memory(cfg)
     return {
         "data": st.as_dict(), "eval": data.eval_stats.as_dict() if data.eval_stats else None,
         "batch": asdict(plan), "steps_per_epoch": per_epoch, "total_steps": total, "epochs": epochs,
@@ -162,6 +202,9 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "flops_per_token": shape.flops_per_token,
         "kernels": kernels,
         "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger"),
+        "checkpointing": options,
+        "gpu_memory_bytes": gpu,
+        "suggested_checkpointing": suggest_checkpointing(options, gpu),
     }
 
 
@@ -180,8 +223,27 @@ def render(p: dict) -> str:
         f"{p['flops_per_token']:.3g} FLOPs per token (+ attention)",
         "LR:  " + "  ".join(f"{pct:g}%:{lr:.2e}" for pct, _, lr in p["lr_curve"]),
         f"memory per GPU on CUDA (estimate, kernels={p['kernels']}): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
+        "activation checkpointing (memory, extra compute): " + "; ".join(
+            f"{_every(o['checkpoint_every'])} {o['memory'] / GIB:.1f} GiB +{o['extra_compute']:.0%}"
+            for o in p["checkpointing"]),
     ]
+    best, gpu = p["suggested_checkpointing"], p["gpu_memory_bytes"]
+    if gpu:
+        lines.append(f"  fits {HEADROOM:.0%} of {gpu / GIB:.0f} GiB with the least recompute: " + (
+            _overrides(best["checkpoint_every"]) if best else "nothing: lower trainer.micro_batch_size or "
+            "data.max_seq_len, or shard more (parallel=zero2|zero3|fsdp)"))
     return "\n".join(lines)
+
+
+def _every(every: int | None) -> str:
+    if every is None:
+        return "off"
+    return "every layer" if every == 1 else f"every {every}{'nd' if every == 2 else 'th'} layer"
+
+
+def _overrides(every: int | None) -> str:
+    return "model.gradient_checkpointing=false" if every is None else \
+        f"model.gradient_checkpointing=true model.checkpoint_every={every}"
 
 
 def plan_main(cfg: Config) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from distsft.plan import ModelShape, make_plan, memory_estimate
+from distsft.plan import GIB, ModelShape, checkpointing_options, make_plan, memory_estimate, suggest_checkpointing
 from tests.conftest import ROOT, typed_cfg
 
 P = 1_000_000_000
@@ -65,6 +65,27 @@ def test_memory_qlora_and_activations():
     assert fused["logits"] == 0  # frozen head: no gradient buffer either
 
 
+def test_checkpointing_options_trade_memory_for_compute_and_the_cheapest_that_fits_is_suggested():
+    cfg = typed_cfg("peft=lora", "trainer.precision=bf16", "model.dtype=bfloat16", "data.max_seq_len=4096")
+    lora = ModelShape(8 * P, trainable=40_000_000, quantizable=7 * P, layers=32, hidden=4096, kv_dim=1024,
+                      intermediate=14336, vocab=128256)
+    opts = checkpointing_options(cfg, lora, 1, 4, fused_loss=True)
+    assert [o["checkpoint_every"] for o in opts] == [None, 1, 2, 4, 8]
+    off, every, second, fourth, eighth = (o["memory"] for o in opts)
+    assert off > eighth > fourth > second > every  # the more layers recomputed, the less memory
+    assert [o["extra_compute"] for o in opts] == [0, 0.5, 0.25, 0.125, 0.0625]  # a forward is half a LoRA step
+    full = checkpointing_options(typed_cfg(), SHAPE, 1, 1, fused_loss=False)
+    assert full[1]["extra_compute"] == pytest.approx(1 / 3)  # and a third of a full fine-tuning step
+    def pick(gpu_bytes):
+        best = suggest_checkpointing(opts, gpu_bytes)
+        return best["checkpoint_every"] if best else "none fits"
+
+    # the estimate must fit in 85% of the GPU: 62.8 GiB (every 2nd) fits 80 GiB, 83.3 (every 4th) does not
+    assert pick(80 * GIB) == 2 and pick(second / 0.85 * 0.99) == 1 and pick(fourth / 0.85) == 4
+    assert pick(every / 0.85 * 0.99) == "none fits" and pick(off / 0.85) is None  # None: no checkpointing
+    assert suggest_checkpointing(opts, None) is None  # no GPU known: no suggestion
+
+
 def test_plan_cli(tmp_path):
     png = tmp_path / "lr.png"
     proc = subprocess.run([sys.executable, "-m", "distsft.plan", "parallel=zero2", "plan.world_size=2",
@@ -72,3 +93,4 @@ def test_plan_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "world_size 2 = global_batch_size 8" in proc.stdout and "memory per GPU on CUDA (estimate, kernels=" in proc.stdout
     assert f"LR curve: {png}" in proc.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "activation checkpointing (memory, extra compute): off" in proc.stdout
