@@ -52,9 +52,11 @@ DATA = {  # lognormal token lengths: median, sigma, clip
     "toy": (40, 0.5, 256),  # CPU smoke test with the tiny model
 }
 # distsft: (packed row length, rows per micro-batch, accumulation); peers: examples per micro-batch
-SETUPS = {"alpaca": dict(seq=4096, rows=4, accum=2, pad_micro=16, free_micro=64),
-          "ultrachat": dict(seq=8192, rows=2, accum=2, pad_micro=4, free_micro=8),
-          "toy": dict(seq=256, rows=2, accum=2, pad_micro=4, free_micro=8)}
+# distsft packs rows x seq tokens per micro-batch; padded peers take pad_micro examples per micro-batch,
+# padding-free peers as many examples as a distsft micro-batch holds (the same tokens: like-for-like memory)
+SETUPS = {"alpaca": dict(seq=4096, rows=4, accum=2, pad_micro=16),
+          "ultrachat": dict(seq=8192, rows=2, accum=2, pad_micro=4),
+          "toy": dict(seq=256, rows=2, accum=2, pad_micro=4)}
 SYSTEMS = ("distsft", "distsft_liger", "trl_pad", "trl_padfree", "trl_padfree_liger", "hf")
 
 
@@ -219,7 +221,7 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
 
     s, cuda = setup(a), a.device == "cuda"
     padfree = system.startswith("trl_padfree")
-    micro = s["free_micro"] if padfree else s["pad_micro"]
+    micro = max(1, round(examples_per_step / s["accum"])) if padfree else s["pad_micro"]
     accum = max(1, round(examples_per_step / micro))
     tok = tokenizer()
     model = build_model(a, "varlen" if padfree else "sdpa")
