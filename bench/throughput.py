@@ -392,7 +392,9 @@ def main(argv=None) -> list[dict]:
     results = []
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"{a.model}_{a.data}{'_lora' if a.lora else ''}"
+    variant = (f"_ckpt{a.checkpoint_every}" if a.checkpoint_every > 1 else "") + (f"_rows{a.rows}" if a.rows else "") \
+        + ("_compile" if a.compile else "")  # distsft levers: one file per variant
+    tag = f"{a.model}_{a.data}{'_lora' if a.lora else ''}{variant}"
     for system in a.systems.split(","):
         cmd = [sys.executable, __file__, "--system", system, "--examples-per-step", str(eps),
                "--model", a.model, "--data", a.data, "--warmup", str(a.warmup), "--steps", str(a.steps),
