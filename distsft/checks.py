@@ -90,10 +90,9 @@ def check_combinations(cfg: Config) -> None:
     if opt.name != "adamw" and par.offload_optimizer:
         raise ConfigError(f"optim.name={opt.name} with parallel.offload_optimizer=true: DeepSpeed keeps the offloaded "
                           "optimizer state itself (its CPUAdam); use optim=adamw")
-    if cfg.model.compile and par.strategy != "ddp":
-        name = f"zero{par.zero_stage}" if ds else par.strategy
-        raise ConfigError(f"model.compile=true with parallel={name} is not supported yet (ZeRO and "
-                          "FSDP wrap or hook the decoder layers that would be compiled); use parallel=ddp, or "
+    if cfg.model.compile and par.strategy == "fsdp":
+        raise ConfigError("model.compile=true with parallel=fsdp is not supported yet (FSDP2 shards the layers that "
+                          "would be compiled, and it is untested here); use parallel=ddp or zero1|zero2|zero3, or "
                           "model.compile=false")
     if opt.name == "adafactor" and ds:
         raise ConfigError("optim.name=adafactor under DeepSpeed ZeRO sees flattened 1-D shards and cannot factor its "

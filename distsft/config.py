@@ -44,7 +44,7 @@ class ModelConfig:
     checkpoint_every: int = 1
     #: Layer kernels: auto (liger where it can run, else torch), torch (transformers' own), or liger (Liger's Triton RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy that never materialises the logits; CUDA, pip install liger-kernel; not with ZeRO-3/FSDP).
     kernels: str = "auto"
-    #: torch.compile each decoder layer in place (regional: one compiled graph serves every layer, dynamic shapes so packed row widths do not recompile); the first step pays the compile. parallel=ddp only.
+    #: torch.compile each decoder layer in place (regional: one compiled graph serves every layer, dynamic shapes so packed row widths do not recompile); the first step pays the compile. Not with parallel=fsdp yet.
     compile: bool = False
 
 

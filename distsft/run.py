@@ -21,7 +21,7 @@ from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
 from .model.attention import auto_attention, describe_attention
-from .model.kernels import apply_kernels, compile_layers, resolve_kernels
+from .model.kernels import apply_kernels, compile_layers, compile_stats, resolve_kernels
 from .model.load import count_parameters, load_model, load_tokenizer, whole_model
 from .model.peft import apply_peft, quantization_config
 from .plots import history_from_tensorboard, training_curves
@@ -77,6 +77,12 @@ def run(cfg: Config) -> RunResult:
     outcome = train(parts, cfg.trainer, cfg.logging)
 
     summary = _summary(cfg, plan, d, parts, outcome, prov, trainable, n_params)
+    if cfg.model.compile:
+        summary["compile"] = compile_stats()
+        c = summary["compile"]
+        (log.warning if c["graph_breaks"] else log.info)(
+            "compile: %d graphs, %d graph breaks%s", c["graphs"], c["graph_breaks"],
+            " (parts of the layers ran eagerly; TORCH_LOGS=graph_breaks shows where)" if c["graph_breaks"] else "")
     if outcome["status"] in ("finished", "early_stopped") and cfg.export.enabled:
         summary.update(_export(cfg, acc, model, tokenizer, out, resolved, outcome, prov))
     summary["wall_time_s"] = time.time() - t0

@@ -72,3 +72,11 @@ def compile_layers(model) -> int:
     log.info("compile: %d %s layers (torch.compile, dynamic shapes; compiled on the first step)", len(layers),
              type(layers[0]).__name__)
     return len(layers)
+
+
+def compile_stats() -> dict:
+    """What torch.compile did in this process: graphs compiled (a number that grows with the steps means
+    recompiles) and graph breaks (code it could not compile, run eagerly between graphs)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
