@@ -306,6 +306,10 @@ def one(a) -> dict:
            "tokens_per_step": real / len(t), "first_loss": r["losses"][0] if r["losses"] else None,
            "ln_vocab": math.log(vocab), "losses": r["losses"],
            "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "estimate_gib": est}
+    if a.compile and a.system.startswith("distsft"):
+        from distsft.model.kernels import compile_stats
+
+        out["compile"] = compile_stats()
     return out
 
 
