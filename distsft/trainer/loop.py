@@ -178,6 +178,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     finally:
         stop.restore()
         rep.close()
+    _judge(p, 0)  # a step still pending (an early stop between log steps): skipped_steps is complete
     if st.step >= p.total_steps or outcome == "early_stopped":
         if p.eval_batches and not (trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0):
             _log_eval(p, rep, trainer_cfg)

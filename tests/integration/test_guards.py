@@ -83,6 +83,16 @@ def test_early_stopping_exports_the_best(tmp_path, monkeypatch):
     assert all(torch.equal(best[k], final[k]) for k in best)
 
 
+def test_a_bad_last_step_is_reported_when_an_early_stop_ends_the_run_between_log_steps(tmp_path, monkeypatch):
+    """The host judges a step's verdict a step late; the step an early stop ends on is judged all the same."""
+    poison(monkeypatch, {11})  # grad_accum 2: the first micro-batch of step 6
+    curve = iter([1.0, 2.0])
+    monkeypatch.setattr(loop, "evaluate", lambda *a: next(curve))
+    s = run_tiny(tmp_path, "trainer.max_steps=12", "trainer.eval_every=3", "logging.log_every=100",
+                 "trainer.save_every=0", "trainer.early_stop_patience=1").summary
+    assert s["status"] == "early_stopped" and s["steps"] == 6 and s["skipped_steps"] == [6]
+
+
 @pytest.mark.multiproc
 def test_early_stopping_stops_all_ranks(tmp_path):
     # min_delta larger than any loss: only the first eval counts as an improvement
