@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -34,6 +34,7 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
+    guards: dict = field(default_factory=dict)  # early stopping, spike median, skipped steps (guards.Stateful)
 
     def state_dict(self) -> dict:
         return asdict(self)

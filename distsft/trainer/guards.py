@@ -15,6 +15,9 @@ logged with the step's samples (it is trained on; a spike is a lead to a bad row
 
 Early stopping: eval losses are all-reduced (identical on every rank); rank 0 decides and the
 decision is broadcast, so all ranks stop together.
+
+Their state (skipped steps, the spike median and spikes, the best eval and the patience count) is
+saved in every checkpoint (``TrainState.guards``): a resumed run judges like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -30,11 +33,28 @@ from accelerate.utils import broadcast
 log = logging.getLogger("distsft")
 
 
+class Stateful:
+    """state_dict/load_state_dict over the attributes in FIELDS: the guards' state travels in every
+    checkpoint (TrainState.guards), so a resumed run judges exactly like an uninterrupted one."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in self.FIELDS:
+            if f in state:
+                setattr(self, f, state[f])
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite steps); the message says why and what to try."""
 
 
-class BadStepGuard:
+class BadStepGuard(Stateful):
+    FIELDS = ("consecutive", "skipped")
+
     def __init__(self, max_bad: int, deepspeed: bool):
         self.max_bad, self.deepspeed = max_bad, deepspeed
         self.consecutive = 0
@@ -94,10 +114,12 @@ class StepVerdicts:
             yield step, bool(buf[0]), bool(buf[1]), payload
 
 
-class SpikeDetector:
+class SpikeDetector(Stateful):
     """A step loss above ``factor`` x the running median of the last ``window`` steps is a spike: logged
     with the step's samples (every rank names its own), counted, and training goes on. The step loss is
     the all-reduced one, so every rank agrees on what is a spike."""
+
+    FIELDS = ("recent", "spikes")
 
     def __init__(self, factor: float, window: int):
         self.factor, self.window = factor, max(1, window)
@@ -121,7 +143,9 @@ class SpikeDetector:
         return spike
 
 
-class EarlyStopping:
+class EarlyStopping(Stateful):
+    FIELDS = ("best", "best_step", "bad_evals")
+
     def __init__(self, patience: int, min_delta: float):
         self.patience, self.min_delta = patience, min_delta
         self.best: float | None = None

@@ -154,6 +154,8 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     p.verdicts = StepVerdicts(acc.device)
     p.spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
     p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
+    for name, guard in _guards(p).items():  # as the checkpoint we resumed from left them (if any)
+        guard.load_state_dict(st.guards.get(name, {}))
     window = _Window(acc.device)
     outcome = "finished"
     stop_at = min(p.total_steps, st.step + trainer_cfg.stop_after) if trainer_cfg.stop_after else p.total_steps
@@ -225,10 +227,19 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
         rep.text(st.step, "samples", as_markdown(samples))
         rep.line(f"step {st.step} samples: " + " | ".join(f"{q!r} -> {a!r}" for q, a in samples))
     if saving or early:
-        checkpoint.save(p.accelerator, p.output_dir / "checkpoints", st.step, p.resolved_config,
-                        trainer_cfg.save_total_limit, provenance=p.provenance)
+        _save(p, trainer_cfg.save_total_limit)
     window.t0 += time.perf_counter() - t_pause
     return "preempted" if stop else "early_stopped" if early else None
+
+
+def _guards(p: LoopParts) -> dict:
+    return {"bad_steps": p.guard, "spikes": p.spikes, "early_stopping": p.early}
+
+
+def _save(p: LoopParts, keep: int, name: str | None = None) -> None:
+    p.state.guards = {k: g.state_dict() for k, g in _guards(p).items()}
+    checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, keep, name=name,
+                    provenance=p.provenance)
 
 
 def _origins(p: LoopParts, example_ids: list[torch.Tensor]) -> list[str]:
@@ -304,5 +315,4 @@ def _log_eval(p: LoopParts, rep: Reporter, trainer_cfg) -> None:
     rep.scalars(p.state.step, values)
     rep.line(f"step {p.state.step} eval loss {loss:.4f}")
     if p.early.update(p.state.step, loss) and trainer_cfg.export_best:
-        checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, 0, name="best",
-                        provenance=p.provenance)
+        _save(p, 0, name="best")

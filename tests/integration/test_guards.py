@@ -93,6 +93,38 @@ def test_a_bad_last_step_is_reported_when_an_early_stop_ends_the_run_between_log
     assert s["status"] == "early_stopped" and s["steps"] == 6 and s["skipped_steps"] == [6]
 
 
+def test_a_resumed_run_keeps_the_guards_state(tmp_path, monkeypatch):
+    """Skipped steps, the spike median, the best eval and the patience count travel in the checkpoint:
+    stopped at step 4 and resumed, the run reports the same skipped step (2) and spike (5: found only if
+    the median of steps 3-4 came back), stops early at the same step and exports the same best."""
+    common = ["trainer.max_steps=12", "trainer.eval_every=2", "trainer.save_every=2", "trainer.early_stop_patience=2",
+              "trainer.export_best=true", "trainer.spike_window=2"]
+    real = loop.forward_loss_sum
+
+    def run(out, *extra, curve, factors):  # factors: micro-batch call number -> loss factor (grad_accum 2)
+        calls = {"n": 0}
+
+        def scaled(model, batch):
+            calls["n"] += 1
+            return real(model, batch) * factors.get(calls["n"], 1.0)
+
+        monkeypatch.setattr(loop, "forward_loss_sum", scaled)
+        monkeypatch.setattr(loop, "evaluate", lambda *a: next(curve))
+        return run_tiny(out, *common, *extra).summary
+
+    evals = [3.0, 2.0, 2.5, 2.6, 2.7, 2.8]
+    whole = run(tmp_path / "whole", curve=iter(evals), factors={3: math.nan, 9: 20.0})
+    curve = iter(evals)  # one curve across the stop and the resume
+    run(tmp_path / "split", "trainer.stop_after=4", curve=curve, factors={3: math.nan})
+    resumed = run(tmp_path / "split", curve=curve, factors={1: 20.0})  # the resumed run starts at step 5
+    assert whole["skipped_steps"] == [2] and whole["loss_spikes"] == [5]
+    assert whole["status"] == resumed["status"] == "early_stopped" and whole["steps"] == resumed["steps"] == 8
+    for key in ("best_eval", "exported_step", "skipped_steps", "loss_spikes"):
+        assert resumed[key] == whole[key], key
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "whole", tmp_path / "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.multiproc
 def test_early_stopping_stops_all_ranks(tmp_path):
     # min_delta larger than any loss: only the first eval counts as an improvement
