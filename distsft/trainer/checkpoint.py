@@ -1,7 +1,8 @@
 """Trainer stage 6: atomic checkpoints and exact resume.
 
     output_dir/checkpoints/step_<N>/     model, optimizer, scheduler, RNG of every rank,
-                                         trainer state (step, data position), config.yaml, COMPLETE
+                                         trainer state (step, data position, guards, logged
+                                         history), config.yaml, COMPLETE
 
 Every rank writes into ``.step_<N>.tmp``; after a barrier the main process renames it and
 only then writes ``COMPLETE``. A directory without ``COMPLETE`` (a crash mid-save) is never
@@ -35,6 +36,7 @@ class TrainState:
     tokens: int = 0
     supervised_tokens: int = 0
     guards: dict = field(default_factory=dict)  # early stopping, spike median, skipped steps (guards.Stateful)
+    history: dict = field(default_factory=dict)  # logged (step, value) lists: summary.json and the diagnosis
 
     def state_dict(self) -> dict:
         return asdict(self)

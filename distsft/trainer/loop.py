@@ -156,6 +156,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
     for name, guard in _guards(p).items():  # as the checkpoint we resumed from left them (if any)
         guard.load_state_dict(st.guards.get(name, {}))
+    p.history.update({k: [tuple(x) for x in v] for k, v in st.history.items()})
     window = _Window(acc.device)
     outcome = "finished"
     stop_at = min(p.total_steps, st.step + trainer_cfg.stop_after) if trainer_cfg.stop_after else p.total_steps
@@ -238,6 +239,7 @@ def _guards(p: LoopParts) -> dict:
 
 def _save(p: LoopParts, keep: int, name: str | None = None) -> None:
     p.state.guards = {k: g.state_dict() for k, g in _guards(p).items()}
+    p.state.history = p.history
     checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, keep, name=name,
                     provenance=p.provenance)
 
