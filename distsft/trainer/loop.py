@@ -164,7 +164,9 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     try:
         while st.step < stop_at:
             epoch, in_epoch = divmod(st.step, p.loader.steps_per_epoch)
+            fetched = time.perf_counter()
             for micro_batches in p.loader.steps(epoch, in_epoch):
+                window.data_time += time.perf_counter() - fetched  # the host waiting for its batches
                 lr = p.scheduler.get_last_lr()[0]
                 res = train_step(p.model, micro_batches, acc, p.optimizer, p.scheduler, trainer_cfg.max_grad_norm,
                                  stop.local())
@@ -178,6 +180,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                     stop_at, outcome = st.step, ended
                 if st.step >= stop_at:
                     break
+                fetched = time.perf_counter()
     finally:
         stop.restore()
         rep.close()
@@ -262,6 +265,7 @@ class _Window:
         self.steps_seen: list[tuple[int, list]] = []  # per step: (step, example ids)
         self.counts = torch.zeros(5, device=self.device, dtype=torch.float64)
         self.grad_norm = None
+        self.data_time = 0.0  # seconds the host waited for the DataLoader
         self.t0 = time.perf_counter()
 
     @property
@@ -294,7 +298,8 @@ def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: lis
     p.history["grad_norm"].append((st.step, grad_norm))
     scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                "train/tokens_per_s": real / dt, "train/supervised_tokens_per_s": sup / dt,
-               "train/step_time": dt / w.steps, "train/supervised_tokens": sup / w.steps,
+               "train/step_time": dt / w.steps, "train/data_time": w.data_time / w.steps,
+               "train/supervised_tokens": sup / w.steps,
                "train/packing_efficiency": real / max(cells, 1), "train/peak_memory_gb": peak_memory_gb(),
                "train/skipped_steps": len(skipped)}
     mfu = ""

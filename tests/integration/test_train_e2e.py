@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tests.conftest import run_tiny, typed_cfg
 
 SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-           "train/supervised_tokens_per_s", "train/step_time", "eval/loss", "train/supervised_tokens",
+           "train/supervised_tokens_per_s", "train/step_time", "train/data_time", "eval/loss", "train/supervised_tokens",
            "train/packing_efficiency", "train/peak_memory_gb", "train/skipped_steps", "eval/gap"}
 
 
@@ -57,6 +57,32 @@ def test_tensorboard_scalars(default_run):
     for step, loss in res.summary["train_loss_history"]:
         assert logged[step] == pytest.approx(loss, rel=1e-6)
     assert all(e.value > 0 for e in ea.Scalars("train/tokens_per_s"))
+
+
+def test_data_time_shows_a_slow_loader(tmp_path, monkeypatch, default_run):
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distsft.data.loader import StepLoader
+
+    def scalars(run_dir, tag):
+        ea = EventAccumulator(str(run_dir / "tensorboard"))
+        ea.Reload()
+        return [e.value for e in ea.Scalars(tag)]
+
+    assert max(scalars(default_run[0], "train/data_time")) < 0.05  # control: tiny batches collate in ms
+    real = StepLoader.steps
+
+    def slow(self, *args, **kwargs):
+        for group in real(self, *args, **kwargs):
+            time.sleep(0.2)
+            yield group
+
+    monkeypatch.setattr(StepLoader, "steps", slow)
+    run_tiny(tmp_path, "trainer.max_steps=3", "trainer.eval_every=0", "logging.log_every=1", "trainer.save_every=0")
+    waits, steps = scalars(tmp_path, "train/data_time"), scalars(tmp_path, "train/step_time")
+    assert len(waits) == 3 and all(0.2 <= w < s for w, s in zip(waits, steps))
 
 
 def test_export_reloads_with_same_logits(default_run):
