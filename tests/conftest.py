@@ -62,21 +62,21 @@ def free_port() -> int:
 
 
 def launch_cmd(num_processes: int, out: Path, *overrides: str, port: int | None = None,
-               launcher_args: tuple[str, ...] = ()) -> list[str]:
+               launcher_args: tuple[str, ...] = (), module: str = "distsft.train") -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ROOT / "launch" / "cpu_2proc.yaml"), "--num_processes", str(num_processes),
             "--main_process_port", str(port or free_port()), *launcher_args,
-            "-m", "distsft.train", f"output_dir={out}", "logging.progress_bar=false", *overrides]
+            "-m", module, f"output_dir={out}", "logging.progress_bar=false", *overrides]
 
 
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 600, expect_ok: bool = True,
-           env: dict | None = None):
+           env: dict | None = None, module: str = "distsft.train"):
     """`accelerate launch` num_processes CPU processes (gloo; ``env`` may give GPUs back); returns
     summary.json (or the process)."""
-    proc = subprocess.run(launch_cmd(num_processes, out, *overrides), cwd=ROOT, env={**CPU_ENV, **(env or {})},
+    proc = subprocess.run(launch_cmd(num_processes, out, *overrides, module=module), cwd=ROOT, env={**CPU_ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if not expect_ok:
         return proc

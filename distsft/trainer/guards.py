@@ -4,8 +4,9 @@ Non-finite loss or gradient norm: the gradient norm is computed from gradients a
 over ranks, so every rank sees the same verdict without another collective; the update is
 skipped everywhere (the data moves on, the LR schedule follows the step count), the samples of
 the step are named (file and row, from every rank), and after ``trainer.max_bad_steps``
-consecutive bad steps the run stops with a clear message. Under DeepSpeed the engine applies the
-update inside backward, so a non-finite step cannot be undone: the run stops at once.
+consecutive bad steps the run stops with a clear message. Under DeepSpeed the engine steps inside
+backward and skips a non-finite step itself (its overflow check): ``was_step_applied()`` tells, and
+the step counts as skipped; if the engine applied it anyway, the run stops at once.
 
 With fused AdamW the skip happens on the device, and the host learns of it (and of a stop request)
 one step late, through ``StepVerdicts``: the training step itself never waits for the GPU.
@@ -55,13 +56,14 @@ class TrainingError(RuntimeError):
 class BadStepGuard(Stateful):
     FIELDS = ("consecutive", "skipped")
 
-    def __init__(self, max_bad: int, deepspeed: bool):
-        self.max_bad, self.deepspeed = max_bad, deepspeed
+    def __init__(self, max_bad: int):
+        self.max_bad = max_bad
         self.consecutive = 0
         self.skipped: list[int] = []
 
-    def check(self, step: int, finite: bool, origins, rank: int) -> None:
-        """``origins()`` names the step's samples; only called for a bad step."""
+    def check(self, step: int, finite: bool, origins, rank: int, applied: bool = False) -> None:
+        """``origins()`` names the step's samples; only called for a bad step. ``applied``: the update of a
+        non-finite step was applied anyway (a DeepSpeed engine that did not skip it)."""
         if finite:
             self.consecutive = 0
             return
@@ -69,12 +71,12 @@ class BadStepGuard(Stateful):
         self.consecutive += 1
         self.skipped.append(step)
         log.warning("rank %d: step %d has a non-finite loss or gradient norm; %s; samples: %s", rank, step,
-                    "DeepSpeed already applied it" if self.deepspeed else "update skipped",
+                    "DeepSpeed applied the update anyway" if applied else "update skipped",
                     "; ".join(origins[:20]) + (" ..." if len(origins) > 20 else ""))
-        if self.deepspeed:
-            raise TrainingError(f"non-finite gradient at step {step} under DeepSpeed, which applies updates inside "
-                                "backward: resume from the last checkpoint with a lower optim.lr, or check the samples "
-                                "named above")
+        if applied:
+            raise TrainingError(f"non-finite gradient at step {step}, and DeepSpeed applied the update (its engine "
+                                "steps inside backward and its overflow check did not skip it): resume from the last "
+                                "checkpoint with a lower optim.lr, or check the samples named above")
         if self.consecutive >= self.max_bad:
             raise TrainingError(f"{self.consecutive} consecutive steps with a non-finite loss or gradient norm (up to "
                                 f"step {step}; trainer.max_bad_steps={self.max_bad}): lower optim.lr, keep "

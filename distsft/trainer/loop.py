@@ -41,6 +41,7 @@ class StepResult:
     counts: torch.Tensor  # [supervised, real, sum doc_len^2, computed tokens, stop requests], all ranks
     finite: torch.Tensor  # loss and gradient norm finite (the update was applied); on the device
     lag: int = 0  # 1: the update was decided on the device, the host may read the flags a step late
+    applied_anyway: bool = False  # not finite, yet DeepSpeed's engine (which steps inside backward) applied it
 
     @property
     def flags(self) -> torch.Tensor:
@@ -94,15 +95,17 @@ def train_step(model, micro_batches: list[dict], accelerator, optimizer, schedul
     grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else math.nan, device=accelerator.device)
     # the norm comes from gradients reduced over ranks: the same verdict everywhere
     finite = torch.isfinite(grad_norm) & torch.isfinite(loss_share)
-    skip = skip_flag(optimizer)
+    skip, applied = skip_flag(optimizer), False
     if skip is not None:  # fused AdamW skips a non-finite update itself: no host sync in the step
         skip.copy_(~finite)
         optimizer.step()
     elif bool(finite):  # other optimizers: decided on the host (one sync)
         optimizer.step()
+    elif hasattr(model, "was_step_applied"):  # DeepSpeed stepped inside backward; its overflow check skips
+        applied = model.was_step_applied()
     scheduler.step()  # the schedule follows the step count, skipped steps included
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_share, grad_norm, counts, finite, lag=int(skip is not None))
+    return StepResult(loss_share, grad_norm, counts, finite, lag=int(skip is not None), applied_anyway=applied)
 
 
 @torch.no_grad()
@@ -150,7 +153,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     rep = Reporter(acc.is_main_process, p.output_dir, p.total_steps, st.step,
                    logging_cfg.tensorboard, logging_cfg.progress_bar)
     stop = StopRequest(p.output_dir, acc.is_main_process)
-    p.guard = BadStepGuard(trainer_cfg.max_bad_steps, acc.state.deepspeed_plugin is not None)
+    p.guard = BadStepGuard(trainer_cfg.max_bad_steps)
     p.verdicts = StepVerdicts(acc.device)
     p.spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
     p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
@@ -172,7 +175,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                                  stop.local())
                 st.step += 1
                 ids = [mb["example_ids"] for mb in micro_batches]
-                p.verdicts.push(st.step, res.flags, ids)
+                p.verdicts.push(st.step, res.flags, (ids, res.applied_anyway))
                 window.add(st.step, res, ids)
                 rep.step()
                 ended = _after_step(p, rep, window, lr, trainer_cfg, logging_cfg, stop_at, res.lag)
@@ -199,8 +202,8 @@ def _judge(p: LoopParts, lag: int) -> bool:
     """Judge the steps whose flags are due (all but the last ``lag``); True if a stop was requested
     (the same on every rank: it came through the step's all-reduce)."""
     stop = False
-    for step, finite, stop_requested, ids in p.verdicts.ready(lag):
-        p.guard.check(step, finite, lambda ids=ids: _origins(p, ids), p.accelerator.process_index)
+    for step, finite, stop_requested, (ids, applied) in p.verdicts.ready(lag):
+        p.guard.check(step, finite, lambda ids=ids: _origins(p, ids), p.accelerator.process_index, applied)
         stop |= stop_requested
     return stop
 

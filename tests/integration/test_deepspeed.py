@@ -73,3 +73,16 @@ def test_resume_with_other_world_size_under_zero_stops_clearly(runs, tmp_path):
     proc = launch(1, out, "parallel=zero2", "trainer.max_steps=9", expect_ok=False)
     assert proc.returncode != 0
     assert "written by 2 processes under deepspeed" in proc.stderr and "ds_to_universal" in proc.stderr
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("parallel", ["zero2", "zero3"])
+def test_deepspeed_skips_a_nonfinite_step_and_the_run_goes_on(tmp_path, parallel):
+    """DeepSpeed steps inside backward; its overflow check skips a step whose gradients are non-finite.
+    distsft reads was_step_applied(): the step is counted as skipped and training goes on."""
+    s = launch(2, tmp_path, f"parallel={parallel}", "trainer.max_steps=4", "trainer.eval_every=0",
+               "trainer.save_every=0", "logging.log_every=1", module="tests.integration.nan_entry",
+               env={"DISTSFT_TEST_NAN_CALLS": "3"})  # each rank's 3rd micro-batch: step 3 (1 per step and rank)
+    assert s["status"] == "finished" and s["steps"] == 4 and s["skipped_steps"] == [3]
+    weights = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())

@@ -42,6 +42,16 @@ def test_nan_step_is_skipped_with_sample_ids(tmp_path, monkeypatch, caplog):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_a_nonfinite_update_that_deepspeed_applied_stops_the_run():
+    from distsft.trainer.guards import BadStepGuard
+
+    guard = BadStepGuard(max_bad=3)
+    guard.check(1, False, lambda: ["f row 1"], 0)  # skipped: counted, training goes on
+    with pytest.raises(TrainingError, match="non-finite gradient at step 2, and DeepSpeed applied the update"):
+        guard.check(2, False, lambda: ["f row 2"], 0, applied=True)
+    assert guard.skipped == [1, 2]
+
+
 def test_loss_spike_is_logged_with_sample_ids_and_training_goes_on(tmp_path, monkeypatch, caplog):
     real, calls = loop.forward_loss_sum, {"n": 0}
 
