@@ -42,7 +42,8 @@ def provenance(data_fingerprint: str) -> dict:
 # Keys that do not change what is trained: everything else must match to resume
 SAFE_TO_CHANGE = ("output_dir", "run_name", "logging.", "trainer.resume", "trainer.stop_after", "trainer.save_every",
                   "trainer.save_total_limit", "trainer.eval_every", "trainer.use_cuda", "trainer.max_bad_steps",
-                  "trainer.early_stop", "trainer.export_best", "export.", "preview.", "plan.", "diagnosis.",
+                  "trainer.spike_", "trainer.early_stop", "trainer.export_best", "export.", "preview.", "plan.",
+                  "diagnosis.",
                   "data.num_workers", "data.num_proc", "data.cache", "model.name_or_path", "model.tokenizer",
                   "model.revision", "trainer.micro_batch_size", "trainer.grad_accum",
                   # the same function computed another way (speed or memory): switch them on at a resume after an OOM

@@ -109,5 +109,5 @@ def test_speed_switches_may_change_at_a_resume_but_training_keys_may_not():
 
     base = resolved()
     assert training_differences(base, resolved("model.compile=true", "model.gradient_checkpointing=true",
-                                               "model.checkpoint_every=2")) == []
+                                               "model.checkpoint_every=2", "trainer.spike_factor=5")) == []
     assert training_differences(base, resolved("optim.lr=1e-3")) == ["optim.lr: was 0.003, now 0.001"]
