@@ -55,7 +55,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1]")
     par = cfg.parallel
-    if par.offload_params and not (par.strategy == "deepspeed" and par.zero_stage == 3):
+    if par.offload_params and not par.zero3:
         raise ConfigError("parallel.offload_params=true needs parallel.strategy=deepspeed with zero_stage=3")
     if par.offload_optimizer and par.strategy != "deepspeed":
         raise ConfigError("parallel.offload_optimizer=true needs parallel.strategy=deepspeed")
@@ -110,9 +110,9 @@ def check_device_combinations(cfg: Config, cuda: bool) -> None:
         if not cuda:
             raise ConfigError("model.kernels=liger needs CUDA (Liger's kernels are Triton GPU kernels); use "
                               "model.kernels=torch on this machine")
-        if par.strategy == "fsdp" or par.strategy == "deepspeed" and par.zero_stage == 3:
+        if par.shards_parameters:
             raise ConfigError("model.kernels=liger reads the output head's full weight for its fused loss, which "
                               "ZeRO-3 and FSDP shard; use model.kernels=torch with them, or parallel=zero2")
-    if not cuda and pe.quantize == "nf4" and par.strategy == "deepspeed" and par.zero_stage == 3:
+    if not cuda and pe.quantize == "nf4" and par.zero3:
         raise ConfigError("peft.quantize=nf4 with ZeRO-3 needs CUDA (bitsandbytes' CPU 4-bit kernels cannot read the "
                           "bf16 storage ZeRO-3 requires); on CPU use parallel=zero2 or ddp")

@@ -153,6 +153,15 @@ class ParallelConfig:
     #: Collective backend on CPU (gloo); GPUs always use nccl.
     cpu_backend: str = "gloo"
 
+    @property
+    def zero3(self) -> bool:
+        return self.strategy == "deepspeed" and self.zero_stage == 3
+
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 or FSDP: no rank holds a whole weight (Liger's fused loss needs the head's)."""
+        return self.zero3 or self.strategy == "fsdp"
+
 
 @dataclass
 class TrainerConfig:

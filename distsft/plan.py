@@ -112,7 +112,7 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     tokens = micro_batch * cfg.data.max_seq_len
     per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * a
     if cfg.model.gradient_checkpointing:  # recomputed layers keep their input; the others everything
-        recomputed = -(-shape.layers // cfg.model.checkpoint_every)
+        recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every)
         acts = tokens * (recomputed * shape.hidden * a + (shape.layers - recomputed) * per_layer + per_layer)
     else:
         acts = tokens * shape.layers * per_layer
@@ -122,6 +122,11 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
            "logits": float(logits)}
     out["total"] = sum(out.values())
     return out
+
+
+def recomputed_layers(layers: int, every: int) -> int:
+    """Layers 0, every, 2*every, ... are recomputed (model.checkpoint_every, peft.checkpoint_only_every)."""
+    return -(-layers // every)
 
 
 def checkpointing_options(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
@@ -135,8 +140,8 @@ def checkpointing_options(cfg: Config, shape: ModelShape, world_size: int, micro
             break
         model = replace(cfg.model, gradient_checkpointing=every is not None, checkpoint_every=every or 1)
         memory = memory_estimate(replace(cfg, model=model), shape, world_size, micro_batch, fused_loss)["total"]
-        recomputed = -(-shape.layers // every) / shape.layers if every else 0.0
-        out.append({"checkpoint_every": every, "memory": memory, "extra_compute": recomputed * forward_share})
+        share = recomputed_layers(shape.layers, every) / shape.layers if every else 0.0
+        out.append({"checkpoint_every": every, "memory": memory, "extra_compute": share * forward_share})
     return out
 
 
@@ -189,8 +194,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     shape = model_shape(cfg)
     from .model.kernels import resolve_kernels
 
-    sharded = cfg.parallel.strategy == "fsdp" or cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
-    kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=sharded)[0]  # planned for a GPU run
+    kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=cfg.parallel.shards_parameters)[0]  # a GPU run
     options = checkpointing_options(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger")
     gpu = gpu_memory(cfg)
     return {

@@ -78,11 +78,10 @@ def run(cfg: Config) -> RunResult:
 
     summary = _summary(cfg, plan, d, parts, outcome, prov, trainable, n_params)
     if cfg.model.compile:
-        summary["compile"] = compile_stats()
-        c = summary["compile"]
-        (log.warning if c["graph_breaks"] else log.info)(
-            "compile: %d graphs, %d graph breaks%s", c["graphs"], c["graph_breaks"],
-            " (parts of the layers ran eagerly; TORCH_LOGS=graph_breaks shows where)" if c["graph_breaks"] else "")
+        summary["compile"] = c = compile_stats()
+        breaks = c["graph_breaks"]
+        log.log(logging.WARNING if breaks else logging.INFO, "compile: %d graphs, %d graph breaks%s", c["graphs"],
+                breaks, " (parts of the layers ran eagerly; TORCH_LOGS=graph_breaks shows where)" if breaks else "")
     if outcome["status"] in ("finished", "early_stopped") and cfg.export.enabled:
         summary.update(_export(cfg, acc, model, tokenizer, out, resolved, outcome, prov))
     summary["wall_time_s"] = time.time() - t0
@@ -126,16 +125,14 @@ def build_model(cfg: Config, acc):
     -> compiled layers."""
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
-    zero3 = cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3
     model_cfg = cfg.model
     if model_cfg.attn_implementation == "auto":  # decided here, where packing and precision are known
         half = cfg.trainer.precision == "bf16" or model_cfg.dtype == "bfloat16"
         model_cfg = replace(model_cfg, attn_implementation=auto_attention(cuda, cfg.data.mode == "pack", half))
     with whole_model(acc, cfg.model.init == "config"):
-        model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, quantization=quantization_config(cfg.peft, zero3),
-                           device=acc.device.index if cuda else "cpu")
-    sharded = zero3 or cfg.parallel.strategy == "fsdp"
-    kernels, why = resolve_kernels(cfg.model.kernels, cuda, sharded)
+        model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, device=acc.device.index if cuda else "cpu",
+                           quantization=quantization_config(cfg.peft, cfg.parallel.zero3))
+    kernels, why = resolve_kernels(cfg.model.kernels, cuda, cfg.parallel.shards_parameters)
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
