@@ -68,14 +68,9 @@ def load_final(run_dir: Path):
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    import torch
+    from .trainer.samples import greedy_reply
 
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return greedy_reply(model, tokenizer, prompt, max_new_tokens, use_cache=True).strip()
 
 
 def score(rows: list[dict], answers: list[str]) -> dict:

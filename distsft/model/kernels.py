@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from .load import base_model
+
 log = logging.getLogger(__name__)
 FUSED_LOSS = "_distsft_fused_loss"  # set on the model: its forward computes the loss from labels itself
 
@@ -52,16 +54,14 @@ def apply_kernels(model, kernels: str):
 
 def fused_loss(model) -> bool:
     """Whether the (possibly wrapped: DDP/DeepSpeed, PEFT) model computes its loss with Liger."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return bool(getattr(inner, FUSED_LOSS, False))
+    return bool(getattr(base_model(model), FUSED_LOSS, False))
 
 
 def compile_layers(model) -> int:
     """``torch.compile`` every decoder layer in place (``nn.Module.compile``: parameter names, PEFT,
     checkpoints and export are unchanged). The layers share one class, so one compiled graph serves all
     of them; ``dynamic=True`` keeps packed rows of a new width from recompiling. Returns how many."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:

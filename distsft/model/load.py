@@ -81,6 +81,12 @@ def whole_model(accelerator, enabled: bool = True):
         plugin.set_deepspeed_weakref()
 
 
+def base_model(model):
+    """The transformers model under a DDP/DeepSpeed wrapper (``.module``) and PEFT's adapters."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     def n(p) -> int:  # ZeRO-3 partitions parameters at load: the full size is ds_numel

@@ -91,7 +91,9 @@ def model_flops(model, trainable: int, total: int) -> tuple[float, float]:
     per layer: forward 2*d*T^2 (QK^T and AV over half the square), x3 with backward -> 6*L*d*T^2.
     """
     cfg = getattr(model, "config", None)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from ..model.load import base_model
+
+    inner = base_model(model)
     emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     # the input embedding is a lookup; but a tied one is also the output head, a full matmul
     tied = emb is not None and head is not None and head.weight is emb.weight

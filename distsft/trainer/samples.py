@@ -7,6 +7,18 @@ from __future__ import annotations
 import torch
 
 from ..model.attention import VARLEN
+from ..model.load import base_model
+
+
+@torch.no_grad()
+def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int, device=None, **generate_kwargs) -> str:
+    """The model's greedy answer to one user prompt under the tokenizer's chat template (as decoded)."""
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    enc = enc.to(device) if device is not None else enc
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -16,19 +28,14 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     inner.eval()
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     # distsft's varlen kernel has no KV-cache path: recompute instead (a few tokens only)
-    use_cache = base.config._attn_implementation != VARLEN
+    use_cache = base_model(inner).config._attn_implementation != VARLEN
     out = []
     for prompt in prompts:
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True).to(accelerator.device)
         # compiled layers (model.compile) would recompile for every cache length and layer index: eager here
         with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            gen = inner.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
-                                 synced_gpus=zero3, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        out.append((prompt, tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)))
+            out.append((prompt, greedy_reply(inner, tokenizer, prompt, max_new_tokens, accelerator.device,
+                                             use_cache=use_cache, synced_gpus=zero3)))
     inner.train(was_training)
     return out
 
