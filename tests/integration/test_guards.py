@@ -15,19 +15,13 @@ import distsft.trainer.loop as loop
 from distsft.diagnose import diagnose
 from distsft.trainer.guards import TrainingError
 from tests.conftest import launch, run_tiny, typed_cfg
+from tests.integration.nan_entry import nan_on_calls
 
 STEPS = ["trainer.max_steps=5", "trainer.eval_every=0", "trainer.save_every=0", "logging.log_every=1"]
 
 
 def poison(monkeypatch, bad_calls):
-    real, calls = loop.forward_loss_sum, {"n": 0}
-
-    def maybe_nan(model, batch):
-        calls["n"] += 1
-        out = real(model, batch)
-        return out * math.nan if calls["n"] in bad_calls or "all" in bad_calls else out
-
-    monkeypatch.setattr(loop, "forward_loss_sum", maybe_nan)
+    monkeypatch.setattr(loop, "forward_loss_sum", nan_on_calls(loop.forward_loss_sum, bad_calls))
 
 
 def test_nan_step_is_skipped_with_sample_ids(tmp_path, monkeypatch, caplog):
