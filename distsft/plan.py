@@ -60,6 +60,7 @@ def model_shape(cfg: Config) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .model.params import count_parameters
     from .model.peft import apply_peft
 
     mc = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
@@ -70,8 +71,7 @@ def model_shape(cfg: Config) -> ModelShape:
                       if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
     if cfg.peft.method != "none":
         model = apply_peft(model, type(cfg.peft)(**{**asdict(cfg.peft), "quantize": "none"}), False)
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, params = count_parameters(model)
     heads = mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
     kv = getattr(mc, "num_key_value_heads", heads) * head_dim

@@ -22,7 +22,8 @@ from .diagnose import diagnose
 from .export import export_final
 from .model.attention import auto_attention, describe_attention
 from .model.kernels import apply_kernels, compile_layers, compile_stats, resolve_kernels
-from .model.load import count_parameters, load_model, load_tokenizer, whole_model
+from .model.load import load_model, load_tokenizer, whole_model
+from .model.params import count_parameters
 from .model.peft import apply_peft, quantization_config
 from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance

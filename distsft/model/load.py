@@ -85,13 +85,3 @@ def base_model(model):
     """The transformers model under a DDP/DeepSpeed wrapper (``.module``) and PEFT's adapters."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    def n(p) -> int:  # ZeRO-3 partitions parameters at load: the full size is ds_numel
-        return getattr(p, "ds_numel", p.numel())
-
-    total = sum(n(p) for p in model.parameters())
-    trainable = sum(n(p) for p in model.parameters() if p.requires_grad)
-    return trainable, total

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..config import OptimConfig
+from ..model.params import true_ndim
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -20,8 +21,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # 1-D tensors are biases and norm scales: decaying them only fights the normalisation
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        # 1-D tensors are biases and norm scales: decaying them only fights the normalisation. The true
+        # rank: under ZeRO-3 every weight is a 1-D placeholder here (shard-on-load)
+        (decay if true_ndim(p) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]  # LoRA has no trainable 1-D weights
 
