@@ -97,8 +97,11 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
     cfg = AutoConfig.from_pretrained(model_dir(a.model))
     cuda = a.device == "cuda"
     torch.manual_seed(0)
+    # the precision contract of every system: full fine-tuning trains fp32 master weights under bf16 autocast
+    # (distsft.model.precision); a frozen LoRA base is stored in bf16
+    dtype = torch.bfloat16 if cuda and a.lora else torch.float32
     with torch.device(a.device):  # random weights made where they train (an 8B init on CPU takes minutes)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype,
                                                  attn_implementation=resolve_attention(attn, cuda))
     model.config.use_cache = False
     from distsft.model.kernels import apply_kernels

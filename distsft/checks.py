@@ -102,10 +102,11 @@ def check_combinations(cfg: Config) -> None:
 def check_device_combinations(cfg: Config, cuda: bool) -> None:
     """Combinations that depend on the device."""
     pe, par = cfg.peft, cfg.parallel
-    if cuda and cfg.model.attn_implementation == "varlen" and cfg.model.dtype == "float32" \
-            and cfg.trainer.precision == "fp32":
-        raise ConfigError("model.attn_implementation=varlen on CUDA runs flash kernels, which need bf16: set "
-                          "trainer.precision=bf16 or model.dtype=bfloat16 (or use attn_implementation=sdpa for fp32)")
+    from .model.precision import half_compute
+
+    if cuda and cfg.model.attn_implementation == "varlen" and not half_compute(cfg):
+        raise ConfigError("model.attn_implementation=varlen on CUDA runs flash kernels, which need bf16 compute: set "
+                          "trainer.precision=bf16 (or use attn_implementation=sdpa for fp32)")
     if cfg.model.kernels == "liger":
         if not cuda:
             raise ConfigError("model.kernels=liger needs CUDA (Liger's kernels are Triton GPU kernels); use "

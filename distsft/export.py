@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 
 
 def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, mode: str, base_loader,
-                 provenance: dict | None = None) -> Path:
-    """``base_loader()`` rebuilds the un-quantised base model (merged mode)."""
+                 provenance: dict | None = None, dtype: str | None = None) -> Path:
+    """``base_loader()`` rebuilds the un-quantised base model (merged mode). ``dtype``: the storage dtype
+    of a full model (model.dtype; training kept fp32 master weights, the checkpoints keep them too)."""
     final, tmp = out_dir / "final", out_dir / "final.tmp"
     state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; every rank takes part
     inner = accelerator.unwrap_model(model)
@@ -38,7 +39,9 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, m
             if mode == "merged":
                 _merge(tmp, base_loader)
         else:
-            inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            inner.save_pretrained(tmp, state_dict=_in_dtype(state_dict, dtype), safe_serialization=True)
+            if dtype:
+                _set_config_dtype(tmp / "config.json", dtype)
         tokenizer.save_pretrained(tmp)
         OmegaConf.save(OmegaConf.create(resolved), tmp / "distsft_config.yaml")
         if provenance is not None:
@@ -47,6 +50,22 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, m
         tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _in_dtype(state_dict: dict, dtype: str | None) -> dict:
+    import torch
+
+    if not dtype:
+        return state_dict
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    """config.json names the dtype the weights are stored in (from_pretrained's dtype="auto" reads it)."""
+    config = json.loads(path.read_text())
+    config["dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _merge(tmp: Path, base_loader) -> None:

@@ -6,10 +6,11 @@ estimated peak memory per GPU. The model is built on the meta device (no weights
 
 Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w bytes per weight):
 
-    weights      P*w (frozen 4-bit linear weights: ~0.52 bytes with double quantisation, 0.56 without)
-    gradients    T*w
-    optimizer    T*8 for AdamW in w=4 (two fp32 moments), T*2*w otherwise; T*2 for 8-bit; ~0 Adafactor
-    DeepSpeed    mixed precision keeps fp32 master weights + moments: 12*T, weights/grads in w=2 -> the
+    weights      (P-T)*w + T*4: trainable weights are fp32 masters under every precision (frozen 4-bit linear
+                 weights: ~0.52 bytes with double quantisation, 0.56 without)
+    gradients    T*4
+    optimizer    T*8 for AdamW (two fp32 moments); T*2 for 8-bit; ~0 Adafactor
+    DeepSpeed    bf16 keeps fp32 master weights + moments in the optimizer: 12*T, weights/grads in 2 -> the
                  ZeRO paper's 16*P for full fine-tuning; ZeRO-1 shards the optimizer (/N), ZeRO-2 also
                  gradients, ZeRO-3 also weights; offload moves the optimizer (and ZeRO-3 weights) to CPU
     activations  per token per layer (7h + 2*kv + 4i) * a bytes for a Llama block with SDPA (a: 2 in bf16,
@@ -85,23 +86,26 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
                     fused_loss: bool = False) -> dict[str, float]:
     """Bytes per GPU by component (see the module docstring). ``fused_loss``: Liger's fused linear
     cross-entropy (model.kernels=liger) never holds the logits."""
+    from .model.precision import half_compute
+
     p, t, n = shape.params, shape.trainable, world_size
-    bf16 = cfg.trainer.precision == "bf16" or cfg.model.dtype == "bfloat16"
-    w = 2 if cfg.model.dtype == "bfloat16" else 4
-    a = 2 if bf16 else 4
     par, peft, optim = cfg.parallel, cfg.peft, cfg.optim.name
-    weights = float(p * w)
+    ds_bf16 = par.strategy == "deepspeed" and cfg.trainer.precision == "bf16"  # the engine casts to bf16
+    w = 2 if cfg.model.dtype == "bfloat16" or ds_bf16 else 4  # frozen weights: the storage dtype
+    a = 2 if half_compute(cfg) else 4
+    frozen = p - t
+    weights = float(frozen * w + t * 4)  # trainable weights are fp32 masters (the precision contract)
     if peft.quantize == "nf4":
-        weights = (p - shape.quantizable) * 2 + shape.quantizable * (0.516 if peft.double_quant else 0.5625)
+        weights = (frozen - shape.quantizable) * 2 + shape.quantizable * (0.516 if peft.double_quant else 0.5625) \
+            + t * 4
     elif peft.quantize == "int8":
-        weights = (p - shape.quantizable) * 2 + shape.quantizable * 1.0
-    trainable_w = 4 if peft.quantize != "none" else w  # k-bit training keeps adapters in fp32
-    grads = float(t * trainable_w)
-    per_state = {"adamw": 2 * trainable_w, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adafactor": 0.1}[optim]
+        weights = (frozen - shape.quantizable) * 2 + shape.quantizable * 1.0 + t * 4
+    grads = float(t * 4)
+    per_state = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adafactor": 0.1}[optim]
     opt = float(t * per_state)
     if par.strategy == "deepspeed":
-        if bf16:  # DeepSpeed mixed precision: bf16 weights/grads of the trainable part, fp32 master + moments
-            weights, grads, opt = weights - t * (w - 2), float(t * 2), float(t * (4 + per_state * 4 / trainable_w))
+        if ds_bf16:  # bf16 weights/grads of the trainable part in the engine, fp32 masters + moments in its optimizer
+            weights, grads, opt = weights - t * 2, float(t * 2), float(t * (4 + per_state))
         stage = par.zero_stage
         opt = 0.0 if par.offload_optimizer else opt / n
         grads = grads / n if stage >= 2 else grads

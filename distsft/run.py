@@ -25,6 +25,8 @@ from .model.kernels import apply_kernels, compile_layers, compile_stats, resolve
 from .model.load import load_model, load_tokenizer, whole_model
 from .model.params import count_parameters
 from .model.peft import apply_peft, quantization_config
+from .model.precision import check_master_weights, half_compute, load_dtype
+from .model.precision import describe as describe_precision
 from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
 from .trainer import checkpoint
@@ -126,10 +128,10 @@ def build_model(cfg: Config, acc):
     -> compiled layers."""
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
-    model_cfg = cfg.model
+    model_cfg = replace(cfg.model, dtype=load_dtype(cfg))  # trainable weights are fp32 masters
     if model_cfg.attn_implementation == "auto":  # decided here, where packing and precision are known
-        half = cfg.trainer.precision == "bf16" or model_cfg.dtype == "bfloat16"
-        model_cfg = replace(model_cfg, attn_implementation=auto_attention(cuda, cfg.data.mode == "pack", half))
+        model_cfg = replace(model_cfg, attn_implementation=auto_attention(cuda, cfg.data.mode == "pack",
+                                                                          half_compute(cfg)))
     with whole_model(acc, cfg.model.init == "config"):
         model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, device=acc.device.index if cuda else "cpu",
                            quantization=quantization_config(cfg.peft, cfg.parallel.zero3))
@@ -138,6 +140,7 @@ def build_model(cfg: Config, acc):
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
                        bf16_autocast=cfg.trainer.precision == "bf16")
+    check_master_weights(model, cfg.parallel.strategy == "deepspeed")
     if cfg.model.compile:  # last: the compiled layers hold the kernels and adapters
         compile_layers(model)
     return (model, *count_parameters(model))
@@ -147,6 +150,8 @@ def _log_start(cfg: Config, acc, plan, d: DataParts, model, trainable: int, n_pa
     data = d.data
     log.info("batch: %s", plan.describe())
     log.info("strategy: %s on %d %s process(es)", describe_strategy(cfg.parallel), acc.num_processes, acc.device.type)
+    log.info("precision: %s (trainer.precision=%s, model.dtype=%s)", describe_precision(cfg), cfg.trainer.precision,
+             cfg.model.dtype)
     log.info("attention: %s", describe_attention(model.config._attn_implementation, cfg.data.mode))
     log.info(summarize("train", data.train_stats))
     if data.eval_stats:
@@ -171,6 +176,7 @@ def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: dict, p
             "final_train_loss": _last(h["train_loss"]), "final_eval_loss": _last(h["eval_loss"]),
             "train_loss_history": h["train_loss"], "eval_loss_history": h["eval_loss"],
             "batch": plan.__dict__, "strategy": describe_strategy(cfg.parallel),
+            "precision": describe_precision(cfg),
             "parameters": {"trainable": trainable, "total": n_params},
             "data": {"train": data.train_stats.as_dict(),
                      "eval": data.eval_stats.as_dict() if data.eval_stats else None,
@@ -187,7 +193,8 @@ def _export(cfg: Config, acc, model, tokenizer, out: Path, resolved: dict, outco
         with whole_model(acc):
             return load_model(cfg.model, cfg.trainer.seed)
 
-    extra["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader, prov))
+    extra["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader, prov,
+                                           dtype=cfg.model.dtype))
     return extra
 
 

@@ -44,12 +44,20 @@ def test_memory_formulas_match_the_zero_paper(parallel, expect):
     assert m["weights"] + m["gradients"] + m["optimizer"] == pytest.approx(expect)
 
 
+def test_full_fine_tuning_keeps_fp32_masters_whatever_the_storage_dtype():
+    """A bf16 checkpoint under ddp + bf16 autocast trains fp32 weights: 16 bytes per parameter, not 8."""
+    cfg = typed_cfg("trainer.precision=bf16", "model.dtype=bfloat16")
+    m = memory_estimate(cfg, SHAPE, world_size=8, micro_batch=1)
+    assert m["weights"] + m["gradients"] + m["optimizer"] == pytest.approx(16 * P)
+
+
 def test_memory_qlora_and_activations():
     cfg = typed_cfg("peft=qlora", "trainer.precision=bf16")
     shape = ModelShape(P, trainable=10_000_000, quantizable=int(0.9 * P), layers=32, hidden=4096, kv_dim=1024,
                        intermediate=14336, vocab=128256)
     m = memory_estimate(cfg, shape, world_size=1, micro_batch=1)
-    assert m["weights"] == pytest.approx(0.1 * P * 2 + 0.9 * P * 0.516)
+    # frozen non-linear weights in bf16, frozen linear ones in 4 bits, the adapters in fp32
+    assert m["weights"] == pytest.approx((0.1 * P - 10_000_000) * 2 + 0.9 * P * 0.516 + 10_000_000 * 4)
     assert m["gradients"] == 4 * 10_000_000 and m["optimizer"] == 8 * 10_000_000  # fp32 adapters, two moments
     tokens = cfg.data.max_seq_len
     assert m["activations"] == tokens * 32 * (7 * 4096 + 2 * 1024 + 4 * 14336) * 2

@@ -1,0 +1,53 @@
+"""Model stage 1a (precision): one precision contract under every strategy.
+
+    trainer.precision=fp32   fp32 compute, fp32 trainable weights and optimizer state
+    trainer.precision=bf16   bf16 compute (autocast; DeepSpeed: its bf16 engine), fp32 master weights
+                             and fp32 optimizer state
+
+whatever ``model.dtype`` the checkpoint is stored in. ``model.dtype`` is the storage dtype: frozen
+weights (a PEFT base) stay in it, and the full fine-tuned export is written in it. Trainable weights
+never train in bf16: near a weight of 0.02, half a bf16 ULP (6e-5) is larger than an AdamW step at
+lr 1e-5, so most small updates would round away (and the numerics would depend on the strategy, since
+DeepSpeed and FSDP keep fp32 masters on their own).
+
+How each strategy meets it:
+    ddp / fsdp   full fine-tuning loads the weights in fp32; bf16 is autocast over fp32 weights
+    deepspeed    the weights load in fp32 (ZeRO-3: straight into shards of the engine's dtype); under
+                 bf16 the engine computes in bf16 and its optimizer keeps fp32 masters and moments
+    PEFT         the base is frozen in model.dtype; PEFT keeps the adapters in fp32
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config, ConfigError
+
+
+def load_dtype(cfg: Config) -> str:
+    """The dtype to load the model in: fp32 when every weight trains (they are the master weights)."""
+    return "float32" if cfg.peft.method == "none" else cfg.model.dtype
+
+
+def half_compute(cfg: Config) -> bool:
+    """Whether matmuls run in bf16: autocast, or a frozen bf16 base under PEFT."""
+    return cfg.trainer.precision == "bf16" or (cfg.peft.method != "none" and cfg.model.dtype == "bfloat16")
+
+
+def describe(cfg: Config) -> str:
+    compute = "bf16 compute (autocast)" if cfg.trainer.precision == "bf16" else "fp32 compute"
+    if cfg.parallel.strategy == "deepspeed" and cfg.trainer.precision == "bf16":
+        compute = "bf16 compute (DeepSpeed's bf16 engine)"
+    frozen = f"; frozen base in {cfg.model.dtype}" if cfg.peft.method != "none" else \
+        f"; exported in {cfg.model.dtype}"
+    return f"{compute}, fp32 master weights and optimizer state{frozen}"
+
+
+def check_master_weights(model, deepspeed: bool) -> None:
+    """Every trainable parameter is fp32 (DeepSpeed: its optimizer holds the fp32 masters instead)."""
+    if deepspeed:
+        return
+    wrong = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+    if wrong:
+        raise ConfigError(f"trainable weights in {', '.join(wrong)}: the precision contract keeps fp32 master "
+                          "weights (a model transformation changed their dtype)")
