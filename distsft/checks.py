@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
     "parallel.zero_stage": (1, 2, 3),
     "trainer.precision": ("fp32", "bf16"),
+    "trainer.loss_head": ("supervised", "full"),
 }
 
 
@@ -46,6 +47,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if cfg.model.checkpoint_every < 1:
         raise ConfigError(f"model.checkpoint_every={cfg.model.checkpoint_every} must be >= 1 (1 recomputes every layer)")
+    if t.loss_chunk < 0:
+        raise ConfigError(f"trainer.loss_chunk={t.loss_chunk} must be >= 0 (0: the head sees all supervised positions at once)")
     if d.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len={d.max_seq_len} must be >= 2")
     if t.max_steps < 0 or t.epochs <= 0 and t.max_steps == 0:

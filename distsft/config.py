@@ -30,7 +30,7 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     #: "pretrained" loads weights; "config" builds random weights from the config (embedded tiny model).
     init: str = "pretrained"
-    #: Dtype the weights are loaded in: float32 or bfloat16 (mixed precision is trainer.precision).
+    #: Storage dtype of the weights: float32 or bfloat16 (a frozen PEFT base stays in it, a full export is written in it; trainable weights are always fp32 masters, see trainer.precision).
     dtype: str = "float32"
     #: Attention kernel: auto (flash_attention_2 if installed on CUDA, else sdpa), sdpa, eager, flash_attention_2, varlen.
     attn_implementation: str = "auto"
@@ -177,8 +177,12 @@ class TrainerConfig:
     max_steps: int = 0
     #: Gradient clipping by global norm; 0 disables clipping (the norm is still logged).
     max_grad_norm: float = 1.0
-    #: fp32 or bf16 (autocast, fp32 master weights).
+    #: fp32, or bf16 (bf16 compute, fp32 master weights and optimizer state whatever model.dtype stores).
     precision: str = "fp32"
+    #: Output head and loss: supervised (the head runs only at supervised positions, in chunks of loss_chunk) or full (logits of every position, cross-entropy in the trainer; more memory and head FLOPs).
+    loss_head: str = "supervised"
+    #: Supervised positions per chunk of the output head + cross-entropy (only supervised positions reach the head; more than this many are recomputed chunk by chunk in backward so one chunk's logits exist at a time; 0: all at once).
+    loss_chunk: int = 4096
     #: Evaluate every N optimizer steps (0: only at the end).
     eval_every: int = 50
     #: Write a checkpoint every N optimizer steps (the last step is always saved).

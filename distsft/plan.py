@@ -16,7 +16,9 @@ Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w by
     activations  per token per layer (7h + 2*kv + 4i) * a bytes for a Llama block with SDPA (a: 2 in bf16,
                  4 in fp32); with gradient checkpointing only the layer input h*a is kept, plus one layer
     logits       per token V*(2a + 8): the logits and their gradient, the log-softmax kept for backward and
-                 its fp32 gradient; with model.kernels=liger no logits (chunked), only V*h*a for the head's gradient
+                 its fp32 gradient, for the positions whose logits exist together: every position with
+                 trainer.loss_head=full, at most trainer.loss_chunk supervised ones with the default supervised
+                 head (model.head); with model.kernels=liger no logits (chunked), only V*h*a for the head's gradient
 
 These are estimates (allocator fragmentation, CUDA context and temporary buffers are not counted).
 
@@ -121,7 +123,10 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     else:
         acts = tokens * shape.layers * per_layer
     head_grad = shape.vocab * shape.hidden * a if t == p else 0  # Liger's own buffer for the head's gradient
-    logits = head_grad if fused_loss else tokens * shape.vocab * (2 * a + 8)
+    at_once = tokens  # positions whose logits exist together
+    if cfg.trainer.loss_head == "supervised" and cfg.trainer.loss_chunk:
+        at_once = min(tokens, cfg.trainer.loss_chunk)  # model.head: one chunk of supervised positions at a time
+    logits = head_grad if fused_loss else at_once * shape.vocab * (2 * a + 8)
     out = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": float(acts),
            "logits": float(logits)}
     out["total"] = sum(out.values())

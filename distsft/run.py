@@ -21,7 +21,8 @@ from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
 from .model.attention import auto_attention, describe_attention
-from .model.kernels import apply_kernels, compile_layers, compile_stats, resolve_kernels
+from .model.head import install as install_head
+from .model.kernels import apply_kernels, compile_layers, compile_stats, fused_loss, resolve_kernels
 from .model.load import load_model, load_tokenizer, whole_model
 from .model.params import count_parameters
 from .model.peft import apply_peft, quantization_config
@@ -141,6 +142,9 @@ def build_model(cfg: Config, acc):
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
                        bf16_autocast=cfg.trainer.precision == "bf16")
     check_master_weights(model, cfg.parallel.strategy == "deepspeed")
+    if cfg.trainer.loss_head == "supervised" and not fused_loss(model):  # Liger's fused loss builds no logits
+        log.info("loss head: %s (trainer.loss_chunk=%d)", install_head(model, cfg.trainer.loss_chunk),
+                 cfg.trainer.loss_chunk)
     if cfg.model.compile:  # last: the compiled layers hold the kernels and adapters
         compile_layers(model)
     return (model, *count_parameters(model))

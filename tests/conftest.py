@@ -96,3 +96,18 @@ def tiny_model():
     from distsft.model.load import load_model
 
     return load_model(typed_cfg().model, seed=0)
+
+
+def peak_allocated(fn) -> tuple[int, object]:
+    """(peak bytes of tensors allocated while ``fn()`` runs, above what was live before; its result), from
+    the CPU allocator's events as torch.profiler records them (tensor bytes, not process RSS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()):
+        live += e.nbytes()  # + allocation, - free
+        peak = max(peak, live)
+    return peak, result

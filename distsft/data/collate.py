@@ -111,8 +111,17 @@ def collate_padded(store: TokenStore, rows: list[list[int]], pad_id: int) -> dic
             "position_ids": torch.from_numpy(pos), "attention_mask": torch.from_numpy(mask)}
 
 
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions b*T + t whose next token is supervised, those tokens) of labels [B, T]."""
+    b, t = labels.shape
+    nxt = labels[:, 1:]  # [B, T-1]
+    rows, cols = (nxt != IGNORE).nonzero(as_tuple=True)
+    return rows * t + cols, nxt[rows, cols]
+
+
+
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
-ON_DEVICE = MODEL_INPUTS + ("labels", "cu_seqlens")  # the rest (counts, ids, max_seqlen) stays on the host
+ON_DEVICE = MODEL_INPUTS + ("labels", "cu_seqlens", "sup_index", "sup_targets")  # the rest (counts, ids, max_seqlen) stays on the host
 
 
 def to_device(batch: dict[str, torch.Tensor], device, non_blocking: bool = False) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..batch import BatchPlan
 from ..config import DataConfig
-from .collate import TokenStore, collate_packed, collate_padded
+from .collate import TokenStore, collate_packed, collate_padded, supervised_positions
 from .packing import best_fit_decreasing, epoch_rows
 from .prepare import SplitStats
 from .sources import DataError
@@ -65,7 +65,7 @@ class _MicroBatches(Dataset):
         batch["attn_sq"] = torch.tensor(float((lengths.astype(np.float64) ** 2).sum()))  # sum of doc length^2
         batch["n_cells"] = torch.tensor(batch["input_ids"].numel())  # tokens computed, padding included
         batch["example_ids"] = torch.tensor(ids)  # to name the samples of a bad step
-        return batch
+        return with_positions(batch)
 
 
 class StepLoader:
@@ -123,7 +123,13 @@ def eval_batches(store: TokenStore, rows: list[list[int]], micro: int, rank: int
         filler = dict(collate(store, rows[:micro], pad_id))
         filler["labels"] = torch.full_like(filler["labels"], IGNORE)
         batches.append(filler)
-    return batches
+    return [with_positions(b) for b in batches]
+
+
+def with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The supervised positions and their targets, computed on the host before the step (model.head)."""
+    batch["sup_index"], batch["sup_targets"] = supervised_positions(batch["labels"])
+    return batch
 
 
 def summarize(name: str, stats: SplitStats) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.collate import model_inputs, to_device
+from ..data.collate import model_inputs, supervised_positions, to_device
+from ..model import head
 from ..model.attention import VARLEN
 from ..model.kernels import fused_loss
 from . import checkpoint
@@ -54,6 +55,11 @@ def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = model_inputs(batch, varlen)
     if fused_loss(model):  # Liger: the loss straight from the hidden states, no logits (sum: 1 item)
         return model(**inputs, labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss.float()
+    if head.installed(model):  # the head returns the CE sum of the supervised positions (model.head)
+        if "sup_index" not in batch:
+            batch = {**batch, **dict(zip(("sup_index", "sup_targets"), supervised_positions(batch["labels"])))}
+        with head.supervised(model, batch["sup_index"], batch["sup_targets"]):
+            return model(**inputs, use_cache=False).logits
     logits = model(**inputs, use_cache=False).logits
     return token_ce_sum(logits, batch["labels"])
 

@@ -1,6 +1,7 @@
 """Parity of every strategy with a trusted reference on weights loaded by ``from_pretrained``.
 
-The reference is plain torch: the model loaded with ``from_pretrained``, ``torch.optim.AdamW`` with
+distsft computes the loss with its supervised-position head in chunks (model.head), the reference
+from full logits. The reference is plain torch: the model loaded with ``from_pretrained``, ``torch.optim.AdamW`` with
 Hugging Face-style decay groups (everything but biases and norm weights decays, chosen by module
 type and name, not by shape), gradient clipping, and one backward per optimizer step of
 sum(token CE) / supervised tokens over the same global batch. distsft runs the same steps with 2
@@ -25,7 +26,8 @@ LR, WD = 1e-3, 0.1
 OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", "trainer.global_batch_size=8",
              "trainer.eval_every=0", "trainer.save_every=0", "logging.log_every=1", "data.max_seq_len=128",
              "schedule=constant", "schedule.warmup_steps=0", f"optim.lr={LR}", f"optim.weight_decay={WD}",
-             "model.init=pretrained", "data.val_fraction=0", "logging.plot=false"]
+             "model.init=pretrained", "data.val_fraction=0", "logging.plot=false",
+             "trainer.loss_chunk=50"]  # the supervised head in several chunks, their count different on each rank
 TOL = 1e-5
 
 

@@ -50,3 +50,21 @@ def test_lora_zero3_merged_export(tmp_path):
     assert s["status"] == "finished"
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_lora_zero3_supervised_head_equals_full_logits(tmp_path):
+    """The supervised-position head (gathered by ZeRO-3's hooks, adapted by LoRA: one chunk, since its adapter
+    sub-modules gather collectively) gives the per-step losses and adapter weights of the full-logits path.
+    Dropout 0: the head's LoRA dropout would draw other random numbers for fewer positions."""
+    common = ["peft=lora", "parallel=zero3", "peft.target_modules=[q_proj,v_proj,lm_head]", "peft.dropout=0",
+              "trainer.max_steps=4", "trainer.eval_every=4", "trainer.save_every=0", "logging.log_every=1", "optim.lr=1e-2"]
+    runs = {h: launch(2, tmp_path / h, *common, f"trainer.loss_head={h}", "trainer.loss_chunk=200")
+            for h in ("supervised", "full")}
+    a, b = ([x for _, x in runs[h]["train_loss_history"]] for h in ("supervised", "full"))
+    assert a == pytest.approx(b, rel=1e-5)
+    assert runs["supervised"]["final_eval_loss"] == pytest.approx(runs["full"]["final_eval_loss"], rel=1e-5)
+    wa = load_file(tmp_path / "supervised" / "final" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
+    assert any("lm_head" in k for k in wa)
+    for k in wa:
+        assert float((wa[k] - wb[k]).norm() / wb[k].norm()) <= 1e-5, k

@@ -69,6 +69,10 @@ def test_memory_qlora_and_activations():
     per_layer = (7 * 4096 + 2 * 1024 + 4 * 14336) * 2
     assert half["activations"] == tokens * (16 * 4096 * 2 + 16 * per_layer + per_layer)  # 16 of 32 recomputed
     assert m["logits"] == tokens * 128256 * (2 + 2 + 4 + 4)
+    long = typed_cfg("peft=qlora", "trainer.precision=bf16", "data.max_seq_len=16384")
+    assert memory_estimate(long, shape, 1, 1)["logits"] == 4096 * 128256 * 12  # one chunk of supervised positions
+    full = typed_cfg("peft=qlora", "trainer.precision=bf16", "data.max_seq_len=16384", "trainer.loss_head=full")
+    assert memory_estimate(full, shape, 1, 1)["logits"] == 16384 * 128256 * 12
     fused = memory_estimate(cfg, shape, 1, 1, fused_loss=True)
     assert fused["logits"] == 0  # frozen head: no gradient buffer either
 
