@@ -138,7 +138,7 @@ class ScheduleConfig:
 
 @dataclass
 class ParallelConfig:
-    #: Strategy: ddp (plain data parallel), deepspeed (ZeRO, stage below) or fsdp (FSDP2, GPU only).
+    #: Strategy: ddp (plain data parallel), deepspeed (ZeRO, stage below) or fsdp (FSDP2: GPUs, or CPU processes over gloo).
     strategy: str = "ddp"
     #: DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.
     zero_stage: int = 2

@@ -34,8 +34,9 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
                                      timeout=timedelta(minutes=30))] if launched else []
     extra = plugins(parallel, trainer, plan, cuda)
     accelerator = Accelerator(
-        # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead
-        cpu=not cuda and not extra,
+        # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead (FSDP
+        # keeps cpu=True: fsdp_on_cpu turns the CPU processes' state into FSDP)
+        cpu=not cuda and (not extra or "fsdp_plugin" in extra),
         mixed_precision=PRECISION[trainer.precision],
         gradient_accumulation_steps=plan.grad_accum,
         kwargs_handlers=kwargs,
@@ -43,8 +44,26 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         step_scheduler_with_optimizer=False,
         **extra,
     )
+    if "fsdp_plugin" in extra and not cuda:
+        fsdp_on_cpu(accelerator, extra["fsdp_plugin"])
     check_world(accelerator)
     return accelerator
+
+
+def fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """Accelerate applies its FSDP plugin only to GPU-like distributed types: on CPU processes (gloo) it
+    would silently run DDP. FSDP2's ``fully_shard`` works on CPU, so mark the state as FSDP: the same code
+    path (Accelerate's FSDP2 preparation, checkpointing and gathering) then runs on CPU and on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:  # one process: nothing to shard
+        return
+    PartialState._shared_state["distributed_type"] = state.distributed_type = DistributedType.FSDP
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
 
 
 def requested_by_launcher() -> int | None:

@@ -105,9 +105,6 @@ def plugins(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan, c
         return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=zero3,
                                                     zero3_save_16bit_model=zero3)}
     if parallel.strategy == "fsdp":
-        if not cuda:
-            raise ConfigError("parallel=fsdp needs GPUs: Accelerate does not apply FSDP on CPU (it would silently run "
-                              "plain DDP); use parallel=ddp or parallel=zero1|zero2|zero3 on CPU")
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         return {"fsdp_plugin": FullyShardedDataParallelPlugin(

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO 1/2/3 (+offload) with 2 CPU processes over gloo: same losses as one process, exact
+"""DeepSpeed ZeRO 1/2/3 (+offload) and FSDP2 with 2 CPU processes over gloo: same losses as one process, exact
 resume, gathered ZeRO-3 export, and a clear stop when the world size changes under a sharded state.
 
 Tolerance: 1e-5 relative on per-step losses. Everything is fp32 on CPU; ZeRO only changes where
@@ -15,7 +15,7 @@ from tests.conftest import launch, run_tiny
 
 pytestmark = pytest.mark.multiproc
 STEPS = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=6", "logging.log_every=1"]
-STRATEGIES = ["ddp", "zero1", "zero2", "zero3", "zero3_offload"]
+STRATEGIES = ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_strategy_matches_one_process_and_resumes_exactly(strategy, reference, r
     root = tmp_path_factory.mktemp(strategy)
     full = launch(2, root / "full", f"parallel={strategy}", *STEPS)
     runs[strategy] = root / "full"
-    assert full["batch"]["world_size"] == 2 and full["strategy"].startswith("DeepSpeed" if "zero" in strategy else "DDP")
+    kind = "DeepSpeed" if "zero" in strategy else "FSDP2" if strategy == "fsdp" else "DDP"
+    assert full["batch"]["world_size"] == 2 and full["strategy"].startswith(kind)
     for (s1, a), (s2, b) in zip(reference["train_loss_history"], full["train_loss_history"]):
         assert s1 == s2 and b == pytest.approx(a, rel=1e-5), (strategy, s1)
     assert full["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], rel=1e-5)

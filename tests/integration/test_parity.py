@@ -98,7 +98,7 @@ def reference(pretrained):
     return reference_run(pretrained, WD)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "zero3_offload", "fsdp"])
 def test_strategy_matches_plain_torch_adamw_with_decay(strategy, pretrained, reference, tmp_path):
     ref_losses, ref_weights = reference
     s = launch(2, tmp_path, f"parallel={strategy}", f"model.name_or_path={pretrained}", *OVERRIDES)

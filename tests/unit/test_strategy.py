@@ -54,10 +54,10 @@ def test_launcher_strategy_and_precision_conflicts(monkeypatch):
     check_launcher(cfg.parallel, typed_cfg("trainer.precision=bf16").trainer)  # agreeing is fine
 
 
-def test_fsdp_refused_on_cpu_and_offload_needs_deepspeed():
+def test_fsdp_builds_its_plugin_on_cpu_too_and_offload_needs_deepspeed():
     cfg = typed_cfg("parallel=fsdp")
-    with pytest.raises(ConfigError, match="parallel=fsdp needs GPUs"):
-        plugins(cfg.parallel, cfg.trainer, PLAN, cuda=False)
+    plugin = plugins(cfg.parallel, cfg.trainer, PLAN, cuda=False)["fsdp_plugin"]
+    assert plugin.fsdp_version == 2  # FSDP2 on CPU processes too (tests/integration: it shards and trains like ddp)
     with pytest.raises(ConfigError, match="offload_params=true needs parallel.strategy=deepspeed with zero_stage=3"):
         typed_cfg("parallel=zero2", "parallel.offload_params=true")
 
