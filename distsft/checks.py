@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": ("cosine", "linear", "constant"),
     "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
     "parallel.zero_stage": (1, 2, 3),
-    "trainer.precision": ("fp32", "bf16"),
+    "trainer.precision": ("fp32", "bf16", "bf16_pure"),
     "trainer.loss_head": ("supervised", "full"),
 }
 
@@ -93,6 +93,11 @@ def check_combinations(cfg: Config) -> None:
     if opt.name != "adamw" and par.offload_optimizer:
         raise ConfigError(f"optim.name={opt.name} with parallel.offload_optimizer=true: DeepSpeed keeps the offloaded "
                           "optimizer state itself (its CPUAdam); use optim=adamw")
+    if cfg.trainer.precision == "bf16_pure" and (par.strategy != "ddp" or opt.name != "adamw" or pe.method != "none"):
+        raise ConfigError(f"trainer.precision=bf16_pure (bf16 weights, stochastic rounding in torchao's AdamW) is for "
+                          f"full fine-tuning with optim=adamw under parallel=ddp (got parallel.strategy={par.strategy}, "
+                          f"optim.name={opt.name}, peft.method={pe.method}); use trainer.precision=bf16 (fp32 masters) "
+                          "otherwise: DeepSpeed and FSDP keep fp32 masters themselves, adapters are small")
     if cfg.model.compile and par.strategy == "fsdp":
         raise ConfigError("model.compile=true with parallel=fsdp is not supported yet (FSDP2 shards the layers that "
                           "would be compiled, and it is untested here); use parallel=ddp or zero1|zero2|zero3, or "

@@ -177,7 +177,7 @@ class TrainerConfig:
     max_steps: int = 0
     #: Gradient clipping by global norm; 0 disables clipping (the norm is still logged).
     max_grad_norm: float = 1.0
-    #: fp32, or bf16 (bf16 compute, fp32 master weights and optimizer state whatever model.dtype stores).
+    #: fp32; bf16 (bf16 compute, fp32 master weights and optimizer state whatever model.dtype stores); or bf16_pure (bf16 weights and AdamW state, updates stochastically rounded by torchao: half the memory, ddp full fine-tuning only).
     precision: str = "fp32"
     #: Output head and loss: supervised (the head runs only at supervised positions, in chunks of loss_chunk) or full (logits of every position, cross-entropy in the trainer; more memory and head FLOPs).
     loss_head: str = "supervised"

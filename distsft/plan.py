@@ -105,6 +105,8 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     grads = float(t * 4)
     per_state = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adafactor": 0.1}[optim]
     opt = float(t * per_state)
+    if cfg.trainer.precision == "bf16_pure":  # bf16 weights, gradients and AdamW moments (ddp only)
+        weights, grads, opt = float(frozen * w + t * 2), float(t * 2), float(t * per_state / 2)
     if par.strategy == "deepspeed":
         if ds_bf16:  # bf16 weights/grads of the trainable part in the engine, fp32 masters + moments in its optimizer
             weights, grads, opt = weights - t * 2, float(t * 2), float(t * (4 + per_state))

@@ -66,7 +66,7 @@ def run(cfg: Config) -> RunResult:
     _setup_run_dir(acc, out, resolved)  # only now, with data and config known to be good
     _log_start(cfg, acc, plan, d, model, trainable, n_params, out)
 
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, stochastic_round=cfg.trainer.precision == "bf16_pure")
     model, optimizer = acc.prepare(model, optimizer)
     log.info("optimizer: %s (%s)", describe_optimizer(optimizer), cfg.optim.name)
     # after prepare: ZeRO regroups the optimizer's parameters, the schedule must see the final groups
@@ -141,7 +141,7 @@ def build_model(cfg: Config, acc):
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
                        bf16_autocast=cfg.trainer.precision == "bf16")
-    check_master_weights(model, cfg.parallel.strategy == "deepspeed")
+    check_master_weights(model, cfg.parallel.strategy == "deepspeed", cfg.trainer.precision)
     if cfg.trainer.loss_head == "supervised" and not fused_loss(model):  # Liger's fused loss builds no logits
         log.info("loss head: %s (trainer.loss_chunk=%d)", install_head(model, cfg.trainer.loss_chunk),
                  cfg.trainer.loss_chunk)

@@ -3,6 +3,9 @@
     trainer.precision=fp32   fp32 compute, fp32 trainable weights and optimizer state
     trainer.precision=bf16   bf16 compute (autocast; DeepSpeed: its bf16 engine), fp32 master weights
                              and fp32 optimizer state
+    trainer.precision=bf16_pure  bf16 weights, bf16 AdamW moments, and every update stochastically rounded
+                             to bf16 (torchao's AdamW): 8 bytes per parameter instead of 16; small updates
+                             survive in expectation rather than exactly (ddp full fine-tuning only)
 
 whatever ``model.dtype`` the checkpoint is stored in. ``model.dtype`` is the storage dtype: frozen
 weights (a PEFT base) stay in it, and the full fine-tuned export is written in it. Trainable weights
@@ -25,16 +28,22 @@ from ..config import Config, ConfigError
 
 
 def load_dtype(cfg: Config) -> str:
-    """The dtype to load the model in: fp32 when every weight trains (they are the master weights)."""
+    """The dtype to load the model in: fp32 when every weight trains (they are the master weights), bf16
+    under bf16_pure."""
+    if cfg.trainer.precision == "bf16_pure":
+        return "bfloat16"
     return "float32" if cfg.peft.method == "none" else cfg.model.dtype
 
 
 def half_compute(cfg: Config) -> bool:
     """Whether matmuls run in bf16: autocast, or a frozen bf16 base under PEFT."""
-    return cfg.trainer.precision == "bf16" or (cfg.peft.method != "none" and cfg.model.dtype == "bfloat16")
+    return cfg.trainer.precision in ("bf16", "bf16_pure") or (cfg.peft.method != "none" and cfg.model.dtype == "bfloat16")
 
 
 def describe(cfg: Config) -> str:
+    if cfg.trainer.precision == "bf16_pure":
+        return ("bf16 compute, bf16 weights and AdamW state, updates stochastically rounded (torchao); no fp32 "
+                f"masters; exported in {cfg.model.dtype}")
     compute = "bf16 compute (autocast)" if cfg.trainer.precision == "bf16" else "fp32 compute"
     if cfg.parallel.strategy == "deepspeed" and cfg.trainer.precision == "bf16":
         compute = "bf16 compute (DeepSpeed's bf16 engine)"
@@ -43,11 +52,13 @@ def describe(cfg: Config) -> str:
     return f"{compute}, fp32 master weights and optimizer state{frozen}"
 
 
-def check_master_weights(model, deepspeed: bool) -> None:
-    """Every trainable parameter is fp32 (DeepSpeed: its optimizer holds the fp32 masters instead)."""
+def check_master_weights(model, deepspeed: bool, precision: str = "fp32") -> None:
+    """Every trainable parameter is fp32 (DeepSpeed: its optimizer holds the fp32 masters instead), or bf16
+    under bf16_pure."""
     if deepspeed:
         return
-    wrong = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+    want = torch.bfloat16 if precision == "bf16_pure" else torch.float32
+    wrong = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != want})
     if wrong:
-        raise ConfigError(f"trainable weights in {', '.join(wrong)}: the precision contract keeps fp32 master "
-                          "weights (a model transformation changed their dtype)")
+        raise ConfigError(f"trainable weights in {', '.join(wrong)}: trainer.precision={precision} trains them in "
+                          f"{want} (a model transformation changed their dtype)")

@@ -1,7 +1,9 @@
 """Trainer stage 2: the optimizer. No weight decay on biases, norms and other 1-D weights.
 
     adamw             torch.optim.AdamW, fused kernel (CUDA and CPU): it can also skip a non-finite
-                      update on the device (``skip_flag``), so the step needs no host sync
+                      update on the device (``skip_flag``), so the step needs no host sync; under
+                      trainer.precision=bf16_pure torchao's AdamW instead, which rounds each bf16 update
+                      stochastically (a compiled kernel per parameter shape: the first step compiles)
     adamw_8bit        bitsandbytes AdamW8bit: optimizer state in 8 bits (~75% less than fp32 Adam)
     paged_adamw_8bit  bitsandbytes PagedAdamW8bit: 8-bit state that pages to CPU memory under pressure
                       (on a machine without CUDA bitsandbytes falls back to the unpaged version)
@@ -28,9 +30,16 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]  # LoRA has no trainable 1-D weights
 
 
-def build_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model, cfg: OptimConfig, stochastic_round: bool = False) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "adamw" and stochastic_round:
+        try:
+            from torchao.optim import _AdamW
+        except ImportError as e:
+            raise RuntimeError(f"trainer.precision=bf16_pure needs torchao ({e}): pip install 'distsft[bf16_pure]', or "
+                               "use trainer.precision=bf16") from e
+        return _AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, bf16_stochastic_round=True)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
     if cfg.name in ("adamw_8bit", "paged_adamw_8bit"):

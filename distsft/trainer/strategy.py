@@ -15,7 +15,7 @@ from pathlib import Path
 from ..batch import BatchPlan
 from ..config import ConfigError, ParallelConfig, TrainerConfig
 
-PRECISION = {"fp32": "no", "bf16": "bf16"}
+PRECISION = {"fp32": "no", "bf16": "bf16", "bf16_pure": "no"}  # bf16_pure: bf16 weights, no autocast needed
 
 
 def check_launcher(parallel: ParallelConfig, trainer: TrainerConfig) -> None:

@@ -51,6 +51,12 @@ def test_full_fine_tuning_keeps_fp32_masters_whatever_the_storage_dtype():
     assert m["weights"] + m["gradients"] + m["optimizer"] == pytest.approx(16 * P)
 
 
+def test_bf16_pure_holds_8_bytes_per_parameter():
+    cfg = typed_cfg("trainer.precision=bf16_pure")
+    m = memory_estimate(cfg, SHAPE, world_size=1, micro_batch=1)
+    assert m["weights"] + m["gradients"] + m["optimizer"] == pytest.approx(8 * P)  # bf16 weights, grads, 2 moments
+
+
 def test_memory_qlora_and_activations():
     cfg = typed_cfg("peft=qlora", "trainer.precision=bf16")
     shape = ModelShape(P, trainable=10_000_000, quantizable=int(0.9 * P), layers=32, hidden=4096, kv_dim=1024,
