@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from .batch import resolve_batch
 from .checks import check_device_combinations
-from .config import Config
+from .config import Config, ConfigError
 from .data.loader import StepLoader, eval_batches, pack, summarize
 from .data.prepare import prepare
 from .data.templates import end_of_turn_id
@@ -63,7 +63,8 @@ def run(cfg: Config) -> RunResult:
     model, trainable, n_params = build_model(cfg, acc)
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    _setup_run_dir(acc, out, resolved)  # only now, with data and config known to be good
+    resume_from = _resume_target(acc, cfg, out, resolved, d.data.fingerprint)  # checked before anything is written
+    _setup_run_dir(acc, out, resolved)  # only now, with data, config and checkpoint known to be good
     _log_start(cfg, acc, plan, d, model, trainable, n_params, out)
 
     optimizer = build_optimizer(model, cfg.optim, stochastic_round=cfg.trainer.precision == "bf16_pure")
@@ -73,7 +74,9 @@ def run(cfg: Config) -> RunResult:
     scheduler = build_scheduler(optimizer, cfg.schedule, d.total)
     state = checkpoint.TrainState()
     acc.register_for_checkpointing(scheduler, state)
-    _maybe_resume(acc, cfg, out, resolved, d.data.fingerprint)
+    if resume_from is not None:
+        acc.load_state(str(resume_from))
+        log.info("resumed from %s at step %d", resume_from, int(resume_from.name.split("_")[1]))
     prov = provenance(d.data.fingerprint)
     parts = LoopParts(acc, model, optimizer, scheduler, d.loader, d.eval_batches, state, d.total, out, resolved,
                       flops=model_flops(acc.unwrap_model(model), trainable, n_params),
@@ -246,10 +249,28 @@ def _setup_run_dir(acc, out: Path, resolved: dict) -> None:
     acc.wait_for_everyone()
 
 
-def _maybe_resume(acc, cfg: Config, out: Path, resolved: dict, fingerprint: str) -> None:
-    ckpt = checkpoint.find_resume(cfg.trainer.resume, out / "checkpoints")
-    if ckpt is None:
-        return
-    checkpoint.check_compatible(ckpt, resolved, acc.num_processes, fingerprint, cfg.trainer.resume_force)
-    acc.load_state(str(ckpt))
-    log.info("resumed from %s at step %d", ckpt, int(ckpt.name.split("_")[1]))
+def _main_decides(acc, decide):
+    """``decide()`` on the main process only (it reads every checkpoint file once, not once per rank); every
+    rank gets its result, or raises its ConfigError."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
+    if acc.is_main_process:
+        try:
+            box = [("ok", decide())]
+        except ConfigError as e:
+            box = [("error", str(e))]
+    if acc.num_processes > 1:
+        broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def _resume_target(acc, cfg: Config, out: Path, resolved: dict, fingerprint: str) -> Path | None:
+    """The intact checkpoint to resume from (None: start fresh), checked for compatibility."""
+    ckpt = _main_decides(acc, lambda: checkpoint.find_resume(cfg.trainer.resume, out / "checkpoints"))
+    if ckpt is not None:
+        checkpoint.check_compatible(ckpt, resolved, acc.num_processes, fingerprint, cfg.trainer.resume_force)
+    return ckpt
