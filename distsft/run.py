@@ -32,6 +32,7 @@ from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
+from .trainer.lock import RunLock
 from .trainer.loop import LoopParts, train
 from .trainer.metrics import model_flops, peak_flops
 from .trainer.optim import build_optimizer
@@ -64,7 +65,18 @@ def run(cfg: Config) -> RunResult:
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     resume_from = _resume_target(acc, cfg, out, resolved, d.data.fingerprint)  # checked before anything is written
-    _setup_run_dir(acc, out, resolved)  # only now, with data, config and checkpoint known to be good
+    lock = RunLock(out) if acc.is_main_process else None
+    _main_decides(acc, lambda: lock.acquire())  # one trainer per output_dir (every rank stops if it is taken)
+    try:
+        return _run_locked(cfg, acc, plan, tokenizer, d, model, trainable, n_params, out, resolved, resume_from, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: Config, acc, plan, tokenizer, d, model, trainable: int, n_params: int, out: Path,
+                resolved: dict, resume_from: Path | None, t0: float) -> RunResult:
+    _setup_run_dir(acc, out, resolved)  # only now, with data, config, checkpoint and lock known to be good
     _log_start(cfg, acc, plan, d, model, trainable, n_params, out)
 
     optimizer = build_optimizer(model, cfg.optim, stochastic_round=cfg.trainer.precision == "bf16_pure")
