@@ -29,9 +29,11 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
     check_launcher(parallel, trainer)
     cuda = trainer.use_cuda and torch.cuda.is_available()
     launched = launched_world_size() > 1
-    # a single process gets no process group unless DeepSpeed needs one
+    if not launched and parallel.strategy != "ddp":
+        single_process_group()
+    # a single process gets no process group unless DeepSpeed/FSDP needs one
     kwargs = [InitProcessGroupKwargs(backend="nccl" if cuda else parallel.cpu_backend,
-                                     timeout=timedelta(minutes=30))] if launched else []
+                                     timeout=timedelta(minutes=30))] if launched or parallel.strategy != "ddp" else []
     extra = plugins(parallel, trainer, plan, cuda)
     accelerator = Accelerator(
         # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead (FSDP
@@ -64,6 +66,21 @@ def fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
+
+
+def single_process_group() -> None:
+    """``python -m distsft.train parallel=zero2`` without a launcher: DeepSpeed and FSDP need a process group
+    even for one process, so describe a 1-process group in the environment torch.distributed reads (a
+    launcher's own variables are left alone). ZeRO on one process still offloads and partitions nothing
+    else; more processes need ``accelerate launch``, ``torchrun`` or ``srun``."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def requested_by_launcher() -> int | None:

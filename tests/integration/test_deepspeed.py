@@ -87,3 +87,20 @@ def test_deepspeed_skips_a_nonfinite_step_and_the_run_goes_on(tmp_path, parallel
     assert s["status"] == "finished" and s["steps"] == 4 and s["skipped_steps"] == [3]
     weights = load_file(tmp_path / "final" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_zero_without_a_launcher_runs_as_one_process(tmp_path):
+    """`python -m distsft.train parallel=zero2` (no accelerate launch): a 1-process group, not a traceback."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import CPU_ENV, ROOT
+
+    env = {k: v for k, v in CPU_ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "distsft.train", f"output_dir={tmp_path}", "parallel=zero2",
+                           "trainer.max_steps=2", "trainer.eval_every=0", "logging.progress_bar=false",
+                           "logging.sample_every=0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "finished" and s["strategy"] == "DeepSpeed ZeRO-2" and s["batch"]["world_size"] == 1
