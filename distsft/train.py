@@ -13,7 +13,15 @@ from omegaconf import DictConfig
 
 from .config import ConfigError, register_configs, to_object
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+def _conf_dir() -> str:
+    """The Hydra config groups: distsft/conf in an installed package, conf/ beside the package in a checkout
+    (an editable install maps the package name, not the directory)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "conf"
+    return str(installed if (installed / "config.yaml").is_file() else here.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
 register_configs()
 
 
