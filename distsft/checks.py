@@ -30,6 +30,39 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# (key, test, what is expected): numeric ranges, checked at compose time before anything is written
+RANGES: list[tuple[str, Any, str]] = [
+    ("optim.lr", lambda v: 0 <= v < 1, "a learning rate in [0, 1)"),
+    ("optim.weight_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("schedule.warmup_steps", lambda v: v is None or v >= 0, ">= 0 or null"),
+    ("trainer.max_grad_norm", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("trainer.epochs", lambda v: v >= 0, ">= 0"),
+    ("trainer.eval_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("trainer.save_every", lambda v: v >= 0, ">= 0 (0: only the last step)"),
+    ("trainer.save_total_limit", lambda v: v >= 0, ">= 0 (0 keeps all)"),
+    ("trainer.stop_after", lambda v: v >= 0, ">= 0"),
+    ("trainer.max_bad_steps", lambda v: v >= 1, ">= 1"),
+    ("trainer.spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1"),
+    ("trainer.spike_window", lambda v: v >= 1, ">= 1"),
+    ("trainer.early_stop_patience", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("trainer.early_stop_min_delta", lambda v: v >= 0, ">= 0"),
+    ("peft.r", lambda v: v >= 1, ">= 1"),
+    ("peft.alpha", lambda v: v > 0, "> 0"),
+    ("peft.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.min_tokens", lambda v: v >= 0, ">= 0"),
+    ("data.num_proc", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("logging.log_every", lambda v: v >= 1, ">= 1"),
+    ("logging.sample_every", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("logging.sample_max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("preview.examples", lambda v: v >= 0, ">= 0"),
+    ("plan.world_size", lambda v: v >= 1, ">= 1"),
+]
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
@@ -42,6 +75,10 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key, ok, expected in RANGES:
+        value = _get(cfg, key)
+        if not ok(value) or value != value:  # value != value: NaN
+            raise ConfigError(f"{key}={value}: expected {expected}")
     t, d = cfg.trainer, cfg.data
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
@@ -105,6 +142,65 @@ def check_combinations(cfg: Config) -> None:
     if opt.name == "adafactor" and ds:
         raise ConfigError("optim.name=adafactor under DeepSpeed ZeRO sees flattened 1-D shards and cannot factor its "
                           "second moment; use optim=adamw_8bit (or adamw) with ZeRO, or adafactor with parallel=ddp")
+
+
+def check_paths(cfg: Config) -> None:
+    """Paths a run reads and writes, checked before anything is written: the output directory can be one,
+    and a local model or tokenizer directory exists (with readable weights when they are loaded). A name
+    that is not a local path is a hub name (loaded where a network exists)."""
+    import os
+    from pathlib import Path
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out} exists and is not a directory; choose another output_dir")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if not out.exists() and parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise ConfigError(f"output_dir={out} cannot be created: {parent} is not a writable directory")
+    check_model_paths(cfg)
+
+
+def check_model_paths(cfg: Config) -> None:
+    """A local model or tokenizer directory exists, with readable weights when they are loaded."""
+    from pathlib import Path
+
+    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
+        if value and _looks_local(value):
+            path = Path(value).expanduser()
+            if not path.is_dir():
+                raise ConfigError(f"{key}={value}: no such directory (a local model directory holds config.json, "
+                                  "weights and tokenizer files; a hub name has no leading ./, / or ~)")
+    if cfg.model.init == "pretrained" and _looks_local(cfg.model.name_or_path):
+        check_weights(Path(cfg.model.name_or_path).expanduser(), "model.name_or_path")
+
+
+def _looks_local(value: str) -> bool:
+    from pathlib import Path
+
+    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
+
+
+def check_weights(directory, key: str) -> None:
+    """The directory has weight files and each safetensors header reads (a 0-byte or truncated file would
+    otherwise fail deep inside from_pretrained without naming the file)."""
+    from safetensors import safe_open
+
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"{key}={directory}: no config.json (not a Hugging Face model directory)")
+    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
+    if not files:
+        raise ConfigError(f"{key}={directory}: no weights (*.safetensors or *.bin); for random weights from its "
+                          "config set model.init=config")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise ConfigError(f"{key}: {f} is empty (0 bytes): re-download or re-save the model")
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+            except Exception as e:  # safetensors raises its own error type
+                raise ConfigError(f"{key}: {f} is not a readable safetensors file ({e}): re-download or re-save "
+                                  "the model") from None
 
 
 def check_device_combinations(cfg: Config, cuda: bool) -> None:

@@ -264,6 +264,9 @@ def _overrides(every: int | None) -> str:
 def plan_main(cfg: Config) -> None:
     import os
 
+    from .checks import check_model_paths
+
+    check_model_paths(cfg)
     world = int(os.environ.get("WORLD_SIZE", cfg.plan.world_size))
     p = make_plan(cfg, world)
     print(render(p), file=sys.stdout)

@@ -40,6 +40,9 @@ def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
     from .data.prepare import prepare
     from .model.load import load_tokenizer
 
+    from .checks import check_model_paths
+
+    check_model_paths(cfg)
     color = stream.isatty() if color is None else color
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)

@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from .batch import resolve_batch
-from .checks import check_device_combinations
+from .checks import check_device_combinations, check_paths
 from .config import Config, ConfigError
 from .data.loader import StepLoader, eval_batches, pack, summarize
 from .data.prepare import prepare
@@ -53,6 +53,7 @@ class RunResult:
 def run(cfg: Config) -> RunResult:
     """config -> data -> model -> Accelerate loop -> export -> summary."""
     t0 = time.time()
+    check_paths(cfg)  # before the accelerator, the data and the model: nothing is written or loaded yet
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
                          cfg.trainer.global_batch_size, launched_world_size())
     acc = build_accelerator(cfg.parallel, cfg.trainer, plan)

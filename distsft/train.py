@@ -26,16 +26,38 @@ register_configs()
 
 
 def with_user_errors(task, cfg: DictConfig, typed=to_object) -> None:
-    """Run task(typed(cfg)); a user error (bad config or data) is one line and exit code 2,
-    without a traceback through the trainer."""
+    """Run task(typed(cfg)); a user error (bad config, data, paths, checkpoint; a run stopped by its
+    guards) is one line on stderr and exit code 2, with no traceback (``DISTSFT_DEBUG=1`` shows it).
+    With several processes only the main one prints it: every rank meets the same error."""
+    import os
+
     from .data.sources import DataError
     from .trainer.guards import TrainingError
 
     try:
         task(typed(cfg))
     except (ConfigError, DataError, TrainingError) as e:
-        print(f"distsft: error: {e}", file=sys.stderr)
+        if os.environ.get("DISTSFT_DEBUG") == "1":
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"distsft: error: {e}", file=sys.stderr)
+            _tell_the_launcher(f"distsft: error: {e}")
+        sys.stderr.flush()
         sys.exit(2)
+
+
+def _tell_the_launcher(message: str) -> None:
+    """Under torchrun / accelerate launch, the launcher's failure summary shows the child's error file
+    (torch.distributed.elastic's format): put the one line there instead of a pointer to tracebacks."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                     "timestamp": str(int(time.time()))}}}, f)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -115,6 +115,9 @@ def _load_splits(cfg: DataConfig, skipped: Skipped):
 
 def tokenize_split(ds: datasets.Dataset, cfg: DataConfig, tokenizer, template: str, template_name: str,
                    stats: SplitStats) -> TokenStore:
+    if not len(ds):  # every row skipped (or an empty file): nothing to tokenize
+        return TokenStore([], [], [], [])
+
     def encode(row):
         try:
             return tokenize_messages(tokenizer, row["messages"], cfg.loss_on, template, template_name)
@@ -157,7 +160,7 @@ def _build(cfg: DataConfig, tokenizer, template: str, template_name: str) -> Pre
         raise DataError(f"no usable training examples in {cfg.train_files}: {train_stats.dropped_overlong} longer "
                         f"than data.max_seq_len={cfg.max_seq_len}, {train_stats.dropped_unsupervised} without "
                         f"supervised tokens, {train_stats.dropped_short} shorter than data.min_tokens, "
-                        f"{len(skipped.rows)} bad rows skipped", reason="empty")
+                        f"{len(skipped.rows)} bad rows skipped {skipped.counts() or ''}".rstrip(), reason="empty")
     ev, ev_stats = None, None
     if eval_ds is not None and len(eval_ds):
         ev_stats = SplitStats()

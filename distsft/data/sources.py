@@ -46,9 +46,20 @@ class Skipped:
         return dict(Counter(r["reason"] for r in self.rows))
 
 
-def _jsonl_line_numbers(path: Path) -> list[int]:
+def _jsonl_lines(path: Path) -> tuple[list[int], bool]:
+    """(numbers of the non-empty lines, whether every line is valid UTF-8). Arrow reads invalid UTF-8
+    without complaint and fails later naming neither file nor line."""
+    lines, utf8 = [], True
     with path.open("rb") as f:
-        return [n for n, raw in enumerate(f, start=1) if raw.strip()]
+        for n, raw in enumerate(f, start=1):
+            if raw.strip():
+                lines.append(n)
+                if utf8:
+                    try:
+                        raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        utf8 = False
+    return lines, utf8
 
 
 def _read_jsonl_by_hand(path: Path, policy: str, skipped: Skipped) -> list[dict]:
@@ -62,7 +73,13 @@ def _read_jsonl_by_hand(path: Path, policy: str, skipped: Skipped) -> list[dict]
                 row = json.loads(raw.decode("utf-8"))
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object per line, got {type(row).__name__}")
-            except (UnicodeDecodeError, ValueError) as e:
+            except UnicodeDecodeError as e:
+                msg = f"{path} line {n}: not valid UTF-8 (byte {e.object[e.start]:#04x} at column {e.start + 1})"
+                if policy == "error":
+                    raise DataError(msg, reason="invalid_utf8") from None
+                skipped.add(str(path), n, "invalid_utf8", msg)
+                continue
+            except ValueError as e:
                 msg = f"{path} line {n}: not valid JSON ({e})"
                 if policy == "error":
                     raise DataError(msg, reason="invalid_json") from e
@@ -81,6 +98,9 @@ def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | li
     elif p.suffix in BUILDERS:
         if not p.is_file():
             raise DataError(f"{path}: file not found (data.train_files / data.val_files)", reason="missing_file")
+        lines, utf8 = _jsonl_lines(p) if p.suffix == ".jsonl" else ([], True)
+        if not utf8:
+            return _read_jsonl_by_hand(p, policy, skipped)  # names the file and line of each bad one
         try:
             ds = datasets.load_dataset(BUILDERS[p.suffix], data_files=str(p), split="train")
         except Exception as e:  # Arrow names neither line nor field; find them ourselves
@@ -88,7 +108,11 @@ def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | li
                 raise DataError(f"{path}: could not be read as {p.suffix} ({type(e).__name__}: {e})") from e
             return _read_jsonl_by_hand(p, policy, skipped)
         if p.suffix == ".jsonl":
-            lines = _jsonl_line_numbers(p)
+            if len(ds) != len(lines):
+                raise DataError(f"{path}: {len(ds)} JSON objects on {len(lines)} non-empty lines, but a .jsonl file "
+                                "holds one JSON object per line (this one looks pretty-printed over several lines); "
+                                f"rewrite it one object per line, e.g. `jq -c . {path} > fixed.jsonl`",
+                                reason="multiline_json")
             return ds.add_column("_source", [str(p)] * len(ds)).add_column("_row", lines)
     elif os.sep in path or p.suffix:
         raise DataError(f"{path}: not found or unsupported suffix (expected one of {', '.join(BUILDERS)} "

@@ -81,3 +81,28 @@ def test_cli_bad_row_exits_cleanly_and_writes_nothing(tmp_path):
     assert f"distsft: error: {p} line 2: not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_invalid_utf8_is_named_by_file_and_line_and_can_be_skipped(tmp_path, tokenizer):
+    p = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD).encode()
+    p.write_bytes(b"\n".join([good, good, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', good]) + b"\n")
+    with pytest.raises(DataError, match=rf"{p} line 3: not valid UTF-8 \(byte 0xe9 at column"):
+        prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False), tokenizer)
+    prep = prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False, bad_rows="skip"), tokenizer)
+    assert len(prep.train) == 3 and prep.skipped.counts() == {"invalid_utf8": 1}
+    assert prep.skipped.rows[0]["row"] == 3
+
+
+def test_pretty_printed_jsonl_is_refused_with_the_fix(tmp_path, tokenizer):
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(GOOD, indent=2) + "\n" for _ in range(5)))
+    with pytest.raises(DataError, match=rf"{p}: 5 JSON objects on \d+ non-empty lines.*one JSON object per line.*jq -c"):
+        prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False, bad_rows="skip"), tokenizer)
+
+
+def test_all_rows_skipped_is_reported_as_empty_with_the_counts(tmp_path, tokenizer):
+    bad = {"messages": [{"role": "user", "content": "hi"}]}
+    p = write(tmp_path, [bad] * 4)
+    with pytest.raises(DataError, match=r"no usable training examples .* 4 bad rows skipped \{'no_assistant': 4\}"):
+        prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False, bad_rows="skip"), tokenizer)
