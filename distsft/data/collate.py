@@ -120,8 +120,18 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T] bool: the positions that hold a real token, not padding (real tokens come first in a row)."""
+    ids = batch["input_ids"]
+    if "row_tokens" in batch:
+        return torch.arange(ids.size(1), device=ids.device)[None, :] < batch["row_tokens"][:, None]
+    if "attention_mask" in batch:
+        return batch["attention_mask"].bool()
+    return torch.ones_like(ids, dtype=torch.bool)
+
+
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
-ON_DEVICE = MODEL_INPUTS + ("labels", "cu_seqlens", "sup_index", "sup_targets")  # the rest (counts, ids, max_seqlen) stays on the host
+ON_DEVICE = MODEL_INPUTS + ("labels", "cu_seqlens", "sup_index", "sup_targets", "row_tokens")  # the rest (counts, ids, max_seqlen) stays on the host
 
 
 def to_device(batch: dict[str, torch.Tensor], device, non_blocking: bool = False) -> dict[str, torch.Tensor]:

@@ -64,6 +64,10 @@ class _MicroBatches(Dataset):
         batch["n_tokens"] = torch.tensor(int(lengths.sum()))  # real tokens (no padding)
         batch["attn_sq"] = torch.tensor(float((lengths.astype(np.float64) ** 2).sum()))  # sum of doc length^2
         batch["n_cells"] = torch.tensor(batch["input_ids"].numel())  # tokens computed, padding included
+        batch["n_rows"] = torch.tensor(batch["input_ids"].size(0))  # the MoE router term is a mean over rows
+        # real tokens per row (packed: its documents; padded: its one example), the rest is padding
+        batch["row_tokens"] = torch.tensor([int(self.store.lengths[r].sum()) for r in self.batches[i]]
+                                           if self.collate is collate_packed else lengths.tolist())
         batch["example_ids"] = torch.tensor(ids)  # to name the samples of a bad step
         return with_positions(batch)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.collate import model_inputs, supervised_positions, to_device
-from ..model import head
+from ..data.collate import model_inputs, real_tokens, supervised_positions, to_device
+from ..model import head, moe
 from ..model.attention import VARLEN
 from ..model.kernels import fused_loss
 from . import checkpoint
@@ -31,8 +31,8 @@ from .optim import skip_flag
 from .preempt import StopRequest
 from .samples import as_markdown, generate_samples
 
-COUNTED = ("n_supervised", "n_tokens", "attn_sq", "n_cells")  # summed over micro-batches and ranks
-SUP, REAL, ATTN, CELLS, STOP = range(5)
+COUNTED = ("n_supervised", "n_tokens", "attn_sq", "n_cells", "n_rows")  # summed over micro-batches and ranks
+SUP, REAL, ATTN, CELLS, ROWS, STOP = range(6)
 
 
 @dataclass
@@ -49,19 +49,35 @@ class StepResult:
         return torch.stack([self.finite.double(), self.counts[STOP].double()])
 
 
-def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of the token cross-entropies of the supervised positions, and for an MoE model the sum over
+    the rows of their router load-balancing terms (model.moe), else None)."""
     # use_cache=False and no attention_mask on packed rows: that is what keeps documents apart
     varlen = getattr(model, "module", model).config._attn_implementation == VARLEN
     inputs = model_inputs(batch, varlen)
+    spec = moe.router(model)
+    if spec is not None:
+        inputs["output_router_logits"] = True
     if fused_loss(model):  # Liger: the loss straight from the hidden states, no logits (sum: 1 item)
-        return model(**inputs, labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss.float()
-    if head.installed(model):  # the head returns the CE sum of the supervised positions (model.head)
+        out = model(**inputs, labels=batch["labels"], num_items_in_batch=1, use_cache=False)
+        ce = out.loss.float() - (spec.coef * out.aux_loss.float() if spec is not None else 0)  # ours is per row
+    elif head.installed(model):  # the head returns the CE sum of the supervised positions (model.head)
         if "sup_index" not in batch:
             batch = {**batch, **dict(zip(("sup_index", "sup_targets"), supervised_positions(batch["labels"])))}
         with head.supervised(model, batch["sup_index"], batch["sup_targets"]):
-            return model(**inputs, use_cache=False).logits
-    logits = model(**inputs, use_cache=False).logits
-    return token_ce_sum(logits, batch["labels"])
+            out = model(**inputs, use_cache=False)
+        ce = out.logits
+    else:
+        out = model(**inputs, use_cache=False)
+        ce = token_ce_sum(out.logits, batch["labels"])
+    if spec is None:
+        return ce, None
+    return ce, moe.row_balance_sum(out.router_logits, real_tokens(batch), spec)
+
+
+def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the token cross-entropies of the supervised positions."""
+    return forward_losses(model, batch)[0]
 
 
 def accumulate_gradients(model, micro_batches: list[dict], accelerator,
@@ -78,19 +94,24 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
     counts = accelerator.reduce(counts.to(device, non_blocking=True), reduction="sum")
     n_sup = counts[SUP].clamp(min=1).float()
+    n_rows = counts[ROWS].clamp(min=1).float()
+    spec = moe.router(model)
     # DDP/ZeRO average gradients over W ranks and Accelerate/DeepSpeed divide the loss by the
-    # accumulation steps A: undo both, then divide by N
-    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / n_sup
+    # accumulation steps A: undo both, then divide by N (the router term: by the step's rows)
+    undo = accelerator.num_processes * accelerator.gradient_accumulation_steps
     total = torch.zeros((), device=device)
     for mb in micro_batches:
         # accumulate(): no gradient sync (DDP no_sync / DeepSpeed boundary) but on the last micro-batch
         with accelerator.accumulate(model):
             mb = to_device(mb, device, non_blocking=True)
-            ce_sum = forward_loss_sum(model, mb)
-            accelerator.backward(ce_sum * scale)
-            total += ce_sum.detach()
+            ce_sum, balance_sum = forward_losses(model, mb)
+            share = ce_sum / n_sup
+            if balance_sum is not None:  # once per step: coef x the mean over the step's rows
+                share = share + spec.coef * balance_sum / n_rows
+            accelerator.backward(share * undo)
+            total += share.detach()
     assert accelerator.sync_gradients, "micro-batches per step must equal the accumulation steps"
-    return total / n_sup, counts
+    return total, counts
 
 
 def train_step(model, micro_batches: list[dict], accelerator, optimizer, scheduler,
@@ -272,7 +293,7 @@ class _Window:
     def reset(self):
         self.losses: list[torch.Tensor] = []  # per step: this rank's share of the step loss (on the device)
         self.steps_seen: list[tuple[int, list]] = []  # per step: (step, example ids)
-        self.counts = torch.zeros(5, device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(len(COUNTED) + 1, device=self.device, dtype=torch.float64)
         self.grad_norm = None
         self.data_time = 0.0  # seconds the host waited for the DataLoader
         self.t0 = time.perf_counter()
@@ -297,7 +318,7 @@ def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: lis
         for (step, ids), step_loss in zip(w.steps_seen, step_losses):
             if step not in skipped:
                 p.spikes.check(step, step_loss, lambda ids=ids: _origins(p, ids), acc.process_index)
-    sup, real, attn_sq, cells, _ = w.counts.tolist()
+    sup, real, attn_sq, cells, _, _ = w.counts.tolist()
     dt = time.perf_counter() - w.t0
     st.tokens += int(real)
     st.supervised_tokens += int(sup)

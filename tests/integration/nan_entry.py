@@ -8,16 +8,22 @@ import math
 import os
 
 
-def nan_on_calls(forward_loss_sum, bad):
-    """forward_loss_sum whose n-th call (from 1) returns NaN for every n in ``bad`` ("all": every call)."""
+def nan_on_calls(forward_losses, bad):
+    """trainer.loop.forward_losses whose n-th call (from 1) gives a NaN cross-entropy for every n in ``bad``
+    ("all": every call)."""
+    return scale_calls(forward_losses, lambda n: math.nan if n in bad or "all" in bad else 1.0)
+
+
+def scale_calls(forward_losses, factor):
+    """forward_losses whose n-th call (from 1) has its cross-entropy sum multiplied by factor(n)."""
     calls = {"n": 0}
 
-    def maybe_nan(model, batch):
+    def scaled(model, batch):
         calls["n"] += 1
-        out = forward_loss_sum(model, batch)
-        return out * math.nan if calls["n"] in bad or "all" in bad else out
+        ce, balance = forward_losses(model, batch)
+        return ce * factor(calls["n"]), balance
 
-    return maybe_nan
+    return scaled
 
 
 if __name__ == "__main__":
@@ -25,5 +31,5 @@ if __name__ == "__main__":
     from distsft.train import main
 
     bad = {int(x) for x in os.environ["DISTSFT_TEST_NAN_CALLS"].split(",")}
-    loop.forward_loss_sum = nan_on_calls(loop.forward_loss_sum, bad)
+    loop.forward_losses = nan_on_calls(loop.forward_losses, bad)
     main()
