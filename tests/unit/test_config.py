@@ -27,24 +27,39 @@ def test_every_group_option_composes(group, option):
 
 
 def test_every_schema_field_has_a_docstring():
+    import dataclasses
     import inspect
 
     import distsft.config as c
 
-    src = inspect.getsource(c)
-    for cls in (c.ModelConfig, c.DataConfig, c.OptimConfig, c.ScheduleConfig, c.ParallelConfig,
-                c.TrainerConfig, c.LoggingConfig, c.ExportConfig):
+    seen, todo = [], [c.Config]
+    while todo:  # every schema of the tree, found from the root (a new group cannot be forgotten here)
+        cls = todo.pop()
+        seen.append(cls)
         body = inspect.getsource(cls).splitlines()
-        for name in cls.__dataclass_fields__:
-            idx = next(i for i, line in enumerate(body) if line.strip().startswith(f"{name}:"))
-            assert body[idx - 1].strip().startswith("#:"), f"{cls.__name__}.{name} has no #: docstring"
-    assert src
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                todo.append(type(default))
+                continue
+            idx = next(i for i, line in enumerate(body) if line.strip().startswith(f"{f.name}:"))
+            assert body[idx - 1].strip().startswith("#:"), f"{cls.__name__}.{f.name} has no #: docstring"
+    assert len(seen) == 13  # Config and its 12 groups
 
 
 def test_unknown_key_fails_naming_it():
     with pytest.raises(ConfigCompositionException) as e:
         compose_cfg("trainer.lrr=1")
     assert "lrr" in str(e.value.__cause__ or e.value)
+
+
+def test_a_plus_key_typo_fails_naming_the_key_and_the_likely_one():
+    """`+trainer.max_step=3` (Hydra suggests `+` after a typo) composes, but a key no schema has is refused."""
+    with pytest.raises(ConfigError, match=r"unknown config key trainer.max_step .*did you mean trainer.max_steps\?"):
+        typed_cfg("+trainer.max_step=3")
+    with pytest.raises(ConfigError, match=r"unknown config key optim.betas"):
+        typed_cfg("+optim.betas=[0.9,0.95]")
+    assert typed_cfg("++trainer.max_steps=3").trainer.max_steps == 3  # ++ on a key the schema has is fine
 
 
 def test_wrong_type_fails_naming_key():
