@@ -72,6 +72,20 @@ class _MicroBatches(Dataset):
         return with_positions(batch)
 
 
+def too_few_sequences(store: TokenStore, rows: list[list[int]], global_batch: int, cfg: DataConfig) -> str:
+    """Why one optimizer step cannot be filled, and exactly what to change."""
+    head = (f"only {len(rows)} training sequences, but one optimizer step needs trainer.global_batch_size="
+            f"{global_batch} of them")
+    if cfg.mode != "pack" or not len(store):
+        return f"{head}: lower trainer.global_batch_size or add data"
+    longest, tokens = int(store.lengths.max()), int(store.lengths.sum())
+    fit = 1 << max(1, (longest - 1).bit_length())  # the shortest power of two that holds the longest example
+    return (f"{head}: data.mode=pack put {len(store)} examples ({tokens:,} tokens, the longest {longest}) into "
+            f"sequences of data.max_seq_len={cfg.max_seq_len} tokens. Use data.max_seq_len={fit} (at least "
+            f"{-(-tokens // fit)} sequences), or data.mode=pad (one example per sequence: {len(store)}), or lower "
+            "trainer.global_batch_size, or add data")
+
+
 class StepLoader:
     """Serves one rank's micro-batches, grouped per optimizer step."""
 
@@ -81,9 +95,7 @@ class StepLoader:
         self.cfg, self.pad_id, self.pin_memory = cfg, pad_id, pin_memory
         self.steps_per_epoch = len(rows) // plan.global_batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"only {len(rows)} training sequences but one optimizer step needs "
-                            f"global_batch_size={plan.global_batch_size}; lower trainer.global_batch_size "
-                            "or add data")
+            raise DataError(too_few_sequences(store, rows, plan.global_batch_size, cfg), reason="too_small")
 
     def total_steps(self, epochs: float, max_steps: int) -> int:
         return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.steps_per_epoch))

@@ -106,3 +106,18 @@ def test_all_rows_skipped_is_reported_as_empty_with_the_counts(tmp_path, tokeniz
     p = write(tmp_path, [bad] * 4)
     with pytest.raises(DataError, match=r"no usable training examples .* 4 bad rows skipped \{'no_assistant': 4\}"):
         prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False, bad_rows="skip"), tokenizer)
+
+
+def test_too_little_data_for_one_step_says_exactly_what_to_change(tmp_path, tokenizer):
+    """360 short rows packed into 2048-token sequences fill fewer sequences than one step needs: the message
+    names data.max_seq_len (with a length that fits the data) and data.mode=pad, not only the batch size."""
+    from distsft.batch import BatchPlan
+    from distsft.data.loader import StepLoader, pack
+
+    p = write(tmp_path, [GOOD] * 60)
+    cfg = DataConfig(train_files=[str(p)], val_fraction=0, cache=False, max_seq_len=2048)
+    prep = prepare(cfg, tokenizer)
+    with pytest.raises(DataError, match=r"only 1 training sequences, but one optimizer step needs "
+                                        r"trainer.global_batch_size=8 .* Use data.max_seq_len=32 \(at least \d+ "
+                                        r"sequences\), or data.mode=pad \(one example per sequence: 60\)"):
+        StepLoader(prep.train, pack(prep.train, cfg, prep.train_stats), BatchPlan(4, 2, 1, 8), 0, cfg, 0)
