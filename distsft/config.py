@@ -228,7 +228,7 @@ class LoggingConfig:
     sample_max_new_tokens: int = 32
     #: Write TensorBoard event files under output_dir/tensorboard.
     tensorboard: bool = True
-    #: Show a progress bar with ETA (main process only).
+    #: Show a progress bar with ETA (main process only, and only when stderr is a terminal).
     progress_bar: bool = True
     #: At the end, draw output_dir/curves.png: train/eval loss, learning rate, gradient norm (from TensorBoard, so resumed runs show every step).
     plot: bool = True

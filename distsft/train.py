@@ -25,6 +25,23 @@ CONF_DIR = _conf_dir()
 register_configs()
 
 
+def quiet_third_parties() -> None:
+    """Lines a user cannot act on: DeepSpeed's guess that a CPU machine has no GPU (named instead), and
+    transformers/datasets progress bars when stderr is not a terminal (they would run into the log)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not sys.stderr.isatty():
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 def with_user_errors(task, cfg: DictConfig, typed=to_object) -> None:
     """Run task(typed(cfg)); a user error (bad config, data, paths, checkpoint; a run stopped by its
     guards) is one line on stderr and exit code 2, with no traceback (``DISTSFT_DEBUG=1`` shows it).
@@ -67,6 +84,7 @@ def main(cfg: DictConfig) -> None:
 
     from .run import run
 
+    quiet_third_parties()
     with_user_errors(run, cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _in_sweep():
         # Everything is written and the process group is gone. Native extensions of the CPU collectives

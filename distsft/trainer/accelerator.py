@@ -35,6 +35,8 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
     kwargs = [InitProcessGroupKwargs(backend="nccl" if cuda else parallel.cpu_backend,
                                      timeout=timedelta(minutes=30))] if launched or parallel.strategy != "ddp" else []
     extra = plugins(parallel, trainer, plan, cuda)
+    if "deepspeed_plugin" in extra and not cuda:
+        announce_op_build()
     accelerator = Accelerator(
         # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead (FSDP
         # keeps cpu=True: fsdp_on_cpu turns the CPU processes' state into FSDP)
@@ -66,6 +68,21 @@ def fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
+
+
+def announce_op_build() -> None:
+    """DeepSpeed on CPU processes compiles its shared-memory collectives (a C++ op) on the first start on a
+    machine and caches it: say so before the silent pause (about 30-60 s on 2 cores)."""
+    import glob
+    import logging
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    if int(os.environ.get("RANK", "0")) == 0 and not glob.glob(f"{root}/**/deepspeed_shm_comm/*.so", recursive=True):
+        logging.getLogger("distsft").info(
+            "DeepSpeed compiles its CPU collectives op (deepspeed_shm_comm) on this first start and caches it in %s: "
+            "a pause of about a minute", root)
 
 
 def single_process_group() -> None:

@@ -39,7 +39,9 @@ class Reporter:
 
             self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
         if progress_bar:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            # disable=None: no bar when stderr is not a terminal (a log file, a SLURM .out), where its
+            # redraws would run into the log lines
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
