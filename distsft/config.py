@@ -269,7 +269,7 @@ class Config:
     #: Run directory: config.yaml, tensorboard/, checkpoints/, final/, summary.json. Deterministic; a -m sweep adds one subdir per job.
     output_dir: str = "outputs/${run_name}${distsft_sweep:}"
     #: Name of the run (used in the default output_dir).
-    run_name: str = "tiny"
+    run_name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)

@@ -126,3 +126,10 @@ def test_speed_switches_may_change_at_a_resume_but_training_keys_may_not():
     assert training_differences(base, resolved("model.compile=true", "model.gradient_checkpointing=true",
                                                "model.checkpoint_every=2", "trainer.spike_factor=5")) == []
     assert training_differences(base, resolved("optim.lr=1e-3")) == ["optim.lr: was 0.003, now 0.001"]
+
+
+def test_experiment_none_leaves_the_tiny_recipe_out():
+    """Your own data starts from the generic defaults: not the tiny recipe's LR, epochs or outputs/tiny."""
+    tiny, none = typed_cfg(), typed_cfg("experiment=none")
+    assert (tiny.run_name, tiny.optim.lr, tiny.trainer.epochs) == ("tiny", 3e-3, 4)
+    assert (none.run_name, none.output_dir, none.optim.lr, none.trainer.epochs) == ("run", "outputs/run", 2e-5, 1.0)
