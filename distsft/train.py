@@ -85,7 +85,7 @@ def main(cfg: DictConfig) -> None:
     from .run import run
 
     quiet_third_parties()
-    with_user_errors(run, cfg)
+    with_user_errors(run, cfg, typed=lambda c: to_object(with_launcher_settings(c)))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _in_sweep():
         # Everything is written and the process group is gone. Native extensions of the CPU collectives
         # (DeepSpeed's shared-memory op) have been seen to abort in their exit-time destructors
@@ -95,6 +95,27 @@ def main(cfg: DictConfig) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def with_launcher_settings(cfg: DictConfig) -> DictConfig:
+    """The config with what an ``accelerate config`` set (DeepSpeed/FSDP, mixed precision, accumulation,
+    clipping) taken over wherever the command line did not set it."""
+    import logging
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from .trainer.strategy import adopt_launcher
+
+    given = set()
+    if HydraConfig.initialized():
+        for override in HydraConfig.get().overrides.task:
+            key = override.split("=", 1)[0].lstrip("+~")
+            given.add(key)
+    adopted = adopt_launcher(cfg, given)
+    if adopted and int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger("distsft").info("adopted from the accelerate launcher's config: %s", ", ".join(adopted))
+    return cfg
 
 
 def _in_sweep() -> bool:

@@ -12,21 +12,68 @@ import json
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ..batch import BatchPlan
 from ..config import ConfigError, ParallelConfig, TrainerConfig
 
 PRECISION = {"fp32": "no", "bf16": "bf16", "bf16_pure": "no"}  # bf16_pure: bf16 weights, no autocast needed
 
 
+def launcher_settings() -> dict[str, object]:
+    """The training settings an ``accelerate config`` / ``accelerate launch`` passed down (environment), as the
+    distsft keys they map to."""
+    env, out = os.environ, {}
+    if env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        out["parallel.strategy"] = "deepspeed"
+        out["parallel.zero_stage"] = int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+        out["parallel.offload_optimizer"] = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
+        out["parallel.offload_params"] = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") == "cpu"
+    elif env.get("ACCELERATE_USE_FSDP") == "true":
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ConfigError("the accelerate launcher asks for FSDP version 1; distsft runs FSDP2: set "
+                              "fsdp_version: 2 in the accelerate config (or launch hardware-only and set parallel=fsdp)")
+        out["parallel.strategy"] = "fsdp"
+        out["parallel.fsdp_reshard_after_forward"] = env.get("FSDP_RESHARD_AFTER_FORWARD", "true") == "true"
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("no", "bf16"):
+        raise ConfigError(f"the accelerate launcher sets mixed_precision={precision}; distsft trains in fp32 or bf16 "
+                          "(trainer.precision): set mixed_precision to bf16 or no")
+    if precision == "bf16":
+        out["trainer.precision"] = "bf16"
+    if env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
+        out["trainer.grad_accum"] = int(env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"])
+    if env.get("ACCELERATE_GRADIENT_CLIPPING") not in (None, "none"):
+        out["trainer.max_grad_norm"] = float(env["ACCELERATE_GRADIENT_CLIPPING"])
+    return out
+
+
+def adopt_launcher(cfg, given: set[str]) -> list[str]:
+    """Take over the launcher's settings (a DictConfig, before validation) for every key not ``given`` on the
+    command line; refuse a real conflict, naming both values. Returns 'key=value' of what was adopted."""
+    adopted = []
+    for key, value in launcher_settings().items():
+        ours = OmegaConf.select(cfg, key)
+        if key in given or (key.startswith("parallel.") and "parallel" in given):  # parallel=zero3 gives them all
+            if ours != value:
+                raise ConfigError(f"the accelerate launcher sets {key}={value} but the command line says {key}={ours}: "
+                                  "one owner per setting, drop one of them")
+            continue
+        if ours != value:
+            OmegaConf.update(cfg, key, value, merge=False)
+            adopted.append(f"{key}={value}")
+    if any(a.startswith("trainer.grad_accum=") for a in adopted) and "trainer.global_batch_size" not in given:
+        OmegaConf.update(cfg, "trainer.global_batch_size", None, merge=False)  # derived from the adopted accumulation
+    return adopted
+
+
 def check_launcher(parallel: ParallelConfig, trainer: TrainerConfig) -> None:
-    """Refuse strategy or precision settings that came from the accelerate launcher."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        raise ConfigError("the accelerate launcher enables DeepSpeed (--use_deepspeed or distributed_type: DEEPSPEED), "
-                          "but in distsft the Hydra config owns the strategy: launch with a hardware-only config "
-                          "(launch/*.yaml) and set parallel=zero1|zero2|zero3|zero3_offload")
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
-        raise ConfigError("the accelerate launcher enables FSDP (--use_fsdp or distributed_type: FSDP), but in distsft "
-                          "the Hydra config owns the strategy: launch with a hardware-only config and set parallel=fsdp")
+    """Settings of the accelerate launcher must agree with the config (adopt_launcher took over the ones the
+    command line did not give)."""
+    launcher = launcher_settings()
+    if launcher.get("parallel.strategy") not in (None, parallel.strategy):
+        raise ConfigError(f"the accelerate launcher runs {launcher['parallel.strategy']} but parallel.strategy="
+                          f"{parallel.strategy}: one owner per setting (drop parallel=... or launch hardware-only)")
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launched not in ("no", PRECISION[trainer.precision]):
         raise ConfigError(f"the accelerate launcher sets mixed_precision={launched} but trainer.precision="
@@ -101,6 +148,9 @@ def plugins(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan, c
         from accelerate.utils import DeepSpeedPlugin
 
         ds = deepspeed_config(parallel, trainer, plan, cuda)
+        # the launcher's DeepSpeed fields were adopted into the config (or agree with it); the config built here
+        # is their one owner, so Accelerate must not weigh them against it a second time
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
         zero3 = parallel.zero_stage == 3  # ZeRO-3 loads pretrained weights straight into shards
         return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=zero3,
                                                     zero3_save_16bit_model=zero3)}

@@ -104,3 +104,29 @@ def test_zero_without_a_launcher_runs_as_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "finished" and s["strategy"] == "DeepSpeed ZeRO-2" and s["batch"]["world_size"] == 1
+
+
+def test_a_users_accelerate_deepspeed_config_is_adopted(tmp_path):
+    """A launcher config written by `accelerate config` (distributed_type: DEEPSPEED, zero_stage 2) with no
+    parallel=... on the command line: its strategy is taken over and said in the log, not refused."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import CPU_ENV, ROOT, free_port
+
+    acc_cfg = tmp_path / "accelerate.yaml"
+    acc_cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
+                       "  zero_stage: 2\n  gradient_accumulation_steps: 1\n  offload_optimizer_device: none\n"
+                       "  offload_param_device: none\n  zero3_init_flag: false\nmixed_precision: 'no'\n"
+                       "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nrdzv_backend: static\nsame_network: true\n"
+                       "main_training_function: main\nuse_cpu: true\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_cfg),
+                           "--main_process_port", str(free_port()), "-m", "distsft.train", f"output_dir={out}",
+                           "logging.progress_bar=false", "trainer.max_steps=2", "trainer.eval_every=0"],
+                          cwd=ROOT, env=CPU_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["strategy"] == "DeepSpeed ZeRO-2" and s["batch"]["world_size"] == 2 and s["status"] == "finished"
+    assert "adopted from the accelerate launcher's config: parallel.strategy=deepspeed" in proc.stdout + proc.stderr

@@ -42,12 +42,41 @@ def test_user_deepspeed_json_auto_fields_merge_and_owned_fields_conflict(tmp_pat
         deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)
 
 
+def test_a_launcher_deepspeed_config_is_adopted_where_the_command_line_is_silent(monkeypatch):
+    """`accelerate config` with DeepSpeed ZeRO-2 + offload, bf16 and accumulation 4: taken over as parallel.*,
+    trainer.precision and trainer.grad_accum (the global batch then derived); refused only on a real conflict."""
+    from distsft.config import to_object
+    from distsft.trainer.strategy import adopt_launcher
+    from tests.conftest import compose_cfg
+
+    for k, v in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_MIXED_PRECISION": "bf16",
+                 "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = compose_cfg()
+    adopted = adopt_launcher(cfg, set())
+    assert adopted == ["parallel.strategy=deepspeed", "parallel.offload_optimizer=True", "trainer.precision=bf16",
+                       "trainer.grad_accum=4"]  # zero_stage 2 and no param offload: already the config's
+    typed = to_object(cfg)
+    assert (typed.parallel.zero_stage, typed.trainer.micro_batch_size, typed.trainer.global_batch_size) == (2, 4, None)
+    check_launcher(typed.parallel, typed.trainer)  # now they agree
+    same = compose_cfg("parallel=zero2", "parallel.offload_optimizer=true")
+    adopt_launcher(same, {"parallel", "parallel.offload_optimizer"})  # the command line agrees: fine
+    with pytest.raises(ConfigError, match=r"the accelerate launcher sets parallel.zero_stage=2 but the command line "
+                                          r"says parallel.zero_stage=3"):
+        adopt_launcher(compose_cfg("parallel=zero3"), {"parallel"})
+    with pytest.raises(ConfigError, match=r"launcher sets trainer.precision=bf16 but the command line says "
+                                          r"trainer.precision=fp32"):
+        adopt_launcher(compose_cfg("trainer.precision=fp32"), {"trainer.precision"})
+    with pytest.raises(ConfigError, match="the accelerate launcher runs deepspeed but parallel.strategy=ddp"):
+        check_launcher(typed_cfg().parallel, typed_cfg("trainer.precision=bf16").trainer)  # not adopted: refused
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="mixed_precision=fp16; distsft trains in fp32 or bf16"):
+        adopt_launcher(compose_cfg(), set())
+
+
 def test_launcher_strategy_and_precision_conflicts(monkeypatch):
     cfg = typed_cfg()
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="the Hydra config owns the strategy"):
-        check_launcher(cfg.parallel, cfg.trainer)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ConfigError, match="mixed_precision=bf16 but trainer.precision=fp32"):
         check_launcher(cfg.parallel, cfg.trainer)
