@@ -244,7 +244,7 @@ class ExportConfig:
 
 @dataclass
 class DiagnosisConfig:
-    #: Final train-loss band edges (heuristics): below the 1st likely overfit, then sweet spot, underfit, barely learning.
+    #: Final train-loss band edges (heuristics): below the 1st likely overfit, then sweet spot, then underfit (barely learning when above the 3rd and the loss fell less than 10% from its start).
     bands: list[float] = field(default_factory=lambda: [0.2, 0.5, 1.0])
 
 

@@ -171,11 +171,24 @@ def test_mfu_scalar_logged_when_peak_known(tmp_path):
     assert all(0 < e.value < 1 for e in ea.Scalars("train/mfu"))
 
 
-@pytest.mark.parametrize("final,verdict", [(0.1, "likely overfit"), (0.3, "sweet spot"), (0.7, "underfit"),
-                                           (1.5, "barely learning")])
-def test_diagnosis_bands(final, verdict):
-    d = diagnose([(1, 2.0), (10, final)], [], [0.2, 0.5, 1.0])
-    assert d["verdict"] == verdict and d["heuristic"] and d["advice"]
+@pytest.mark.parametrize("start,final,verdict", [(2.0, 0.1, "likely overfit"), (2.0, 0.3, "sweet spot"),
+                                                 (2.0, 0.7, "underfit"), (1.6, 1.5, "barely learning"),
+                                                 (6.46, 1.5, "underfit")])
+def test_diagnosis_bands(start, final, verdict):
+    d = diagnose([(1, start), (10, final)], [], [0.2, 0.5, 1.0])
+    assert d["verdict"] == verdict == d["band"] and d["heuristic"] and d["advice"]
+
+
+def test_diagnosis_is_relative_to_where_the_loss_started():
+    """The quick start (6.46 = ln 640 -> 1.5) is still learning: train longer, not "raise the LR 3x"; a LoRA run
+    on a random base (6.46 -> 5.92) with an eval wobble of 0.01 barely learned, it did not overfit."""
+    quick = diagnose([(10, 6.46), (200, 1.5)], [], [0.2, 0.5, 1.0], vocab_size=640)
+    assert quick["verdict"] == "underfit" and "still learning (the loss fell 77%" in quick["advice"]
+    assert "2-3x" not in quick["advice"] and quick["uniform_loss"] == pytest.approx(6.4615, abs=1e-3)
+    lora = diagnose([(10, 6.46), (200, 5.92)], [(100, 5.95), (200, 5.96)], [0.2, 0.5, 1.0])
+    assert lora["band"] == lora["verdict"] == "barely learning" and "fell only 8%" in lora["advice"]
+    wobble = diagnose([(10, 2.0), (200, 0.4)], [(100, 0.45), (200, 0.455)], [0.2, 0.5, 1.0])
+    assert wobble["verdict"] == "sweet spot"  # +1% on eval is not overfitting
 
 
 def test_diagnosis_overfitting_from_eval_curve():
