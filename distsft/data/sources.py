@@ -73,20 +73,20 @@ def _read_jsonl_by_hand(path: Path, policy: str, skipped: Skipped) -> list[dict]
                 row = json.loads(raw.decode("utf-8"))
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object per line, got {type(row).__name__}")
-            except UnicodeDecodeError as e:
-                msg = f"{path} line {n}: not valid UTF-8 (byte {e.object[e.start]:#04x} at column {e.start + 1})"
+            except ValueError as e:  # a UnicodeDecodeError is one too
+                reason, msg = _bad_line(path, n, e)
                 if policy == "error":
-                    raise DataError(msg, reason="invalid_utf8") from None
-                skipped.add(str(path), n, "invalid_utf8", msg)
-                continue
-            except ValueError as e:
-                msg = f"{path} line {n}: not valid JSON ({e})"
-                if policy == "error":
-                    raise DataError(msg, reason="invalid_json") from e
-                skipped.add(str(path), n, "invalid_json", msg)
+                    raise DataError(msg, reason=reason) from None
+                skipped.add(str(path), n, reason, msg)
                 continue
             rows.append({**row, "_source": str(path), "_row": n})
     return rows
+
+
+def _bad_line(path: Path, n: int, e: ValueError) -> tuple[str, str]:
+    if isinstance(e, UnicodeDecodeError):
+        return "invalid_utf8", f"{path} line {n}: not valid UTF-8 (byte {e.object[e.start]:#04x} at column {e.start + 1})"
+    return "invalid_json", f"{path} line {n}: not valid JSON ({e})"
 
 
 def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | list[dict]:
