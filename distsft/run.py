@@ -152,6 +152,10 @@ def build_model(cfg: Config, acc):
     with whole_model(acc, cfg.model.init == "config"):
         model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, device=acc.device.index if cuda else "cpu",
                            quantization=quantization_config(cfg.peft, cfg.parallel.zero3))
+    if cfg.peft.method != "none" and cfg.model.init == "config":
+        log.warning("peft=%s on a randomly initialised base (model.init=config): adapters adapt what a pretrained "
+                    "model knows, a random one knows nothing and the loss barely falls; for the embedded model use "
+                    "model=tiny_base (pretrained)", cfg.peft.method)
     kernels, why = resolve_kernels(cfg.model.kernels, cuda, cfg.parallel.shards_parameters)
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers

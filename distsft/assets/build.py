@@ -8,6 +8,11 @@ byte, the files shipped next to this module:
     tiny-llama/tokenizer.json, tokenizer_config.json, chat_template.jinja
                                        a byte-level BPE trained on the bundled data, ChatML template
     data/tiny_sft.jsonl                deterministic, learnable instruction data (chat messages)
+    tiny-llama-base/                   the same model *pretrained* (model.safetensors, ~0.7 MB) on plain
+                                       text of other generated tasks (no chat template, another seed), and
+                                       the same tokenizer: a base for LoRA/QLoRA that adapters can adapt
+                                       (``model=tiny_base``); ``--base`` rebuilds only it (deterministic on
+                                       one platform; another CPU may round differently)
 
 The data is a mix of small tasks with a checkable answer (arithmetic, reversing words,
 counting, capitals, sorting) so that a model of ~0.2M parameters visibly learns in a minute
@@ -22,6 +27,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent
 MODEL_DIR = ASSETS / "tiny-llama"
+BASE_DIR = ASSETS / "tiny-llama-base"
 DATA_FILE = ASSETS / "data" / "tiny_sft.jsonl"
 
 SPECIAL_TOKENS = [
@@ -138,7 +144,47 @@ def model_config(vocab_size: int, tokenizer) -> dict:
     }
 
 
+def pretrain_base(steps: int = 600, batch: int = 16, length: int = 128, seed: int = 0) -> float:
+    """Pretrain the tiny model on plain text ("question answer" lines of 4,000 generated tasks, seed 7: other
+    examples than the bundled SFT data, and no chat template) and save it to tiny-llama-base. Returns the
+    final training loss."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    text = "".join(f"{m['content']}\n" for ex in make_examples(4000, seed=7) for m in ex["messages"]
+                   if m["role"] != "system")
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    windows = ids[: len(ids) // length * length].view(-1, length)  # [N, length]: plain causal LM windows
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL_DIR), attn_implementation="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.1, 1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        x = windows[torch.randint(len(windows), (batch,), generator=g)]
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    shutil.rmtree(BASE_DIR, ignore_errors=True)
+    model.save_pretrained(BASE_DIR)
+    tokenizer.save_pretrained(BASE_DIR)
+    shutil.copy(MODEL_DIR / "generation_config.json", BASE_DIR / "generation_config.json")
+    return float(loss)
+
+
 def main() -> None:
+    import sys
+
+    if sys.argv[1:] == ["--base"]:
+        print(f"wrote {BASE_DIR} (final pretraining loss {pretrain_base():.3f})")
+        return
     examples = make_examples()
     DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
     with DATA_FILE.open("w") as f:
@@ -157,6 +203,7 @@ def main() -> None:
            "do_sample": False, "max_new_tokens": 32}
     (MODEL_DIR / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     print(f"wrote {DATA_FILE} ({len(examples)} examples) and {MODEL_DIR} (vocab {vocab})")
+    print(f"wrote {BASE_DIR} (final pretraining loss {pretrain_base():.3f})")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,17 @@ from .attention import resolve_attention
 log = logging.getLogger(__name__)
 
 
+def located(name: str) -> str:
+    """A local directory as an absolute path (what an exported adapter records as its base, so that it loads
+    from any directory); a hub name as it is."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
 def load_tokenizer(cfg: ModelConfig):
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path, revision=cfg.revision,
+    tok = AutoTokenizer.from_pretrained(located(cfg.tokenizer or cfg.name_or_path), revision=cfg.revision,
                                         trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         # Pads never carry loss or attention, so reusing eos is safe and saves resizing embeddings.
@@ -35,7 +44,7 @@ def load_model(cfg: ModelConfig, seed: int, cuda: bool = False, quantization=Non
     dtype = getattr(torch, cfg.dtype)
     common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=resolve_attention(cfg.attn_implementation, cuda))
     if cfg.init == "config":
-        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+        config = AutoConfig.from_pretrained(located(cfg.name_or_path), revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)
         torch.manual_seed(seed)  # same seed -> same random init on every rank and every run
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
@@ -43,7 +52,7 @@ def load_model(cfg: ModelConfig, seed: int, cuda: bool = False, quantization=Non
             model = _quantise_random(model, quantization, dtype, device, common)
     else:
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+        model = AutoModelForCausalLM.from_pretrained(located(cfg.name_or_path), revision=cfg.revision,
                                                      dtype=dtype, **common, **extra)
     model.config.use_cache = False
     return model
