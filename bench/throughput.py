@@ -320,7 +320,8 @@ def memory_estimate(a) -> dict:
     """distsft.plan's estimate (GiB) for the distsft run of this benchmark, to compare with the measured peak."""
     from hydra import compose, initialize_config_dir
 
-    from distsft.config import register_configs, to_object
+    from distsft.checks import to_object
+    from distsft.config import register_configs
     from distsft.plan import memory_estimate as estimate
     from distsft.plan import model_shape
 

@@ -1,9 +1,12 @@
-"""Configuration stage, part 2: the rules a schema cannot express — allowed values, bounds, and the
-combinations that do not work (each refused with the alternative; the README lists the matrix)."""
+"""Configuration stage, part 2: a composed config becomes the typed tree (``to_object``), checked by the
+rules a schema cannot express: unknown keys, allowed values, bounds, paths, and the combinations that do
+not work (each refused with the alternative; the README lists the matrix)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from .config import Config, ConfigError
 
@@ -61,6 +64,35 @@ RANGES: list[tuple[str, Any, str]] = [
     ("preview.examples", lambda v: v >= 0, ">= 0"),
     ("plan.world_size", lambda v: v >= 1, ">= 1"),
 ]
+
+
+def to_object(cfg: DictConfig | Config) -> Config:
+    """Resolve a composed DictConfig into the typed dataclass tree and validate it."""
+    if not isinstance(cfg, Config):
+        check_known_keys(cfg)
+    obj = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Every key is a field of its schema. A plain typo fails at compose time already, but a ``+key`` override
+    (Hydra's own hint after a typo) adds the key to a schema node, where it would be carried along unused."""
+    import dataclasses
+    import difflib
+
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown config key {prefix}{key} (added with +{prefix}{key}=...?){hint}")
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_known_keys(node, f"{prefix}{key}.")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -306,37 +306,6 @@ def sweep_suffix() -> str:
     if hc.mode != RunMode.MULTIRUN:
         return ""
     return "/" + (hc.job.override_dirname or f"job{hc.job.num}")
-
-
-def to_object(cfg: DictConfig | Config) -> Config:
-    """Resolve a composed DictConfig into the typed dataclass tree and validate it."""
-    from .checks import validate  # cross-field rules; they import the schemas from here
-
-    if not isinstance(cfg, Config):
-        check_known_keys(cfg)
-    obj = cfg if isinstance(cfg, Config) else OmegaConf.to_object(cfg)
-    validate(obj)
-    return obj
-
-
-def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
-    """Every key is a field of its schema. A plain typo fails at compose time already, but a ``+key`` override
-    (Hydra's own hint after a typo) adds the key to a schema node, where it would be carried along unused."""
-    import dataclasses
-    import difflib
-
-    schema = OmegaConf.get_type(cfg)
-    if not dataclasses.is_dataclass(schema):
-        return
-    fields = {f.name for f in dataclasses.fields(schema)}
-    for key in cfg.keys():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(fields))}"
-            raise ConfigError(f"unknown config key {prefix}{key} (added with +{prefix}{key}=...?){hint}")
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
-            check_known_keys(node, f"{prefix}{key}.")
 
 
 def reference() -> str:

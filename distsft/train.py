@@ -11,7 +11,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .config import ConfigError, register_configs, to_object
+from .checks import to_object
+from .config import ConfigError, register_configs
 
 def _conf_dir() -> str:
     """The Hydra config groups: distsft/conf in an installed package, conf/ beside the package in a checkout

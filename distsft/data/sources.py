@@ -14,36 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 
+from .errors import DataError, Skipped
+from .formats import detect, to_messages
+
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 KEEP = ("messages", "_source", "_row")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row and field; ``reason`` is its kind."""
-
-    def __init__(self, message: str, reason: str = "error"):
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass
-class Skipped:
-    """Rows left out under ``data.bad_rows=skip`` (and why); written to the run dir's report."""
-
-    rows: list[dict] = field(default_factory=list)
-
-    def add(self, source: str, row: int, reason: str, message: str) -> None:
-        self.rows.append({"file": source, "row": row, "reason": reason, "message": message})
-
-    def counts(self) -> dict[str, int]:
-        return dict(Counter(r["reason"] for r in self.rows))
 
 
 def _jsonl_lines(path: Path) -> tuple[list[int], bool]:
@@ -124,8 +104,6 @@ def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | li
 
 def normalise(raw, fmt: str, policy: str, skipped: Skipped, source: str) -> datasets.Dataset:
     """Rows -> Dataset(messages, _source, _row); bad rows raise (policy error) or are recorded (skip)."""
-    from .formats import detect, to_messages
-
     columns = raw.column_names if isinstance(raw, datasets.Dataset) else sorted({k for r in raw for k in r})
     fmt = detect(columns, source) if fmt == "auto" else fmt
 

@@ -45,7 +45,7 @@ def test_user_deepspeed_json_auto_fields_merge_and_owned_fields_conflict(tmp_pat
 def test_a_launcher_deepspeed_config_is_adopted_where_the_command_line_is_silent(monkeypatch):
     """`accelerate config` with DeepSpeed ZeRO-2 + offload, bf16 and accumulation 4: taken over as parallel.*,
     trainer.precision and trainer.grad_accum (the global batch then derived); refused only on a real conflict."""
-    from distsft.config import to_object
+    from distsft.checks import to_object
     from distsft.trainer.strategy import adopt_launcher
     from tests.conftest import compose_cfg
 

@@ -1,0 +1,28 @@
+"""Data stage 0 (errors): what a bad row is called and how skipped rows are counted, shared by every data
+stage (sources, formats, tokenize, prepare) without any of them importing another for it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row and field; ``reason`` is its kind."""
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Skipped:
+    """Rows left out under ``data.bad_rows=skip`` (and why); written to the run dir's report."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, source: str, row: int, reason: str, message: str) -> None:
+        self.rows.append({"file": source, "row": row, "reason": reason, "message": message})
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(r["reason"] for r in self.rows))
