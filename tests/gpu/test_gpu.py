@@ -76,7 +76,7 @@ def test_liger_fused_loss_equals_logits_loss(tokenizer):
     from distsft.assets.build import make_examples
     from distsft.model.kernels import apply_kernels
     from distsft.model.load import load_model
-    from distsft.trainer.loop import forward_loss_sum
+    from distsft.trainer.step import forward_loss_sum
 
     cfg = typed_cfg("model.attn_implementation=varlen", "model.dtype=bfloat16").model
     docs = [tokenize_messages(tokenizer, e["messages"], "assistant") for e in make_examples(16, seed=5)]

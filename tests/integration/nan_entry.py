@@ -9,7 +9,7 @@ import os
 
 
 def nan_on_calls(forward_losses, bad):
-    """trainer.loop.forward_losses whose n-th call (from 1) gives a NaN cross-entropy for every n in ``bad``
+    """trainer.step.forward_losses whose n-th call (from 1) gives a NaN cross-entropy for every n in ``bad``
     ("all": every call)."""
     return scale_calls(forward_losses, lambda n: math.nan if n in bad or "all" in bad else 1.0)
 
@@ -27,9 +27,9 @@ def scale_calls(forward_losses, factor):
 
 
 if __name__ == "__main__":
-    import distsft.trainer.loop as loop
+    import distsft.trainer.step as step
     from distsft.train import main
 
     bad = {int(x) for x in os.environ["DISTSFT_TEST_NAN_CALLS"].split(",")}
-    loop.forward_losses = nan_on_calls(loop.forward_losses, bad)
+    step.forward_losses = nan_on_calls(step.forward_losses, bad)
     main()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import distsft.trainer.loop as loop
+import distsft.trainer.step as step
 from distsft.diagnose import diagnose
 from distsft.trainer.guards import TrainingError
 from tests.conftest import launch, run_tiny, typed_cfg
@@ -21,7 +22,7 @@ STEPS = ["trainer.max_steps=5", "trainer.eval_every=0", "trainer.save_every=0", 
 
 
 def poison(monkeypatch, bad_calls):
-    monkeypatch.setattr(loop, "forward_losses", nan_on_calls(loop.forward_losses, bad_calls))
+    monkeypatch.setattr(step, "forward_losses", nan_on_calls(step.forward_losses, bad_calls))
 
 
 def test_nan_step_is_skipped_with_sample_ids(tmp_path, monkeypatch, caplog):
@@ -47,9 +48,9 @@ def test_a_nonfinite_update_that_deepspeed_applied_stops_the_run():
 
 
 def test_loss_spike_is_logged_with_sample_ids_and_training_goes_on(tmp_path, monkeypatch, caplog):
-    real = loop.forward_losses
+    real = step.forward_losses
     # step 9's first micro-batch (grad_accum 2) counts 20x
-    monkeypatch.setattr(loop, "forward_losses", scale_calls(real, lambda n: 20.0 if n == 17 else 1.0))
+    monkeypatch.setattr(step, "forward_losses", scale_calls(real, lambda n: 20.0 if n == 17 else 1.0))
     with caplog.at_level(logging.WARNING, logger="distsft"):
         res = run_tiny(tmp_path, "trainer.max_steps=10", "trainer.eval_every=0", "trainer.save_every=0",
                        "trainer.spike_window=5")
@@ -57,7 +58,7 @@ def test_loss_spike_is_logged_with_sample_ids_and_training_goes_on(tmp_path, mon
     assert s["status"] == "finished" and s["loss_spikes"] == [9] and s["skipped_steps"] == []
     warning = next(r.getMessage() for r in caplog.records if "loss spike" in r.getMessage())
     assert "step 9" in warning and "running median" in warning and "tiny_sft.jsonl row" in warning
-    monkeypatch.setattr(loop, "forward_losses", real)  # negative control: the same run without the spike logs none
+    monkeypatch.setattr(step, "forward_losses", real)  # negative control: the same run without the spike logs none
     assert run_tiny(tmp_path / "calm", "trainer.max_steps=10", "trainer.eval_every=0", "trainer.save_every=0",
                     "trainer.spike_window=5").summary["loss_spikes"] == []
 
@@ -99,10 +100,10 @@ def test_a_resumed_run_keeps_the_guards_state_and_history(tmp_path, monkeypatch)
     same summary (loss histories, diagnosis, token counts)."""
     common = ["trainer.max_steps=12", "trainer.eval_every=2", "trainer.save_every=2", "trainer.early_stop_patience=2",
               "trainer.export_best=true", "trainer.spike_window=2"]
-    real = loop.forward_losses
+    real = step.forward_losses
 
     def run(out, *extra, curve, factors):  # factors: micro-batch call number -> loss factor (grad_accum 2)
-        monkeypatch.setattr(loop, "forward_losses", scale_calls(real, lambda n: factors.get(n, 1.0)))
+        monkeypatch.setattr(step, "forward_losses", scale_calls(real, lambda n: factors.get(n, 1.0)))
         monkeypatch.setattr(loop, "evaluate", lambda *a: next(curve))
         return run_tiny(out, *common, *extra).summary
 

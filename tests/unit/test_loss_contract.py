@@ -11,7 +11,7 @@ from distsft.batch import BatchPlan
 from distsft.config import DataConfig
 from distsft.data.loader import StepLoader, pack
 from distsft.data.prepare import prepare
-from distsft.trainer.loop import accumulate_gradients, forward_loss_sum
+from distsft.trainer.step import accumulate_gradients, forward_loss_sum
 from tests.conftest import reset_accelerate, typed_cfg
 
 

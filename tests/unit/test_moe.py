@@ -13,7 +13,7 @@ from distsft.batch import BatchPlan
 from distsft.data.loader import StepLoader, pack
 from distsft.data.prepare import prepare
 from distsft.model import moe
-from distsft.trainer.loop import accumulate_gradients
+from distsft.trainer.step import accumulate_gradients
 from tests.conftest import reset_accelerate, typed_cfg
 
 COEF = 0.5
