@@ -295,8 +295,12 @@ def register_configs() -> None:
 
 
 def sweep_suffix() -> str:
-    """'/<overrides of this job>' inside a Hydra multirun (-m), else ''. Every rank composes the
-    same overrides, so the run dir stays deterministic."""
+    """'/<the swept overrides of this job>' inside a Hydra multirun (-m), else ''. Only the keys the sweep
+    varies name the directory (``optim.lr=0.001``), not every override of the command line, and a '/' in a
+    value (a path) cannot nest directories. Every rank composes the same overrides, so the run dir stays
+    deterministic. Where the command line is not this process's (a submitit job), Hydra's override_dirname."""
+    import sys
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -305,7 +309,21 @@ def sweep_suffix() -> str:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return ""
-    return "/" + (hc.job.override_dirname or f"job{hc.job.num}")
+    swept = _swept_keys(sys.argv[1:])
+    parts = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    name = ",".join(parts) if parts else hc.job.override_dirname
+    return "/" + (name.replace("/", "_") or f"job{hc.job.num}")
+
+
+def _swept_keys(argv: list[str]) -> set[str]:
+    """Keys of the command-line overrides that sweep (a,b / range(...) / choice(...) / glob(...))."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    except Exception:  # not Hydra's command line (a submitit worker): fall back to override_dirname
+        return set()
+    return {o.key_or_group for o in overrides if o.is_sweep_override()}
 
 
 def reference() -> str:
