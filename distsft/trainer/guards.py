@@ -165,3 +165,29 @@ class EarlyStopping(Stateful):
     def should_stop(self, accelerator) -> bool:
         decide = torch.tensor([float(self.patience > 0 and self.bad_evals >= self.patience)], device=accelerator.device)
         return bool(broadcast(decide, from_process=0).item())  # rank 0 decides for everyone
+
+
+class Guards:
+    """Every guard of a run as one object: bad steps (judged from the late-read verdicts), loss spikes and
+    early stopping, with one state_dict for the checkpoint and one summary of what they saw."""
+
+    def __init__(self, trainer_cfg, device: torch.device):
+        self.bad_steps = BadStepGuard(trainer_cfg.max_bad_steps)
+        self.verdicts = StepVerdicts(device)
+        self.spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
+        self.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
+
+    def _stateful(self) -> dict[str, Stateful]:
+        return {"bad_steps": self.bad_steps, "spikes": self.spikes, "early_stopping": self.early}
+
+    def state_dict(self) -> dict:
+        return {name: g.state_dict() for name, g in self._stateful().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, g in self._stateful().items():
+            g.load_state_dict(state.get(name, {}))
+
+    def outcome(self) -> dict:
+        """What summary.json reports of them."""
+        best = {"step": self.early.best_step, "loss": self.early.best} if self.early.best is not None else None
+        return {"skipped_steps": self.bad_steps.skipped, "loss_spikes": self.spikes.spikes, "best_eval": best}

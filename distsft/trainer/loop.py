@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .guards import BadStepGuard, EarlyStopping, SpikeDetector, StepVerdicts
+from .guards import Guards
 from .metrics import Reporter, peak_memory_gb
 from .preempt import StopRequest
 from .samples import as_markdown, generate_samples
@@ -38,10 +38,7 @@ class LoopParts:
     flops: tuple[float, float] = (0.0, 0.0)  # per real token, per (document length)^2
     peak_flops: float | None = None
     history: dict = field(default_factory=lambda: {"train_loss": [], "eval_loss": [], "lr": [], "grad_norm": []})
-    early: EarlyStopping | None = None
-    spikes: SpikeDetector | None = None
-    guard: BadStepGuard | None = None
-    verdicts: StepVerdicts | None = None
+    guards: Guards | None = None  # made by train(), from the trainer config (and the checkpoint, at a resume)
     provenance: dict | None = None
     tokenizer: object = None
 
@@ -51,12 +48,8 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
     rep = Reporter(acc.is_main_process, p.output_dir, p.total_steps, st.step,
                    logging_cfg.tensorboard, logging_cfg.progress_bar)
     stop = StopRequest(p.output_dir, acc.is_main_process)
-    p.guard = BadStepGuard(trainer_cfg.max_bad_steps)
-    p.verdicts = StepVerdicts(acc.device)
-    p.spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
-    p.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
-    for name, guard in _guards(p).items():  # as the checkpoint we resumed from left them (if any)
-        guard.load_state_dict(st.guards.get(name, {}))
+    p.guards = Guards(trainer_cfg, acc.device)
+    p.guards.load_state_dict(st.guards)  # as the checkpoint we resumed from left them (if any)
     p.history.update({k: [tuple(x) for x in v] for k, v in st.history.items()})
     window = _Window(acc.device)
     outcome = "finished"
@@ -73,7 +66,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
                                  stop.local())
                 st.step += 1
                 ids = [mb["example_ids"] for mb in micro_batches]
-                p.verdicts.push(st.step, res.flags, (ids, res.applied_anyway))
+                p.guards.verdicts.push(st.step, res.flags, (ids, res.applied_anyway))
                 window.add(st.step, res, ids)
                 rep.step()
                 ended = _after_step(p, rep, window, lr, trainer_cfg, logging_cfg, stop_at, res.lag)
@@ -92,16 +85,15 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> dict:
         outcome = "early_stopped" if outcome == "early_stopped" else "finished"
     elif outcome != "preempted":
         outcome = "stopped"
-    return {"status": outcome, "skipped_steps": p.guard.skipped, "loss_spikes": p.spikes.spikes,
-            "best_eval": {"step": p.early.best_step, "loss": p.early.best} if p.early.best is not None else None}
+    return {"status": outcome, **p.guards.outcome()}
 
 
 def _judge(p: LoopParts, lag: int) -> bool:
     """Judge the steps whose flags are due (all but the last ``lag``); True if a stop was requested
     (the same on every rank: it came through the step's all-reduce)."""
     stop = False
-    for step, finite, stop_requested, (ids, applied) in p.verdicts.ready(lag):
-        p.guard.check(step, finite, lambda ids=ids: _origins(p, ids), p.accelerator.process_index, applied)
+    for step, finite, stop_requested, (ids, applied) in p.guards.verdicts.ready(lag):
+        p.guards.bad_steps.check(step, finite, lambda ids=ids: _origins(p, ids), p.accelerator.process_index, applied)
         stop |= stop_requested
     return stop
 
@@ -114,7 +106,7 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
     saving = trainer_cfg.save_every and st.step % trainer_cfg.save_every == 0 or st.step == stop_at
     if st.step % logging_cfg.log_every == 0 or saving or stop:  # a checkpoint holds exact token counts
         stop |= _judge(p, 0)  # every step so far judged: exact skipped steps, and a stop seen before saving
-        _log_window(p, rep, window, lr, p.guard.skipped)
+        _log_window(p, rep, window, lr, p.guards.bad_steps.skipped)
     if stop:
         rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
         saving = True
@@ -122,10 +114,11 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
     early = False
     if p.eval_batches and trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0:
         _log_eval(p, rep, trainer_cfg)
-        early = p.early.should_stop(p.accelerator)
+        early = p.guards.early.should_stop(p.accelerator)
         if early:
-            rep.line(f"early stop at step {st.step}: eval loss has not improved for {p.early.bad_evals} evals "
-                     f"(best {p.early.best:.4f} at step {p.early.best_step})")
+            best = p.guards.early
+            rep.line(f"early stop at step {st.step}: eval loss has not improved for {best.bad_evals} evals "
+                     f"(best {best.best:.4f} at step {best.best_step})")
     if logging_cfg.sample_every and (st.step % logging_cfg.sample_every == 0 or st.step == p.total_steps):
         samples = generate_samples(p.model, p.tokenizer, logging_cfg.sample_prompts,
                                    logging_cfg.sample_max_new_tokens, p.accelerator)
@@ -137,12 +130,8 @@ def _after_step(p: LoopParts, rep: Reporter, window, lr: float, trainer_cfg, log
     return "preempted" if stop else "early_stopped" if early else None
 
 
-def _guards(p: LoopParts) -> dict:
-    return {"bad_steps": p.guard, "spikes": p.spikes, "early_stopping": p.early}
-
-
 def _save(p: LoopParts, keep: int, name: str | None = None) -> None:
-    p.state.guards = {k: g.state_dict() for k, g in _guards(p).items()}
+    p.state.guards = p.guards.state_dict()
     p.state.history = p.history
     checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, keep, name=name,
                     provenance=p.provenance)
@@ -185,10 +174,10 @@ def _log_window(p: LoopParts, rep: Reporter, w: _Window, lr: float, skipped: lis
     # one collective and one host read per window: every step's loss summed over ranks
     step_losses = acc.reduce(torch.stack(w.losses).float(), reduction="sum").tolist()
     loss = sum(step_losses) / w.steps  # mean step loss of the window
-    if p.spikes.enabled:  # judged here, in step order, rather than with a sync in every step
+    if p.guards.spikes.enabled:  # judged here, in step order, rather than with a sync in every step
         for (step, ids), step_loss in zip(w.steps_seen, step_losses):
             if step not in skipped:
-                p.spikes.check(step, step_loss, lambda ids=ids: _origins(p, ids), acc.process_index)
+                p.guards.spikes.check(step, step_loss, lambda ids=ids: _origins(p, ids), acc.process_index)
     sup, real, attn_sq, cells, _, _ = w.counts.tolist()
     dt = time.perf_counter() - w.t0
     st.tokens += int(real)
@@ -222,5 +211,5 @@ def _log_eval(p: LoopParts, rep: Reporter, trainer_cfg) -> None:
         values["eval/gap"] = loss - p.history["train_loss"][-1][1]
     rep.scalars(p.state.step, values)
     rep.line(f"step {p.state.step} eval loss {loss:.4f}")
-    if p.early.update(p.state.step, loss) and trainer_cfg.export_best:
+    if p.guards.early.update(p.state.step, loss) and trainer_cfg.export_best:
         _save(p, 0, name="best")
