@@ -165,7 +165,7 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
     from distsft.data.loader import StepLoader
     from distsft.data.packing import best_fit_decreasing
     from distsft.trainer.accelerator import build_accelerator
-    from distsft.trainer.loop import ATTN, CELLS, REAL, SUP, train_step
+    from distsft.trainer.step import ATTN, CELLS, REAL, SUP, train_step
     from distsft.trainer.optim import build_optimizer
 
     s, cuda = setup(a), a.device == "cuda"

@@ -79,31 +79,47 @@ def _run_locked(cfg: Config, acc, plan, tokenizer, d, model, trainable: int, n_p
                 resolved: dict, resume_from: Path | None, t0: float) -> RunResult:
     _setup_run_dir(acc, out, resolved)  # only now, with data, config, checkpoint and lock known to be good
     _log_start(cfg, acc, plan, d, model, trainable, n_params, out)
-
-    optimizer = build_optimizer(model, cfg.optim, stochastic_round=cfg.trainer.precision == "bf16_pure")
-    model, optimizer = acc.prepare(model, optimizer)
-    log.info("optimizer: %s (%s)", describe_optimizer(optimizer), cfg.optim.name)
-    # after prepare: ZeRO regroups the optimizer's parameters, the schedule must see the final groups
-    scheduler = build_scheduler(optimizer, cfg.schedule, d.total)
-    state = checkpoint.TrainState()
-    acc.register_for_checkpointing(scheduler, state)
-    if resume_from is not None:
-        acc.load_state(str(resume_from))
-        log.info("resumed from %s at step %d", resume_from, int(resume_from.name.split("_")[1]))
+    model, optimizer, scheduler, state = _training_objects(cfg, acc, model, d.total, resume_from)
     prov = provenance(d.data.fingerprint)
     parts = LoopParts(acc, model, optimizer, scheduler, d.loader, d.eval_batches, state, d.total, out, resolved,
                       flops=model_flops(acc.unwrap_model(model), trainable, n_params),
                       peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
     outcome = train(parts, cfg.trainer, cfg.logging)
+    summary = _finish(cfg, acc, plan, d, parts, outcome, prov, (trainable, n_params), t0)
+    acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
+    acc.end_training()
+    _close_run_log()
+    return RunResult(summary, parts.model, tokenizer)
 
-    summary = _summary(cfg, plan, d, parts, outcome, prov, trainable, n_params)
+
+def _training_objects(cfg: Config, acc, model, total_steps: int, resume_from: Path | None):
+    """(model, optimizer, scheduler, state) prepared by Accelerate, and restored from ``resume_from``."""
+    optimizer = build_optimizer(model, cfg.optim, stochastic_round=cfg.trainer.precision == "bf16_pure")
+    model, optimizer = acc.prepare(model, optimizer)
+    log.info("optimizer: %s (%s)", describe_optimizer(optimizer), cfg.optim.name)
+    # after prepare: ZeRO regroups the optimizer's parameters, the schedule must see the final groups
+    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+    state = checkpoint.TrainState()
+    acc.register_for_checkpointing(scheduler, state)
+    if resume_from is not None:
+        acc.load_state(str(resume_from))
+        log.info("resumed from %s at step %d", resume_from, int(resume_from.name.split("_")[1]))
+    return model, optimizer, scheduler, state
+
+
+def _finish(cfg: Config, acc, plan, d, parts: LoopParts, outcome: dict, prov: dict, counts: tuple[int, int],
+            t0: float) -> dict:
+    """After the loop: the summary (compile statistics too), the export, summary.json, the last log lines and
+    curves.png."""
+    out, model, tokenizer, state = parts.output_dir, parts.model, parts.tokenizer, parts.state
+    summary = _summary(cfg, plan, d, parts, outcome, prov, *counts)
     if cfg.model.compile:
         summary["compile"] = c = compile_stats()
         breaks = c["graph_breaks"]
         log.log(logging.WARNING if breaks else logging.INFO, "compile: %d graphs, %d graph breaks%s", c["graphs"],
                 breaks, " (parts of the layers ran eagerly; TORCH_LOGS=graph_breaks shows where)" if breaks else "")
     if outcome["status"] in ("finished", "early_stopped") and cfg.export.enabled:
-        summary.update(_export(cfg, acc, model, tokenizer, out, resolved, outcome, prov))
+        summary.update(_export(cfg, acc, model, tokenizer, out, parts.resolved_config, outcome, prov))
     summary["wall_time_s"] = time.time() - t0
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -113,10 +129,7 @@ def _run_locked(cfg: Config, acc, plan, tokenizer, d, model, trainable: int, n_p
         if cfg.logging.plot:
             history = history_from_tensorboard(out / "tensorboard") or parts.history
             log.info("curves: %s", training_curves(history, out / "curves.png"))
-    acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
-    acc.end_training()
-    _close_run_log()
-    return RunResult(summary, model, tokenizer)
+    return summary
 
 
 @dataclass

@@ -84,7 +84,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(tokenizer):
     from distsft.data.loader import StepLoader, pack
     from distsft.data.prepare import prepare
     from distsft.model.peft import apply_peft
-    from distsft.trainer.loop import accumulate_gradients
+    from distsft.trainer.step import accumulate_gradients
     from tests.conftest import reset_accelerate
 
     cfg = typed_cfg("data.val_fraction=0")
