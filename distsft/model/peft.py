@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from ..config import PeftConfig
+from ..config import ConfigError, PeftConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,17 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_
         targets = cfg.target_modules[0] if cfg.target_modules == ["all-linear"] else list(cfg.target_modules)
         lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                           use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            if "lora_dropout" not in str(e):
+                raise
+            raise ConfigError(f"peft.dropout={cfg.dropout}: PEFT adapts this model's fused expert weights (an MoE: "
+                              "experts.gate_up_proj/down_proj) and its router as parameters, and a parameter adapter "
+                              "takes no dropout: set peft.dropout=0, or list the modules to adapt, e.g. "
+                              "peft.target_modules=[q_proj,k_proj,v_proj,o_proj] to leave the experts and the router "
+                              "alone") from None
+        log.info("adapters: %s", describe_adapters(model))
         if bf16_autocast:
             adapters_under_autocast(model)
     if gradient_checkpointing:
@@ -60,6 +70,27 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_
             # frozen embeddings give no grad to checkpointed blocks' inputs; adapters need one
             model.enable_input_require_grads()
     return model
+
+
+def describe_adapters(model) -> str:
+    """Which modules (per layer kind) got adapters, and which *parameters* of a module (the fused expert
+    weights and the router of an MoE model, which PEFT adapts as parameters, not as Linear layers)."""
+    import re
+    from collections import Counter
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kinds: Counter = Counter()
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        # several parameters of one module nest their wrappers (experts -> experts.base_layer)
+        kind = re.sub(r"\.\d+\.", ".N.", re.sub(r"(\.base_layer)+$", "", name.removeprefix("base_model.model.")))
+        param = getattr(module, "parameter_name", None)
+        kinds[f"{kind}.{param} (as a parameter)" if param else kind] += 1
+    if not kinds:
+        return "none"
+    return f"{sum(kinds.values())} modules: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
 
 
 def adapters_under_autocast(model) -> int:

@@ -116,3 +116,28 @@ def test_a_saved_moe_model_trains_end_to_end_with_the_router_term(tmp_path):
         logged[coef] = losses[0]
     # same weights and batch: the difference is coef x the mean row term (~E x k / E = k = 2 when balanced)
     assert logged[COEF] - logged[0.0] == pytest.approx(COEF * 2, rel=0.1)
+
+
+def test_lora_on_an_moe_says_what_it_adapts_and_refuses_dropout_on_parameters(tmp_path, caplog):
+    """PEFT adapts an MoE's fused expert weights and its router as parameters (no dropout there): a default
+    dropout is refused with the two ways out, and a run with dropout 0 trains and logs what got adapters."""
+    import logging
+
+    from distsft.config import ConfigError, PeftConfig
+    from distsft.model.load import load_tokenizer
+    from distsft.model.peft import apply_peft
+    from tests.conftest import run_tiny
+
+    with pytest.raises(ConfigError, match=r"peft.dropout=0.05: PEFT adapts this model's fused expert weights .* "
+                                          r"set peft.dropout=0, or list the modules to adapt"):
+        apply_peft(tiny_moe(), PeftConfig(method="lora"), False)
+    src = tmp_path / "moe"
+    tiny_moe().save_pretrained(src)
+    load_tokenizer(typed_cfg().model).save_pretrained(src)
+    with caplog.at_level(logging.INFO, logger="distsft"):
+        s = run_tiny(tmp_path / "run", f"model.name_or_path={src}", "model.init=pretrained", "peft=lora",
+                     "peft.dropout=0", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=0",
+                     "data.max_seq_len=128", "logging.sample_every=0", "logging.plot=false").summary
+    assert s["status"] == "finished"
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("adapters:"))
+    assert "mlp.experts.gate_up_proj (as a parameter) x2" in line and "self_attn.q_proj x2" in line
