@@ -41,8 +41,8 @@ class StepResult:
 
 
 def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sum of the token cross-entropies of the supervised positions, and for an MoE model the sum over
-    the rows of their router load-balancing terms (model.moe), else None)."""
+    """(sum of the token cross-entropies of the supervised positions, and for an MoE model router_aux_loss_coef
+    x the sum over the rows of their router load-balancing terms (model.moe), else None)."""
     # use_cache=False and no attention_mask on packed rows: that is what keeps documents apart
     varlen = getattr(model, "module", model).config._attn_implementation == VARLEN
     inputs = model_inputs(batch, varlen)
@@ -63,7 +63,7 @@ def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         ce = token_ce_sum(out.logits, batch["labels"])
     if spec is None:
         return ce, None
-    return ce, moe.row_balance_sum(out.router_logits, real_tokens(batch), spec)
+    return ce, spec.coef * moe.row_balance_sum(out.router_logits, real_tokens(batch), spec)
 
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,7 +86,6 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     counts = accelerator.reduce(counts.to(device, non_blocking=True), reduction="sum")
     n_sup = counts[SUP].clamp(min=1).float()
     n_rows = counts[ROWS].clamp(min=1).float()
-    spec = moe.router(model)
     # DDP/ZeRO average gradients over W ranks and Accelerate/DeepSpeed divide the loss by the
     # accumulation steps A: undo both, then divide by N (the router term: by the step's rows)
     undo = accelerator.num_processes * accelerator.gradient_accumulation_steps
@@ -95,10 +94,10 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
         # accumulate(): no gradient sync (DDP no_sync / DeepSpeed boundary) but on the last micro-batch
         with accelerator.accumulate(model):
             mb = to_device(mb, device, non_blocking=True)
-            ce_sum, balance_sum = forward_losses(model, mb)
+            ce_sum, router_sum = forward_losses(model, mb)
             share = ce_sum / n_sup
-            if balance_sum is not None:  # once per step: coef x the mean over the step's rows
-                share = share + spec.coef * balance_sum / n_rows
+            if router_sum is not None:  # once per step: coef x the mean over the step's rows
+                share = share + router_sum / n_rows
             accelerator.backward(share * undo)
             total += share.detach()
     assert accelerator.sync_gradients, "micro-batches per step must equal the accumulation steps"
