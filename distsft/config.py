@@ -82,8 +82,12 @@ class DataConfig:
     cache: bool = True
     #: Cache directory; null means $DISTSFT_CACHE or ~/.cache/distsft, plus /tokenized.
     cache_dir: Optional[str] = None
-    #: Processes that tokenize (datasets.map num_proc; 1 tokenizes in the main process).
-    num_proc: int = 1
+    #: Processes that tokenize, one cache shard at a time (0: one per available CPU core, at most 32; 1: in the main process).
+    num_proc: int = 0
+    #: Conversations per token-cache shard: the unit of parallel tokenization, and what bounds preparation memory.
+    shard_size: int = 4096
+    #: Seconds a rank waits for its node's first process to prepare the data before it stops with an error.
+    prepare_timeout: int = 3600
     #: DataLoader worker processes (0 collates in the training process).
     num_workers: int = 0
 

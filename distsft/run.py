@@ -141,8 +141,10 @@ class DataParts:
 
 
 def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
-    with acc.main_process_first():  # rank 0 tokenizes and fills the cache; the others then read it
-        data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
+    # the first process of each node builds the token cache (or finds it); the others of the node wait
+    # for it and map the same files (data.prepare_timeout bounds the wait)
+    data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path,
+                   builder=acc.is_local_main_process)
     use_template(tokenizer, data.template, cfg.data.chat_template)
     loader = StepLoader(data.train, pack(data.train, cfg.data, data.train_stats), plan, acc.process_index, cfg.data,
                         tokenizer.pad_token_id, pin_memory=acc.device.type == "cuda")
@@ -218,7 +220,8 @@ def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: dict, p
             "parameters": {"trainable": trainable, "total": n_params},
             "data": {"train": data.train_stats.as_dict(),
                      "eval": data.eval_stats.as_dict() if data.eval_stats else None,
-                     "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit}}
+                     "skipped_rows": data.skipped.counts(), "cache_hit": data.cache_hit,
+                     "prepare_seconds": round(data.seconds, 3)}}
 
 
 def _export(cfg: Config, acc, model, tokenizer, out: Path, resolved: dict, outcome: dict, prov: dict) -> dict:

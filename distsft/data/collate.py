@@ -23,56 +23,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .store import TokenStore
 from .tokenize import IGNORE
-
-
-class TokenStore:
-    """All tokenized examples as flat arrays (cheap to slice, cheap to send to workers), with the
-    file and row every example came from (to name the samples of a bad step)."""
-
-    def __init__(self, input_ids: list[list[int]], labels: list[list[int]],
-                 sources: list[str] | None = None, rows: list[int] | None = None):
-        lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.tokens = np.fromiter((t for x in input_ids for t in x), dtype=np.int32, count=int(lengths.sum()))
-        self.labels = np.fromiter((t for x in labels for t in x), dtype=np.int32, count=int(lengths.sum()))
-        self.lengths = lengths
-        names = sorted(set(sources or []))
-        self.source_names = names
-        self.source_idx = np.array([names.index(s) for s in sources], np.int32) if sources else \
-            np.zeros(len(lengths), np.int32)
-        self.rows = np.array(rows if rows is not None else np.arange(1, len(lengths) + 1), np.int64)
-
-    def save(self, path) -> None:
-        np.savez(path, offsets=self.offsets, tokens=self.tokens, labels=self.labels, source_idx=self.source_idx,
-                 rows=self.rows, source_names=np.array(self.source_names, dtype=object))
-
-    @classmethod
-    def load(cls, path) -> "TokenStore":
-        z = np.load(path, allow_pickle=True)
-        store = cls.__new__(cls)
-        store.offsets, store.tokens, store.labels = z["offsets"], z["tokens"], z["labels"]
-        store.lengths = np.diff(store.offsets)
-        store.source_idx, store.rows = z["source_idx"], z["rows"]
-        store.source_names = [str(x) for x in z["source_names"]]
-        return store
-
-    def origin(self, i: int) -> str:
-        """'file row N' of example i."""
-        name = self.source_names[self.source_idx[i]] if self.source_names else "?"
-        return f"{name} row {self.rows[i]}"
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        s, e = self.offsets[i], self.offsets[i + 1]
-        return self.tokens[s:e].astype(np.int64), self.labels[s:e].astype(np.int64)
-
-    def supervised(self) -> np.ndarray:
-        """Supervised tokens per example."""
-        sup = (self.labels != IGNORE).astype(np.int64)
-        return np.add.reduceat(sup, self.offsets[:-1]) if len(self) else np.zeros(0, np.int64)
 
 
 def collate_packed(store: TokenStore, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -14,6 +14,9 @@ class DataError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # keep the reason when a worker process sends the error back
+        return type(self), (str(self), self.reason)
+
 
 @dataclass
 class Skipped:

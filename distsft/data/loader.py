@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..batch import BatchPlan
 from ..config import DataConfig
 from .collate import TokenStore, collate_packed, collate_padded, supervised_positions
-from .packing import best_fit_decreasing, epoch_rows
+from .packing import Rows, best_fit_decreasing, epoch_order
 from .prepare import SplitStats
 from .sources import DataError
 from .tokenize import IGNORE
@@ -31,14 +31,17 @@ from .tokenize import IGNORE
 log = logging.getLogger(__name__)
 
 
-def pack(store: TokenStore, cfg: DataConfig, stats: SplitStats) -> list[list[int]]:
-    """Rows of example ids (packed by BFD, or one example per row) and their statistics."""
+def pack(store: TokenStore, cfg: DataConfig, stats: SplitStats) -> Rows:
+    """Rows of example ids (packed by BFD, from the token cache when it holds them, or one example per
+    row) and their statistics."""
     if cfg.mode == "pack":
-        rows = best_fit_decreasing(store.lengths, cfg.max_seq_len, cfg.seed)
+        rows = store.packed.get((cfg.max_seq_len, cfg.seed))
+        if rows is None:
+            rows = best_fit_decreasing(store.lengths, cfg.max_seq_len, cfg.seed)
         stats.packing_efficiency = float(store.lengths.sum()) / (len(rows) * cfg.max_seq_len)
         stats.examples_per_sequence = len(store) / len(rows)
     else:
-        rows = [[i] for i in range(len(store))]
+        rows = Rows.singletons(len(store))
         stats.examples_per_sequence = 1.0
     stats.sequences = len(rows)
     return rows
@@ -49,16 +52,22 @@ def collate_fn(mode: str):
 
 
 class _MicroBatches(Dataset):
-    def __init__(self, store: TokenStore, batches: list[list[list[int]]], mode: str, pad_id: int):
-        self.store, self.batches, self.pad_id = store, batches, pad_id
+    """Micro-batch i of an epoch: the rows ``order[firsts[i]:firsts[i] + m]``, collated when asked for
+    (nothing per micro-batch is held: the epoch is a permutation and a vector of first positions)."""
+
+    def __init__(self, store: TokenStore, rows: Rows, order: np.ndarray, firsts: np.ndarray, m: int,
+                 mode: str, pad_id: int):
+        self.store, self.rows, self.order, self.firsts, self.m, self.pad_id = store, rows, order, firsts, m, pad_id
         self.collate = collate_fn(mode)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.firsts)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        batch = self.collate(self.store, self.batches[i], self.pad_id)
-        ids = [e for r in self.batches[i] for e in r]
+        first = int(self.firsts[i])
+        rows = self.rows[self.order[first:first + self.m]]
+        batch = self.collate(self.store, rows, self.pad_id)
+        ids = np.concatenate(rows)
         lengths = self.store.lengths[ids]
         batch["n_supervised"] = (batch["labels"] != IGNORE).sum()
         batch["n_tokens"] = torch.tensor(int(lengths.sum()))  # real tokens (no padding)
@@ -66,13 +75,13 @@ class _MicroBatches(Dataset):
         batch["n_cells"] = torch.tensor(batch["input_ids"].numel())  # tokens computed, padding included
         batch["n_rows"] = torch.tensor(batch["input_ids"].size(0))  # the MoE router term is a mean over rows
         # real tokens per row (packed: its documents; padded: its one example), the rest is padding
-        batch["row_tokens"] = torch.tensor([int(self.store.lengths[r].sum()) for r in self.batches[i]]
+        batch["row_tokens"] = torch.tensor([int(self.store.lengths[r].sum()) for r in rows]
                                            if self.collate is collate_packed else lengths.tolist())
-        batch["example_ids"] = torch.tensor(ids)  # to name the samples of a bad step
+        batch["example_ids"] = torch.from_numpy(ids.astype(np.int64))  # to name the samples of a bad step
         return with_positions(batch)
 
 
-def too_few_sequences(store: TokenStore, rows: list[list[int]], global_batch: int, cfg: DataConfig) -> str:
+def too_few_sequences(store: TokenStore, rows: Rows, global_batch: int, cfg: DataConfig) -> str:
     """Why one optimizer step cannot be filled, and exactly what to change."""
     head = (f"only {len(rows)} training sequences, but one optimizer step needs trainer.global_batch_size="
             f"{global_batch} of them")
@@ -89,7 +98,7 @@ def too_few_sequences(store: TokenStore, rows: list[list[int]], global_batch: in
 class StepLoader:
     """Serves one rank's micro-batches, grouped per optimizer step."""
 
-    def __init__(self, store: TokenStore, rows: list[list[int]], plan: BatchPlan, rank: int,
+    def __init__(self, store: TokenStore, rows: Rows, plan: BatchPlan, rank: int,
                  cfg: DataConfig, pad_id: int, pin_memory: bool = False):
         self.store, self.rows, self.plan, self.rank = store, rows, plan, rank
         self.cfg, self.pad_id, self.pin_memory = cfg, pad_id, pin_memory
@@ -100,19 +109,18 @@ class StepLoader:
     def total_steps(self, epochs: float, max_steps: int) -> int:
         return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.steps_per_epoch))
 
-    def _micro_batches(self, epoch: int, start_step: int) -> list[list[list[int]]]:
-        order = epoch_rows(self.rows, self.cfg.seed, epoch)
-        m, w, g = self.plan.micro_batch_size, self.plan.world_size, self.plan.global_batch_size
-        out = []
-        for s in range(start_step, self.steps_per_epoch):
-            for k in range(self.plan.grad_accum):
-                first = s * g + (k * w + self.rank) * m
-                out.append(order[first:first + m])
-        return out
+    def _firsts(self, start_step: int) -> np.ndarray:
+        """Position in the epoch's row order of the first row of each of this rank's micro-batches."""
+        m, w, g, a = self.plan.micro_batch_size, self.plan.world_size, self.plan.global_batch_size, self.plan.grad_accum
+        s = np.arange(start_step, self.steps_per_epoch)[:, None]  # [steps, 1]
+        k = np.arange(a)[None, :]  # [1, accum]
+        return (s * g + (k * w + self.rank) * m).reshape(-1)
 
     def steps(self, epoch: int, start_step: int = 0):
         """Yield lists of ``grad_accum`` collated micro-batches, from ``start_step`` of ``epoch``."""
-        ds = _MicroBatches(self.store, self._micro_batches(epoch, start_step), self.cfg.mode, self.pad_id)
+        order = epoch_order(len(self.rows), self.cfg.seed, epoch)
+        ds = _MicroBatches(self.store, self.rows, order, self._firsts(start_step), self.plan.micro_batch_size,
+                           self.cfg.mode, self.pad_id)
         # its own generator: creating the iterator must not draw from the global RNG, or a resumed
         # run (which creates it mid-epoch) would get other dropout masks than an uninterrupted one
         generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
@@ -126,7 +134,7 @@ class StepLoader:
                 group = []
 
 
-def eval_batches(store: TokenStore, rows: list[list[int]], micro: int, rank: int, world: int,
+def eval_batches(store: TokenStore, rows: Rows, micro: int, rank: int, world: int,
                  cfg: DataConfig, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """This rank's share of the eval rows (rank::world), in micro-batches. Every rank gets the same
     number of batches (ZeRO-3 forwards are collective): a rank that runs out repeats its first

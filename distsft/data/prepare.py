@@ -1,10 +1,23 @@
-"""Data stages 1-3 together, cached: load -> normalise -> dedup -> split -> mix -> tokenize + mask -> filter.
+"""Data stages 1-4 together, streamed and cached: load -> normalise -> dedup -> split -> mix ->
+tokenize + mask -> filter -> store -> pack.
 
-The result (flat token arrays and statistics per split) is cached on disk under a key made of the
-data files' content hashes, the tokenizer, the chat template and every data option that changes
-tokens, so a restart, or a second rank, reads it instead of tokenizing again. Only the main process
-builds it (the caller holds the others back with ``main_process_first``); a change to any input
-makes a new key.
+The result is a token cache entry (see ``store.py``: shards of plain arrays plus ``index.json``)
+under a key made of the data files' content hashes, the tokenizer, the chat template and every data
+option that changes tokens, so a restart, or another rank, maps it instead of tokenizing again::
+
+    <cache>/tokenized/<key>/index.json                  splits, shards, byte sizes, statistics, bad rows
+    <cache>/tokenized/<key>/train-00000.tokens.npy ...  one shard per data.shard_size conversations
+    <cache>/tokenized/<key>/train.pack.{offsets,items}.npy   the packed rows (best-fit decreasing)
+
+Preparation streams: rows stay in Arrow files (memory-mapped by ``datasets``), and each shard of
+``data.shard_size`` conversations is rendered, tokenized, masked and written by one worker process
+(``data.num_proc`` of them, forked), so peak memory is set by the shard, not by the data. An entry
+is built in a temporary directory and renamed into place when complete: a reader sees all of it or
+nothing, and one whose files do not match the sizes in its index is rebuilt, never trusted.
+
+On a cluster the first process of each node builds the entry, or reads it when it is already
+there (a shared filesystem); the other processes of the node wait for it (``wait_for``), at most
+``data.prepare_timeout`` seconds, and stop with the builder's error if it failed.
 """
 
 from __future__ import annotations
@@ -12,22 +25,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import multiprocessing as mp
 import os
 import shutil
+import socket
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 
 from ..config import DataConfig
-from .collate import TokenStore
-from .formats import where
+from .packing import Rows, best_fit_decreasing
 from .sources import DataError, Skipped, apply_weight, dedup, load_source
+from .store import LENGTH, SUPERVISED, TokenStore, token_dtype, write_shard
 from .templates import resolve_template
-from .tokenize import IGNORE, TemplateError, tokenize_messages
+from .tokenize import encode_conversations
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+ENCODE_BATCH = 64  # conversations rendered and encoded together inside a shard
 datasets.disable_progress_bars()  # one line of statistics per split is logged instead
 
 
@@ -49,6 +70,10 @@ class SplitStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def add(self, counts: dict) -> None:
+        for k, v in counts.items():
+            setattr(self, k, getattr(self, k) + v)
+
 
 @dataclass
 class Prepared:
@@ -60,6 +85,7 @@ class Prepared:
     template: str = ""
     cache_hit: bool = False
     fingerprint: str = ""  # hash of the data files' content and every option that changes tokens
+    seconds: float = 0.0  # wall time of preparation (reading a cache entry included)
 
 
 def _digest_file(path: Path, h) -> None:
@@ -68,9 +94,12 @@ def _digest_file(path: Path, h) -> None:
             h.update(chunk)
 
 
+NOT_IN_KEY = ("num_workers", "num_proc", "shard_size", "prepare_timeout", "cache_dir", "mode")
+
+
 def cache_key(cfg: DataConfig, tokenizer, template: str) -> str:
     h = hashlib.sha256()
-    opts = {k: v for k, v in asdict(cfg).items() if k not in ("num_workers", "num_proc", "cache_dir", "mode")}
+    opts = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     h.update(json.dumps({"v": CACHE_VERSION, "cfg": opts, "template": template,
                          "special": tokenizer.special_tokens_map}, sort_keys=True, default=str).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer")
@@ -91,7 +120,7 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def _load_splits(cfg: DataConfig, skipped: Skipped):
-    """(train parts per file, eval Dataset | None, duplicates removed)."""
+    """(train Dataset, eval Dataset | None, duplicates removed)."""
     if cfg.train_weights and len(cfg.train_weights) != len(cfg.train_files):
         raise DataError(f"data.train_weights has {len(cfg.train_weights)} entries for {len(cfg.train_files)} "
                         "data.train_files", reason="config")
@@ -113,101 +142,231 @@ def _load_splits(cfg: DataConfig, skipped: Skipped):
     return datasets.concatenate_datasets(parts), eval_ds, dups
 
 
-def tokenize_split(ds: datasets.Dataset, cfg: DataConfig, tokenizer, template: str, template_name: str,
-                   stats: SplitStats) -> TokenStore:
-    if not len(ds):  # every row skipped (or an empty file): nothing to tokenize
-        return TokenStore([], [], [], [])
+# ---- one shard: render, tokenize, mask, filter, write (in a worker process or in this one) ----------
 
-    def encode(row):
-        try:
-            return tokenize_messages(tokenizer, row["messages"], cfg.loss_on, template, template_name)
-        except TemplateError as e:
-            raise TemplateError(f"{where(row)}: {e}", reason=e.reason) from None
+_JOB: dict = {}  # what the forked workers need; set before the pool starts (nothing is pickled per task)
 
-    enc = ds.map(encode, remove_columns=["messages"], num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                 desc="tokenize", load_from_cache_file=False)
-    stats.rows_in = len(ds)
-    kept_ids, kept_labels, kept_src, kept_row = [], [], [], []
-    for x, y, src, row in zip(enc["input_ids"], enc["labels"], enc["_source"], enc["_row"]):
-        if len(x) > cfg.max_seq_len:
-            if cfg.overlong == "drop":
-                stats.dropped_overlong += 1
+
+def _tokenize_shard(k: int) -> tuple[dict, dict]:
+    """Shard k of the job's split -> (its index entry, its statistics)."""
+    j = _JOB
+    cfg: DataConfig = j["cfg"]
+    lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(j["ds"]))
+    ids_out, masks_out, examples = [], [], []
+    counts = dict(rows_in=hi - lo, kept=0, dropped_overlong=0, dropped_short=0, dropped_unsupervised=0,
+                  truncated=0, tokens=0, supervised_tokens=0)
+    for b in range(lo, hi, ENCODE_BATCH):
+        rows = j["ds"][b:min(b + ENCODE_BATCH, hi)]
+        src, row_no = rows["_source"], rows["_row"]
+        encoded = encode_conversations(j["tokenizer"], rows["messages"], cfg.loss_on, j["template"],
+                                       j["template_name"], where=lambda i: f"{src[i]} row {row_no[i]}")
+        for i, (ids, sup) in enumerate(encoded):
+            if len(ids) > cfg.max_seq_len:
+                if cfg.overlong == "drop":
+                    counts["dropped_overlong"] += 1
+                    continue
+                ids, sup = ids[:cfg.max_seq_len], sup[:cfg.max_seq_len]
+                counts["truncated"] += 1
+            if len(ids) < cfg.min_tokens:
+                counts["dropped_short"] += 1
                 continue
-            x, y = x[: cfg.max_seq_len], y[: cfg.max_seq_len]
-            stats.truncated += 1
-        if len(x) < cfg.min_tokens:
-            stats.dropped_short += 1
-            continue
-        if all(t == IGNORE for t in y):
-            stats.dropped_unsupervised += 1
-            continue
-        kept_ids.append(x)
-        kept_labels.append(y)
-        kept_src.append(src)
-        kept_row.append(row)
-    store = TokenStore(kept_ids, kept_labels, kept_src, kept_row)
-    stats.kept, stats.tokens = len(store), int(store.lengths.sum())
-    stats.supervised_tokens = int(store.supervised().sum())
-    return store
+            n_sup = int(sup.sum())
+            if not n_sup:
+                counts["dropped_unsupervised"] += 1
+                continue
+            ids_out.append(ids)
+            masks_out.append(sup)
+            examples.append((len(ids), n_sup, j["sources"][src[i]], row_no[i]))
+    ex = np.array(examples, np.int64).reshape(-1, 4)
+    counts.update(kept=len(ex), tokens=int(ex[:, LENGTH].sum()), supervised_tokens=int(ex[:, SUPERVISED].sum()))
+    entry = write_shard(j["dir"], f"{j['split']}-{k:05d}", ids_out, masks_out, ex, j["dtype"])
+    return entry, counts
 
 
-def _build(cfg: DataConfig, tokenizer, template: str, template_name: str) -> Prepared:
+def default_num_proc() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 32))
+
+
+def tokenize_split(ds: datasets.Dataset, cfg: DataConfig, tokenizer, template: str, template_name: str,
+                   directory: Path, split: str, sources: dict[str, int], stats: SplitStats) -> list[dict]:
+    """Write ``split``'s shards into ``directory``; -> their index entries (statistics into ``stats``)."""
+    n_shards = math.ceil(len(ds) / cfg.shard_size)
+    vocab = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1)
+    _JOB.update(ds=ds, cfg=cfg, tokenizer=tokenizer, template=template, template_name=template_name,
+                dir=directory, split=split, sources=sources, dtype=token_dtype(vocab))
+    procs = min(cfg.num_proc or default_num_proc(), n_shards)
+    try:
+        if procs <= 1:
+            results = [_tokenize_shard(k) for k in range(n_shards)]
+        else:
+            # fork: the workers inherit the dataset (memory-mapped Arrow) and the tokenizer; each encodes
+            # on one thread (the processes are the parallelism), and the parent's tokenizer is untouched
+            env = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                with mp.get_context("fork").Pool(procs) as pool:
+                    results = list(pool.imap(_tokenize_shard, range(n_shards)))  # in shard order
+            finally:
+                if env is None:
+                    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = env
+    finally:
+        _JOB.clear()
+    for _, counts in results:
+        stats.add(counts)
+    return [entry for entry, _ in results]
+
+
+def _pack_plan(store: TokenStore, cfg: DataConfig, directory: Path, split: str) -> dict:
+    rows = best_fit_decreasing(store.lengths, cfg.max_seq_len, cfg.seed)
+    files = {}
+    for kind, arr in (("offsets", rows.offsets), ("items", rows.items)):
+        np.save(directory / f"{split}.pack.{kind}.npy", arr)
+        files[kind] = {"file": f"{split}.pack.{kind}.npy", "bytes": (directory / f"{split}.pack.{kind}.npy").stat().st_size}
+    return {"max_seq_len": cfg.max_seq_len, "seed": cfg.seed, "files": files}
+
+
+def _build(cfg: DataConfig, tokenizer, template: str, template_name: str, directory: Path) -> dict:
+    """Write a complete entry into ``directory``; -> its index."""
     skipped = Skipped()
     train_ds, eval_ds, dups = _load_splits(cfg, skipped)
-    train_stats = SplitStats(duplicates=dups)
-    train = tokenize_split(train_ds, cfg, tokenizer, template, template_name, train_stats)
-    if not len(train):
-        raise DataError(f"no usable training examples in {cfg.train_files}: {train_stats.dropped_overlong} longer "
-                        f"than data.max_seq_len={cfg.max_seq_len}, {train_stats.dropped_unsupervised} without "
-                        f"supervised tokens, {train_stats.dropped_short} shorter than data.min_tokens, "
-                        f"{len(skipped.rows)} bad rows skipped {skipped.counts() or ''}".rstrip(), reason="empty")
-    ev, ev_stats = None, None
-    if eval_ds is not None and len(eval_ds):
-        ev_stats = SplitStats()
-        ev = tokenize_split(eval_ds, cfg, tokenizer, template, template_name, ev_stats)
-        ev = ev if len(ev) else None
-    return Prepared(train, train_stats, ev, ev_stats if ev is not None else None, skipped, template)
+    files = [*cfg.train_files, *cfg.val_files]
+    names = sorted({*files, *(str(Path(f)) for f in files)})  # rows name their file as given or normalised
+    sources = {n: i for i, n in enumerate(names)}
+    index = {"version": CACHE_VERSION, "source_names": names, "splits": {}}
+    for split, ds in (("train", train_ds), ("eval", eval_ds)):
+        if ds is None or (split == "eval" and not len(ds)):
+            continue
+        stats = SplitStats(duplicates=dups if split == "train" else 0)
+        shards = tokenize_split(ds, cfg, tokenizer, template, template_name, directory, split, sources, stats)
+        entry = {"shards": shards, "stats": stats.as_dict()}
+        store = TokenStore.open(directory, entry, names)
+        if split == "train" and not len(store):
+            raise DataError(f"no usable training examples in {cfg.train_files}: {stats.dropped_overlong} longer "
+                            f"than data.max_seq_len={cfg.max_seq_len}, {stats.dropped_unsupervised} without "
+                            f"supervised tokens, {stats.dropped_short} shorter than data.min_tokens, "
+                            f"{len(skipped.rows)} bad rows skipped {skipped.counts() or ''}".rstrip(), reason="empty")
+        if len(store):
+            entry["pack"] = _pack_plan(store, cfg, directory, split)
+            index["splits"][split] = entry
+    index["skipped"] = skipped.rows
+    (directory / "index.json").write_text(json.dumps(index))
+    return index
 
 
-def _save(prep: Prepared, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    prep.train.save(tmp / "train.npz")
-    if prep.eval is not None:
-        prep.eval.save(tmp / "eval.npz")
-    meta = {"train_stats": prep.train_stats.as_dict(),
-            "eval_stats": prep.eval_stats.as_dict() if prep.eval_stats else None,
-            "skipped": prep.skipped.rows}
-    (tmp / "meta.json").write_text(json.dumps(meta))
+def _intact(directory: Path, index: dict) -> str | None:
+    """None when every file the index names has its recorded size, else what is wrong."""
+    for split in index["splits"].values():
+        files = [f for s in split["shards"] for f in s["files"].values()] + list(split["pack"]["files"].values())
+        for f in files:
+            p = directory / f["file"]
+            if not p.is_file() or p.stat().st_size != f["bytes"]:
+                return f"{p} is missing or has another size than its index records ({f['bytes']} bytes)"
+    return None
+
+
+def _open(directory: Path, index: dict, template: str, cache_hit: bool) -> Prepared:
+    names = index["source_names"]
+    split = {}
+    for name, entry in index["splits"].items():
+        store = TokenStore.open(directory, entry, names)
+        pack = entry["pack"]
+        store.packed = {(pack["max_seq_len"], pack["seed"]): Rows(
+            *(np.load(directory / pack["files"][k]["file"], mmap_mode="r") for k in ("offsets", "items")))}
+        split[name] = (store, SplitStats(**entry["stats"]))
+    ev = split.get("eval", (None, None))
+    return Prepared(split["train"][0], split["train"][1], ev[0], ev[1], Skipped(index["skipped"]), template,
+                    cache_hit=cache_hit)
+
+
+def _read_entry(path: Path) -> dict | None:
+    """The index of a complete, intact entry at ``path``, else None (a damaged one is moved aside)."""
+    try:
+        index = json.loads((path / "index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    problem = _intact(path, index) if index.get("version") == CACHE_VERSION else "another cache version"
+    if problem is None:
+        return index
+    log.warning("token cache entry %s is damaged (%s): rebuilding it", path, problem)
+    shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _failed_marker(path: Path) -> Path:
+    return path.with_name(f"{path.name}.failed")
+
+
+def build_entry(cfg: DataConfig, tokenizer, template: str, template_name: str, path: Path) -> dict:
+    """Build the entry at ``path`` atomically (temporary directory, then rename); -> its index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _failed_marker(path).unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp", dir=path.parent))
+    try:
+        index = _build(cfg, tokenizer, template, template_name, tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:  # the node's other processes stop with this message instead of waiting for their timeout
+            _failed_marker(path).write_text(f"{socket.gethostname()} pid {os.getpid()}: {type(e).__name__}: {e}")
+        except OSError:
+            pass
+        raise
     try:
         tmp.rename(path)  # atomic: a reader sees the whole entry or none
-    except OSError:  # another process finished first
+    except OSError:  # another process (another node on a shared filesystem) finished first
         shutil.rmtree(tmp, ignore_errors=True)
+        return json.loads((path / "index.json").read_text())
+    return index
 
 
-def _load(path: Path, template: str) -> Prepared:
-    meta = json.loads((path / "meta.json").read_text())
-    ev = TokenStore.load(path / "eval.npz") if (path / "eval.npz").exists() else None
-    return Prepared(TokenStore.load(path / "train.npz"), SplitStats(**meta["train_stats"]), ev,
-                    SplitStats(**meta["eval_stats"]) if meta["eval_stats"] else None,
-                    Skipped(meta["skipped"]), template, cache_hit=True)
+def wait_for(path: Path, timeout: float, poll: float = 0.5) -> dict:
+    """The index of the entry at ``path`` once this node's first process has built it."""
+    start, since = time.monotonic(), time.time() - 5  # a failure marker older than this is an earlier run's
+    while True:
+        index = _read_entry(path) if (path / "index.json").exists() else None
+        if index is not None:
+            return index
+        marker = _failed_marker(path)
+        if marker.exists() and marker.stat().st_mtime >= since:
+            raise DataError(f"the first process of this node failed to prepare the data "
+                            f"({marker.read_text().strip()})", reason="prepare_failed")
+        if time.monotonic() - start > timeout:
+            raise DataError(
+                f"waited data.prepare_timeout={timeout:g} s for the token cache entry {path}, which the first "
+                "process of this node builds, and it did not appear: that process is slow (raise "
+                "data.prepare_timeout, or build the cache ahead of time with `python -m distsft.prepare` and "
+                "the same overrides) or it died (see its log)", reason="prepare_timeout")
+        time.sleep(poll)
 
 
-def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer") -> Prepared:
-    """Tokenized train/eval stores and statistics for this config, from the cache when possible."""
+def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", builder: bool = True) -> Prepared:
+    """Tokenized train/eval stores and statistics for this config, from the cache when possible.
+
+    ``builder=False`` (a process that is not the first of its node) waits for the entry that the
+    builder writes instead of building it too."""
+    start = time.perf_counter()
     template_name = f"data.chat_template={cfg.chat_template}" if cfg.chat_template else \
         f"the chat template of {tokenizer_name}"
     template = resolve_template(cfg.chat_template, tokenizer, tokenizer_name)
     key = cache_key(cfg, tokenizer, template)
-    path = cache_root(cfg) / key if cfg.cache else None
-    if path is not None and (path / "meta.json").exists():
-        log.info("tokenized data from cache %s", path)
-        prep = _load(path, template)
+    if not cfg.cache:  # an entry of our own in a temporary directory, removed once mapped
+        tmp = Path(tempfile.mkdtemp(prefix="distsft-tokens-"))
+        try:
+            prep = _open(tmp, _build(cfg, tokenizer, template, template_name, tmp), template, cache_hit=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # mapped files stay readable until unmapped
     else:
-        prep = _build(cfg, tokenizer, template, template_name)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _save(prep, path)
+        path = cache_root(cfg) / key
+        index = _read_entry(path) if (path / "index.json").exists() else None
+        hit = index is not None
+        if index is None:
+            index = build_entry(cfg, tokenizer, template, template_name, path) if builder else \
+                wait_for(path, cfg.prepare_timeout)
+        if hit:
+            log.info("tokenized data from cache %s", path)
+        prep = _open(path, index, template, cache_hit=hit)
     prep.fingerprint = key
+    prep.seconds = time.perf_counter() - start
     return prep

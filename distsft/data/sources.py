@@ -12,12 +12,14 @@ never leak into eval.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from .errors import DataError, Skipped
 from .formats import detect, to_messages
@@ -121,12 +123,14 @@ def normalise(raw, fmt: str, policy: str, skipped: Skipped, source: str) -> data
             {"messages": [], "_error": [], "_source": [], "_row": []})
     else:
         ds = raw.map(convert, remove_columns=[c for c in raw.column_names if c not in KEEP[1:]], desc="format")
-    errors = [(s, r, e) for s, r, e in zip(ds["_source"], ds["_row"], ds["_error"]) if e]
-    for s, r, e in errors:
-        reason, msg = e.split("\t", 1)
-        skipped.add(s, r, reason, msg)
-    if errors:
-        ds = ds.filter(lambda e: not e, input_columns="_error")
+    # find the bad rows in Arrow (a vector of flags), without reading every row into Python
+    bad = np.flatnonzero(pc.binary_length(ds.data.column("_error")).to_numpy(zero_copy_only=False) > 0) \
+        if len(ds) else np.zeros(0, np.int64)
+    if len(bad):
+        for r in ds.select(bad):
+            reason, msg = r["_error"].split("\t", 1)
+            skipped.add(r["_source"], r["_row"], reason, msg)
+        ds = ds.select(np.setdiff1d(np.arange(len(ds)), bad))
     return ds.remove_columns("_error")
 
 
@@ -135,18 +139,26 @@ def load_source(path: str, fmt: str, policy: str, skipped: Skipped) -> datasets.
 
 
 def dedup(parts: list[datasets.Dataset]) -> tuple[list[datasets.Dataset], int]:
-    """Drop exact duplicate conversations across all parts (first occurrence wins)."""
-    seen: set[str] = set()
-    out, dropped = [], 0
+    """Drop exact duplicate conversations across all parts (first occurrence wins). Conversations are
+    compared by a 128-bit hash, read in batches: memory is 16 bytes per row, not the rows themselves."""
+    hashes = []
     for ds in parts:
-        keep = []
-        for i, msgs in enumerate(ds["messages"]):
-            key = json.dumps(msgs, sort_keys=True, ensure_ascii=False)
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
-        dropped += len(ds) - len(keep)
-        out.append(ds.select(keep) if len(keep) < len(ds) else ds)
+        h = np.zeros((len(ds), 2), np.uint64)
+        for start, batch in zip(range(0, len(ds), 1000), ds.select_columns(["messages"]).iter(batch_size=1000)):
+            for i, msgs in enumerate(batch["messages"]):
+                key = json.dumps(msgs, sort_keys=True, ensure_ascii=False).encode()
+                h[start + i] = np.frombuffer(hashlib.blake2b(key, digest_size=16).digest(), np.uint64)
+        hashes.append(h)
+    allh = np.concatenate(hashes) if hashes else np.zeros((0, 2), np.uint64)
+    _, first = np.unique(allh, axis=0, return_index=True)
+    keep = np.zeros(len(allh), bool)
+    keep[first] = True  # np.unique returns the first index of each distinct hash
+    out, dropped, at = [], 0, 0
+    for ds in parts:
+        mine = np.flatnonzero(keep[at:at + len(ds)])
+        at += len(ds)
+        dropped += len(ds) - len(mine)
+        out.append(ds.select(mine) if len(mine) < len(ds) else ds)
     return out, dropped
 
 

@@ -19,14 +19,42 @@ def test_bfd_invariants_and_determinism():
     flat = sorted(i for r in rows for i in r)
     assert flat == list(range(len(lengths)))  # every example exactly once
     assert max(lengths[r].sum() for r in rows) <= 512  # no row over budget
-    assert rows == best_fit_decreasing(lengths, 512, seed=3)  # same seed, same rows
+    assert rows.tolist() == best_fit_decreasing(lengths, 512, seed=3).tolist()  # same seed, same rows
     assert lengths.sum() / (len(rows) * 512) > 0.98
     e0, e1 = epoch_rows(rows, 3, 0), epoch_rows(rows, 3, 1)
+    e0, e1 = [r.tolist() for r in e0], [r.tolist() for r in e1]
     assert e0 != e1 and sorted(map(tuple, e0)) == sorted(map(tuple, e1))  # reshuffled, same rows
 
 
+def reference_bfd(lengths, max_seq_len, seed):
+    """Best-fit decreasing written plainly (a list per row), the definition the vector version must match."""
+    import bisect
+
+    order = np.lexsort((np.random.default_rng(seed).permutation(len(lengths)), -lengths))
+    free, rows = [], []
+    for idx in order.tolist():
+        n = int(lengths[idx])
+        pos = bisect.bisect_left(free, (n, -1))
+        space, row = free.pop(pos) if pos < len(free) else (max_seq_len, len(rows))
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(idx)
+        if space > n:
+            bisect.insort(free, (space - n, row))
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_bfd_rows_as_vectors_equal_the_plain_definition(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(5, 0.7, 5000).astype(np.int64), 1, 1024)
+    rows = best_fit_decreasing(lengths, 1024, seed)
+    assert rows.tolist() == reference_bfd(lengths, 1024, seed)
+    assert rows.offsets.dtype == rows.items.dtype == np.int64 and len(rows.items) == len(lengths)
+
+
 def test_docstring_example():
-    assert best_fit_decreasing(np.array([5, 3, 4, 2]), 8, seed=0) == [[0, 1], [2, 3]]
+    assert best_fit_decreasing(np.array([5, 3, 4, 2]), 8, seed=0).tolist() == [[0, 1], [2, 3]]
     store = TokenStore([[11, 12, 13], [21, 22], [31, 32, 33, 34]],
                        [[IGNORE, 12, 13], [IGNORE, 22], [IGNORE, 32, 33, 34]])
     b = collate_packed(store, [[0, 1], [2]], pad_id=0)

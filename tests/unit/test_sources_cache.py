@@ -78,22 +78,26 @@ def test_dedup_and_min_tokens(tmp_path, tokenizer):
     assert short.train_stats.dropped_short == sum(n < lengths[3] for n in lengths) > 0
 
 
+def examples(store):
+    return [tuple(map(tuple, store.example(i))) for i in range(len(store))]
+
+
 def test_cache_hit_and_invalidation(tmp_path, tokenizer, monkeypatch):
     calls = {"n": 0}
-    real = prepare_mod.tokenize_messages
+    real = prepare_mod.encode_conversations
 
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
+    def counting(tok, convs, *a, **k):
+        calls["n"] += len(convs)
+        return real(tok, convs, *a, **k)
 
-    monkeypatch.setattr(prepare_mod, "tokenize_messages", counting)
+    monkeypatch.setattr(prepare_mod, "encode_conversations", counting)
     p = write(tmp_path / "d.jsonl", GOOD)
-    cfg = DataConfig(train_files=[str(p)], val_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(train_files=[str(p)], val_fraction=0.1, cache_dir=str(tmp_path / "cache"), num_proc=1)
     first = prepare(cfg, tokenizer)
     assert not first.cache_hit and calls["n"] == 40
     second = prepare(cfg, tokenizer)
     assert second.cache_hit and calls["n"] == 40  # nothing tokenized again
-    assert (second.train.tokens == first.train.tokens).all() and second.train_stats == first.train_stats
+    assert examples(second.train) == examples(first.train) and second.train_stats == first.train_stats
     assert [second.eval.origin(i) for i in range(4)] == [first.eval.origin(i) for i in range(4)]
     write(p, GOOD[:-1] + [GOOD[0]])  # same size, other content
     assert not prepare(cfg, tokenizer).cache_hit and calls["n"] == 80
