@@ -126,7 +126,7 @@ def child_distsft(a) -> dict:
         dt = time.perf_counter() - t0
     st = prep.train_stats
     return {"seconds": dt, "conversations": st.rows_in, "kept": st.kept, "tokens": st.tokens,
-            "cache_hit": prep.cache_hit, "peak_rss_mb": mem.rss / 2**20, "peak_pss_mb": mem.pss / 2**20}
+            "supervised_tokens": st.supervised_tokens, "cache_hit": prep.cache_hit, "peak_rss_mb": mem.rss / 2**20, "peak_pss_mb": mem.pss / 2**20}
 
 
 def _rows(path: str) -> list[list[dict]]:
@@ -164,12 +164,15 @@ def child_trl(a) -> dict:
         t0 = time.perf_counter()
         ds = datasets.load_dataset("json", data_files=a.file, split="train", cache_dir=a.cache)
         args = SFTConfig(output_dir=a.cache, assistant_only_loss=True, dataset_num_proc=a.num_proc,
-                         max_length=None, report_to=[])
-        out = SFTTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), ds, tok, args, False, None, "train")
+                         max_length=None, report_to=[], bf16=False, use_cpu=True)
+        out = SFTTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=None), ds, tok, args, False, None, "train")
         dt = time.perf_counter() - t0
-    tokens = sum(len(x) for x in out.select_columns(["input_ids"]).to_dict()["input_ids"])
-    return {"seconds": dt, "conversations": len(out), "tokens": tokens, "peak_rss_mb": mem.rss / 2**20,
-            "peak_pss_mb": mem.pss / 2**20}
+    tokens = supervised = 0
+    for batch in out.select_columns(["input_ids", "labels"]).iter(batch_size=1000):
+        tokens += sum(map(len, batch["input_ids"]))
+        supervised += sum(sum(y != -100 for y in ys) for ys in batch["labels"])  # the masks TRL made
+    return {"seconds": dt, "conversations": len(out), "tokens": tokens, "supervised_tokens": supervised,
+            "peak_rss_mb": mem.rss / 2**20, "peak_pss_mb": mem.pss / 2**20}
 
 
 def child_train(a) -> dict:
@@ -193,8 +196,10 @@ CHILDREN = {"distsft": child_distsft, "bare": child_bare, "trl": child_trl, "tra
 
 
 def run_child(kind: str, file: Path, cache: Path, num_proc: int) -> dict:
+    # a fresh datasets cache per measurement: reading the .jsonl into Arrow is part of the cost
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache.with_name(cache.name + "_hf"))}
     proc = subprocess.run([sys.executable, __file__, "--child", kind, "--file", str(file), "--cache", str(cache),
-                           "--num-proc", str(num_proc)], capture_output=True, text=True, cwd=ROOT)
+                           "--num-proc", str(num_proc)], capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

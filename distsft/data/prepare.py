@@ -360,7 +360,7 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", b
     else:
         path = cache_root(cfg) / key
         index = _read_entry(path) if (path / "index.json").exists() else None
-        hit = index is not None
+        hit = index is not None or not builder  # a waiting process reads what its node's first one built
         if index is None:
             index = build_entry(cfg, tokenizer, template, template_name, path) if builder else \
                 wait_for(path, cfg.prepare_timeout)

@@ -45,6 +45,33 @@ def _render(tokenizer, messages, template, generation_prompt: bool):
                                          add_generation_prompt=generation_prompt)
 
 
+_COMPILED: dict = {}  # (tokenizer id, template) -> a batch renderer, or None when only apply_chat_template will do
+
+
+def _batch_renderer(tokenizer, template: str | None, sample: list[dict]):
+    """Render a batch of plain {role, content} conversations with the compiled template and the same
+    variables ``apply_chat_template`` passes (it spends most of its time copying messages, which ours
+    do not need). Used only after it rendered ``sample`` exactly as ``apply_chat_template`` does."""
+    key = (id(tokenizer), template)
+    if key not in _COMPILED:
+        _COMPILED[key] = None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+
+            compiled = _compile_jinja_template(template or tokenizer.chat_template)
+            variables = _plain_template_data(dict(tokenizer.special_tokens_map))
+
+            def render(convs, generation_prompt):
+                return [compiled.render(messages=c, tools=None, documents=None,
+                                        add_generation_prompt=generation_prompt, **variables) for c in convs]
+
+            if all(render([sample], g) == [_render(tokenizer, sample, template, g)] for g in (False, True)):
+                _COMPILED[key] = render
+        except Exception:  # another transformers version, or a template that needs the full path
+            pass
+    return _COMPILED[key] or (lambda convs, g: _render(tokenizer, convs, template, g))
+
+
 def _spans_of(messages: list[dict], full: str, prefixes: list[str], uptos: list[str],
               template_name: str) -> list[tuple[int, int]]:
     """The character span of every assistant reply (+ end-of-turn) in ``full``, verified."""
@@ -81,8 +108,9 @@ def render_with_spans(tokenizer, conversations: list[list[dict]], template: str 
     # an empty prefix renders as "" (apply_chat_template refuses an empty conversation)
     nonempty = [c for c in prefix_convs if c]
     try:
-        rendered = iter(_render(tokenizer, nonempty, template, True) if nonempty else [])
-        uptos = _render(tokenizer, upto_convs, template, False)
+        render = _batch_renderer(tokenizer, template, conversations[0]) if conversations else None
+        rendered = iter(render(nonempty, True) if nonempty else [])
+        uptos = render(upto_convs, False) if upto_convs else []
     except Exception as e:  # a template's raise_exception, a type error inside Jinja: name the conversation
         raise _render_error(tokenizer, conversations, template, template_name, where, e) from None
     prefixes = [next(rendered) if c else "" for c in prefix_convs]
@@ -129,19 +157,42 @@ def overlaps(starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int]])
     return hit
 
 
-def _encode(tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids [n], offsets [n, 2]) of each text, no special tokens added."""
+def _token_range(enc, n: int, s: int, e: int) -> tuple[int, int]:
+    """[first, stop) of the tokens overlapping characters [s, e), from the encoding's char <-> token maps
+    (a few lookups per span instead of reading every token's offsets; tokens are in text order)."""
+    first = None
+    for c in range(s, e):  # the first character of the span that a token covers (spaces may be in none)
+        if (first := enc.char_to_token(c)) is not None:
+            break
+    if first is None:
+        return 0, 0
+    while first > 0 and enc.token_to_chars(first - 1)[1] > s:  # an earlier token ending inside the span
+        first -= 1
+    last = next(t for c in range(e - 1, s - 1, -1) if (t := enc.char_to_token(c)) is not None)
+    while last + 1 < n and enc.token_to_chars(last + 1)[0] < e:  # a later token starting inside the span
+        last += 1
+    return first, last + 1
+
+
+def _encode_masked(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids [n] int64, overlaps-a-span [n] bool) of each text, no special tokens added."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
         out = []
-        for enc in backend.encode_batch(texts, add_special_tokens=False):
-            n = len(enc.ids)
-            off = np.fromiter((c for pair in enc.offsets for c in pair), np.int64, 2 * n).reshape(n, 2)
-            out.append((np.fromiter(enc.ids, np.int64, n), off))
+        for enc, sp in zip(backend.encode_batch(texts, add_special_tokens=False), spans):
+            n = len(enc)
+            sup = np.zeros(n, bool)
+            for s, e in sp:
+                a, b = _token_range(enc, n, s, e)
+                sup[a:b] = True
+            out.append((np.array(enc.ids, np.int64), sup))
         return out
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(np.asarray(ids, np.int64), np.asarray(off, np.int64).reshape(-1, 2))
-            for ids, off in zip(enc["input_ids"], enc["offset_mapping"])]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)  # a tokenizer without a backend
+    out = []
+    for ids, off, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        off = np.asarray(off, np.int64).reshape(-1, 2)
+        out.append((np.asarray(ids, np.int64), overlaps(off[:, 0], off[:, 1], sp)))
+    return out
 
 
 def encode_conversations(tokenizer, conversations: list[list[dict]], loss_on: str, template: str | None = None,
@@ -149,14 +200,12 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], loss_on: st
                          where: Callable[[int], str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(input_ids [n] int64, supervised [n] bool) of each conversation; labels = ids where supervised."""
     rendered = render_with_spans(tokenizer, conversations, template, template_name, where)
-    out = []
-    for (text, spans), (ids, off) in zip(rendered, _encode(tokenizer, [t for t, _ in rendered])):
+    keep = [[] if loss_on == "all" else spans[-1:] if loss_on == "last_assistant" else spans for _, spans in rendered]
+    out = _encode_masked(tokenizer, [t for t, _ in rendered], keep)
+    for ids, sup in out:
         if loss_on == "all":
-            sup = np.ones(len(ids), bool)
-        else:
-            sup = overlaps(off[:, 0], off[:, 1], spans[-1:] if loss_on == "last_assistant" else spans)
+            sup[:] = True
         sup[:1] = False  # nothing in the document predicts its first token
-        out.append((ids, sup))
     return out
 
 
