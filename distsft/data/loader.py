@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -134,20 +135,36 @@ class StepLoader:
                 group = []
 
 
-def eval_batches(store: TokenStore, rows: Rows, micro: int, rank: int, world: int,
-                 cfg: DataConfig, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's share of the eval rows (rank::world), in micro-batches. Every rank gets the same
-    number of batches (ZeRO-3 forwards are collective): a rank that runs out repeats its first
-    batch with every label ignored, which adds nothing to the loss or the token count."""
-    collate = collate_fn(cfg.mode)
-    mine = rows[rank::world]
-    batches = [collate(store, mine[i:i + micro], pad_id) for i in range(0, len(mine), micro)]
-    n = math.ceil(math.ceil(len(rows) / world) / micro)
-    while len(batches) < n:
-        filler = dict(collate(store, rows[:micro], pad_id))
+class EvalBatches(Sequence):
+    """This rank's share of the eval rows (rank::world), in micro-batches, collated when read (an eval
+    split of any size costs a vector of row ids here). Every rank gets the same number of batches
+    (ZeRO-3 forwards are collective): a rank that runs out repeats the first rows with every label
+    ignored, which adds nothing to the loss or the token count."""
+
+    def __init__(self, store: TokenStore, rows: Rows, micro: int, rank: int, world: int, cfg: DataConfig,
+                 pad_id: int):
+        self.store, self.rows, self.micro, self.pad_id = store, rows, micro, pad_id
+        self.collate = collate_fn(cfg.mode)
+        self.mine = np.arange(rank, len(rows), world)
+        self.n = math.ceil(math.ceil(len(rows) / world) / micro)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        ids = self.mine[i * self.micro:(i + 1) * self.micro]
+        if len(ids):
+            return with_positions(self.collate(self.store, self.rows[ids], self.pad_id))
+        filler = dict(self.collate(self.store, self.rows[:self.micro], self.pad_id))
         filler["labels"] = torch.full_like(filler["labels"], IGNORE)
-        batches.append(filler)
-    return [with_positions(b) for b in batches]
+        return with_positions(filler)
+
+
+def eval_batches(store: TokenStore, rows: Rows, micro: int, rank: int, world: int,
+                 cfg: DataConfig, pad_id: int) -> EvalBatches:
+    return EvalBatches(store, rows, micro, rank, world, cfg, pad_id)
 
 
 def with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
