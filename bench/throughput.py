@@ -165,7 +165,7 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
     from distsft.data.loader import StepLoader
     from distsft.data.packing import best_fit_decreasing
     from distsft.trainer.accelerator import build_accelerator
-    from distsft.trainer.step import ATTN, CELLS, REAL, SUP, train_step
+    from distsft.trainer.step import train_step
     from distsft.trainer.optim import build_optimizer
 
     s, cuda = setup(a), a.device == "cuda"
@@ -199,7 +199,7 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
         examples.append(sum(len(mb["example_ids"]) for mb in mbs))
         if step + 1 == n_steps:
             break
-    counts = [tuple(c.tolist()[i] for i in (REAL, SUP, CELLS, ATTN)) for c, _ in results]
+    counts = [tuple(c.read()[k] for k in ("tokens", "supervised", "cells", "attn_sq")) for c, _ in results]
     losses = [float(loss) for _, loss in results]
     return dict(times=clock.times, counts=counts, losses=losses, examples=examples, model=acc.unwrap_model(model))
 

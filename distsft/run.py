@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
 from .trainer.lock import RunLock
-from .trainer.loop import LoopParts, train
+from .trainer.loop import LoopOutcome, LoopParts, train
 from .trainer.metrics import model_flops, peak_flops
 from .trainer.optim import build_optimizer
 from .trainer.optim import describe as describe_optimizer
@@ -66,30 +67,32 @@ def run(cfg: Config) -> RunResult:
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     resume_from = _resume_target(acc, cfg, out, resolved, d.data.fingerprint)  # checked before anything is written
+    with _locked(acc, out):  # one trainer per output_dir (every rank stops if it is taken)
+        _setup_run_dir(acc, out, resolved)  # only now, with data, config, checkpoint and lock known to be good
+        _log_start(cfg, acc, plan, d, model, trainable, n_params, out)
+        model, optimizer, scheduler, state = _training_objects(cfg, acc, model, d.total, resume_from)
+        prov = provenance(d.data.fingerprint)
+        parts = LoopParts(acc, model, optimizer, scheduler, d.loader, d.eval_batches, state, d.total, out, resolved,
+                          flops=model_flops(acc.unwrap_model(model), trainable, n_params),
+                          peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
+        outcome = train(parts, cfg.trainer, cfg.logging)
+        summary = _finish(cfg, acc, plan, d, parts, outcome, (trainable, n_params), t0)
+        acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
+        acc.end_training()
+        _close_run_log()
+    return RunResult(summary, parts.model, tokenizer)
+
+
+@contextmanager
+def _locked(acc, out: Path):
+    """Hold output_dir's run lock (taken by the main process; every rank stops if another run holds it)."""
     lock = RunLock(out) if acc.is_main_process else None
-    _main_decides(acc, lambda: lock.acquire())  # one trainer per output_dir (every rank stops if it is taken)
+    _main_decides(acc, lambda: lock.acquire())
     try:
-        return _run_locked(cfg, acc, plan, tokenizer, d, model, trainable, n_params, out, resolved, resume_from, t0)
+        yield
     finally:
         if lock is not None:
             lock.release()
-
-
-def _run_locked(cfg: Config, acc, plan, tokenizer, d, model, trainable: int, n_params: int, out: Path,
-                resolved: dict, resume_from: Path | None, t0: float) -> RunResult:
-    _setup_run_dir(acc, out, resolved)  # only now, with data, config, checkpoint and lock known to be good
-    _log_start(cfg, acc, plan, d, model, trainable, n_params, out)
-    model, optimizer, scheduler, state = _training_objects(cfg, acc, model, d.total, resume_from)
-    prov = provenance(d.data.fingerprint)
-    parts = LoopParts(acc, model, optimizer, scheduler, d.loader, d.eval_batches, state, d.total, out, resolved,
-                      flops=model_flops(acc.unwrap_model(model), trainable, n_params),
-                      peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
-    outcome = train(parts, cfg.trainer, cfg.logging)
-    summary = _finish(cfg, acc, plan, d, parts, outcome, prov, (trainable, n_params), t0)
-    acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
-    acc.end_training()
-    _close_run_log()
-    return RunResult(summary, parts.model, tokenizer)
 
 
 def _training_objects(cfg: Config, acc, model, total_steps: int, resume_from: Path | None):
@@ -107,18 +110,19 @@ def _training_objects(cfg: Config, acc, model, total_steps: int, resume_from: Pa
     return model, optimizer, scheduler, state
 
 
-def _finish(cfg: Config, acc, plan, d, parts: LoopParts, outcome: dict, prov: dict, counts: tuple[int, int],
+def _finish(cfg: Config, acc, plan, d, parts: LoopParts, outcome: LoopOutcome, counts: tuple[int, int],
             t0: float) -> dict:
     """After the loop: the summary (compile statistics too), the export, summary.json, the last log lines and
     curves.png."""
     out, model, tokenizer, state = parts.output_dir, parts.model, parts.tokenizer, parts.state
-    summary = _summary(cfg, plan, d, parts, outcome, prov, *counts)
+    prov = parts.provenance
+    summary = _summary(cfg, plan, d, parts, outcome, *counts)
     if cfg.model.compile:
         summary["compile"] = c = compile_stats()
         breaks = c["graph_breaks"]
         log.log(logging.WARNING if breaks else logging.INFO, "compile: %d graphs, %d graph breaks%s", c["graphs"],
                 breaks, " (parts of the layers ran eagerly; TORCH_LOGS=graph_breaks shows where)" if breaks else "")
-    if outcome["status"] in ("finished", "early_stopped") and cfg.export.enabled:
+    if outcome.status in ("finished", "early_stopped") and cfg.export.enabled:
         summary.update(_export(cfg, acc, model, tokenizer, out, parts.resolved_config, outcome, prov))
     summary["wall_time_s"] = time.time() - t0
     if acc.is_main_process:
@@ -127,7 +131,7 @@ def _finish(cfg: Config, acc, plan, d, parts: LoopParts, outcome: dict, prov: di
                  state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
         log.info(describe_diagnosis(summary["diagnosis"]))
         if cfg.logging.plot:
-            history = history_from_tensorboard(out / "tensorboard") or parts.history
+            history = history_from_tensorboard(out / "tensorboard") or outcome.history
             log.info("curves: %s", training_curves(history, out / "curves.png"))
     return summary
 
@@ -204,14 +208,14 @@ def _log_start(cfg: Config, acc, plan, d: DataParts, model, trainable: int, n_pa
     log.info("parameters: trainable %s / %s = %.2f%%", f"{trainable:,}", f"{n_params:,}", 100 * trainable / n_params)
 
 
-def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: dict, prov: dict, trainable: int,
+def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: LoopOutcome, trainable: int,
              n_params: int) -> dict:
-    h, st, data = parts.history, parts.state, d.data
-    return {"status": outcome["status"], "steps": st.step, "total_steps": d.total,
-            "skipped_steps": outcome["skipped_steps"], "loss_spikes": outcome["loss_spikes"],
-            "best_eval": outcome["best_eval"],
+    h, st, data = outcome.history, parts.state, d.data
+    return {"status": outcome.status, "steps": st.step, "total_steps": d.total,
+            "skipped_steps": outcome.skipped_steps, "loss_spikes": outcome.loss_spikes,
+            "best_eval": outcome.best_eval,
             "diagnosis": diagnose(h["train_loss"], h["eval_loss"], cfg.diagnosis.bands, len(parts.tokenizer)),
-            "provenance": prov,
+            "provenance": parts.provenance,
             "tokens": st.tokens, "supervised_tokens": st.supervised_tokens,
             "final_train_loss": _last(h["train_loss"]), "final_eval_loss": _last(h["eval_loss"]),
             "train_loss_history": h["train_loss"], "eval_loss_history": h["eval_loss"],
@@ -224,11 +228,11 @@ def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: dict, p
                      "prepare_seconds": round(data.seconds, 3)}}
 
 
-def _export(cfg: Config, acc, model, tokenizer, out: Path, resolved: dict, outcome: dict, prov: dict) -> dict:
+def _export(cfg: Config, acc, model, tokenizer, out: Path, resolved: dict, outcome: LoopOutcome, prov: dict) -> dict:
     extra = {}
-    if cfg.trainer.export_best and outcome["best_eval"]:
+    if cfg.trainer.export_best and outcome.best_eval:
         acc.load_state(str(out / "checkpoints" / "best"))  # export the best eval, not the last step
-        extra["exported_step"] = outcome["best_eval"]["step"]
+        extra["exported_step"] = outcome.best_eval["step"]
 
     def base_loader():  # the un-quantised base, for export.mode=merged (rank 0 only: no zero.Init)
         with whole_model(acc):

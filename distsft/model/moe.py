@@ -41,9 +41,11 @@ def router(model) -> Router | None:
     return Router(float(coef), int(experts), int(getattr(cfg, "num_experts_per_tok", 2)))
 
 
-def row_balance_sum(router_logits: tuple[torch.Tensor, ...], real: torch.Tensor, spec: Router) -> torch.Tensor:
-    """Sum over the rows of each row's load-balancing term. router_logits: per layer [B*T, E];
-    real: [B, T] bool, the row's real tokens (not padding)."""
+def row_balance_sum(router_logits: tuple[torch.Tensor, ...], real: torch.Tensor,
+                    spec: Router) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the rows of each row's load-balancing term, [E] top-k assignments per expert over the real
+    tokens of every layer: the expert load, detached). router_logits: per layer [B*T, E]; real: [B, T] bool,
+    the row's real tokens (not padding)."""
     b, t = real.shape
     mask = real.reshape(b, t, 1).float()  # [B, T, 1]
     counts = torch.zeros(b, spec.num_experts, device=real.device)
@@ -55,4 +57,4 @@ def row_balance_sum(router_logits: tuple[torch.Tensor, ...], real: torch.Tensor,
         probs = probs + (p * mask).sum(1)
     tokens = mask.sum((1, 2)).clamp(min=1) * len(router_logits)  # [B]: real tokens x layers
     f, prob = counts / tokens[:, None], probs / tokens[:, None]
-    return spec.num_experts * (f * prob).sum()
+    return spec.num_experts * (f * prob).sum(), counts.sum(0).detach()

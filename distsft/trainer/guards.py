@@ -177,6 +177,19 @@ class Guards:
         self.spikes = SpikeDetector(trainer_cfg.spike_factor, trainer_cfg.spike_window)
         self.early = EarlyStopping(trainer_cfg.early_stop_patience, trainer_cfg.early_stop_min_delta)
 
+    def record(self, step: int, result, example_ids: list) -> None:
+        """A step's flags (finite? stop requested?), to be read on the host ``result.lag`` steps late."""
+        self.verdicts.push(step, result.flags, (example_ids, result.applied_anyway))
+
+    def judge(self, lag: int, origins, rank: int) -> bool:
+        """Judge every recorded step but the last ``lag`` (``origins(example_ids)`` names a bad step's samples);
+        True if a stop was requested (the same on every rank: it came through the step's all-reduce)."""
+        stop = False
+        for step, finite, stop_requested, (ids, applied) in self.verdicts.ready(lag):
+            self.bad_steps.check(step, finite, lambda ids=ids: origins(ids), rank, applied)
+            stop |= stop_requested
+        return stop
+
     def _stateful(self) -> dict[str, Stateful]:
         return {"bad_steps": self.bad_steps, "spikes": self.spikes, "early_stopping": self.early}
 

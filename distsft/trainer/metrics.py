@@ -12,6 +12,9 @@ Scalars (x axis: optimizer step):
     train/mfu                     model FLOPs utilisation (see model_flops), when the peak is known
     train/peak_memory_gb          GPU: torch max allocated; CPU: peak resident memory of rank 0
     train/skipped_steps           steps skipped so far for a non-finite loss or gradient norm
+    train/aux_loss                MoE: the router load-balancing term of the loss (coef x mean row term), window mean
+    train/expert_load_max         MoE: top-k assignments of the busiest expert / the mean per expert (1 = balanced)
+    train/expert_load_min         MoE: the same for the idlest expert (0: an expert that got no token)
     eval/loss                     token-weighted loss on the eval split
     eval/gap                      eval loss minus the train loss of the last window (overfitting grows it)
 """
@@ -19,9 +22,14 @@ Scalars (x axis: optimizer step):
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from .step import RouterStats, StepCounts, StepResult
 
 log = logging.getLogger("distsft")
 
@@ -66,6 +74,94 @@ class Reporter:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class Window:
+    """The step results of one logging window, accumulated on the device; read back (one collective and one
+    host read) only at a log step, so the steps in between never wait for the device."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []  # per step: this rank's share of the step loss (on the device)
+        self.steps_seen: list[tuple[int, list]] = []  # per step: (step, example ids)
+        self.counts = StepCounts.zeros(self.device)
+        self.router: RouterStats | None = None
+        self.grad_norm = None
+        self.data_time = 0.0  # seconds the host waited for the DataLoader
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, res: StepResult, example_ids: list) -> None:
+        self.losses.append(res.loss_sum)
+        self.steps_seen.append((step, example_ids))
+        self.counts = self.counts + res.counts
+        if res.router is not None:
+            self.router = res.router if self.router is None else self.router + res.router
+        self.grad_norm = res.grad_norm
+
+    def pause(self, seconds: float) -> None:
+        """Eval and checkpoints do not count as training time."""
+        self.t0 += seconds
+
+    def read(self, accelerator) -> "WindowStats":
+        """Every step's loss summed over ranks (one all-reduce) and the window's counts, on the host."""
+        n = len(self.losses)
+        values = torch.stack(self.losses).float()
+        if self.router is not None:  # the router term and expert load ride the same collective
+            values = torch.cat([values, self.router.aux_share.reshape(1).float(), self.router.load.float()])
+        values = accelerator.reduce(values, reduction="sum").tolist()
+        load = values[n + 1:] if self.router is not None else None
+        return WindowStats(step_losses=values[:n], counts=self.counts.read(), seconds=time.perf_counter() - self.t0,
+                           data_time=self.data_time, grad_norm=float(self.grad_norm), steps_seen=self.steps_seen,
+                           aux_loss=values[n] / n if self.router is not None else None, expert_load=load)
+
+
+@dataclass
+class WindowStats:
+    step_losses: list[float]  # the step loss of every step of the window (all ranks)
+    counts: dict[str, float]  # StepCounts.FIELDS summed over the window's steps
+    seconds: float  # training time of the window (eval and checkpoints excluded)
+    data_time: float
+    grad_norm: float  # of the window's last step
+    steps_seen: list[tuple[int, list]]
+    aux_loss: float | None = None  # MoE: mean router term per step
+    expert_load: list[float] | None = None  # MoE: top-k assignments per expert, all ranks and layers
+
+    @property
+    def loss(self) -> float:
+        return sum(self.step_losses) / len(self.step_losses)
+
+    def scalars(self, lr: float, skipped: int, flops: tuple[float, float], peak: float | None,
+                world: int) -> dict[str, float]:
+        """The train/ scalars of the window (see the module docstring)."""
+        c, dt, steps = self.counts, self.seconds, len(self.step_losses)
+        out = {"train/loss": self.loss, "train/lr": lr, "train/grad_norm": self.grad_norm,
+               "train/tokens_per_s": c["tokens"] / dt, "train/supervised_tokens_per_s": c["supervised"] / dt,
+               "train/step_time": dt / steps, "train/data_time": self.data_time / steps,
+               "train/supervised_tokens": c["supervised"] / steps,
+               "train/packing_efficiency": c["tokens"] / max(c["cells"], 1), "train/peak_memory_gb": peak_memory_gb(),
+               "train/skipped_steps": skipped}
+        if peak:
+            out["train/mfu"] = (flops[0] * c["tokens"] + flops[1] * c["attn_sq"]) / (dt * peak * world)
+        if self.aux_loss is not None:
+            mean = max(sum(self.expert_load) / len(self.expert_load), 1e-12)
+            out.update({"train/aux_loss": self.aux_loss, "train/expert_load_max": max(self.expert_load) / mean,
+                        "train/expert_load_min": min(self.expert_load) / mean})
+        return out
+
+    def line(self, step: int, total: int, scalars: dict[str, float]) -> str:
+        s = scalars
+        text = (f"step {step}/{total} loss {s['train/loss']:.4f} lr {s['train/lr']:.3e} grad_norm "
+                f"{s['train/grad_norm']:.3f} tok/s {s['train/tokens_per_s']:,.0f} sup_tok/s "
+                f"{s['train/supervised_tokens_per_s']:,.0f}")
+        if "train/mfu" in s:
+            text += f" mfu {s['train/mfu']:.1%}"
+        if "train/aux_loss" in s:
+            text += (f" aux {s['train/aux_loss']:.4f} expert load {s['train/expert_load_min']:.2f}-"
+                     f"{s['train/expert_load_max']:.2f}x")
+        return text
 
 
 # Dense bf16 peak FLOP/s per GPU (vendor datasheets); MFU is reported against bf16 whatever the precision.

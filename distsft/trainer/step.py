@@ -22,27 +22,78 @@ from ..model.kernels import fused_loss
 from .loss import token_ce_sum
 from .optim import skip_flag
 
-COUNTED = ("n_supervised", "n_tokens", "attn_sq", "n_cells", "n_rows")  # summed over micro-batches and ranks
-SUP, REAL, ATTN, CELLS, ROWS, STOP = range(6)
+
+class StepCounts:
+    """What one optimizer step counted, summed over its micro-batches and every rank: one float64 tensor on the
+    device (one all-reduce per step, no host read), its fields read by name::
+
+        supervised  tokens with a label (N of the loss contract)     tokens  real (non-pad) tokens
+        attn_sq     sum of (document length)^2 (attention FLOPs)     cells   tokens computed, padding included
+        rows        rows (the MoE router term is a mean over them)   stop    ranks that were asked to stop
+    """
+
+    FIELDS = ("supervised", "tokens", "attn_sq", "cells", "rows", "stop")
+    BATCH_KEYS = ("n_supervised", "n_tokens", "attn_sq", "n_cells", "n_rows")  # the micro-batches' keys, in order
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor  # [len(FIELDS)] float64
+
+    @classmethod
+    def zeros(cls, device) -> "StepCounts":
+        return cls(torch.zeros(len(cls.FIELDS), dtype=torch.float64, device=device))
+
+    @classmethod
+    def of_step(cls, micro_batches: list[dict], stop: float, accelerator) -> "StepCounts":
+        """Counted on the host, summed over ranks on the device."""
+        host = torch.tensor([float(sum(int(mb[k]) for mb in micro_batches)) for k in cls.BATCH_KEYS] + [stop],
+                            dtype=torch.float64)
+        if accelerator.device.type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
+            host = host.pin_memory()
+        return cls(accelerator.reduce(host.to(accelerator.device, non_blocking=True), reduction="sum"))
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in StepCounts.FIELDS:
+            return self.tensor[StepCounts.FIELDS.index(name)]
+        raise AttributeError(name)
+
+    def __add__(self, other: "StepCounts") -> "StepCounts":
+        return StepCounts(self.tensor + other.tensor)
+
+    def read(self) -> dict[str, float]:
+        """Every field on the host (one device read)."""
+        return dict(zip(self.FIELDS, self.tensor.tolist()))
 
 
 @dataclass
 class StepResult:
     loss_sum: torch.Tensor  # this rank's share of the step loss (sum over ranks = step loss)
     grad_norm: torch.Tensor
-    counts: torch.Tensor  # [supervised, real, sum doc_len^2, computed tokens, stop requests], all ranks
+    counts: StepCounts  # of all ranks
     finite: torch.Tensor  # loss and gradient norm finite (the update was applied); on the device
     lag: int = 0  # 1: the update was decided on the device, the host may read the flags a step late
     applied_anyway: bool = False  # not finite, yet DeepSpeed's engine (which steps inside backward) applied it
+    router: "RouterStats | None" = None  # MoE: this rank's share of the router term, and its expert load
 
     @property
     def flags(self) -> torch.Tensor:
-        return torch.stack([self.finite.double(), self.counts[STOP].double()])
+        return torch.stack([self.finite.double(), self.counts.stop.double()])
 
 
-def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sum of the token cross-entropies of the supervised positions, and for an MoE model router_aux_loss_coef
-    x the sum over the rows of their router load-balancing terms (model.moe), else None)."""
+@dataclass
+class RouterStats:
+    """An MoE step's router term (this rank's share of coef x the mean row term; the sum over ranks is the
+    step's) and expert load ([E] top-k assignments of this rank's real tokens, every layer), on the device."""
+
+    aux_share: torch.Tensor
+    load: torch.Tensor
+
+    def __add__(self, other: "RouterStats") -> "RouterStats":
+        return RouterStats(self.aux_share + other.aux_share, self.load + other.load)
+
+
+def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple | None]:
+    """(sum of the token cross-entropies of the supervised positions, and for an MoE model (router_aux_loss_coef
+    x the sum over the rows of their router load-balancing terms, the expert load) (model.moe), else None)."""
     # use_cache=False and no attention_mask on packed rows: that is what keeps documents apart
     varlen = getattr(model, "module", model).config._attn_implementation == VARLEN
     inputs = model_inputs(batch, varlen)
@@ -63,7 +114,8 @@ def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         ce = token_ce_sum(out.logits, batch["labels"])
     if spec is None:
         return ce, None
-    return ce, spec.coef * moe.row_balance_sum(out.router_logits, real_tokens(batch), spec)
+    balance, load = moe.row_balance_sum(out.router_logits, real_tokens(batch), spec)
+    return ce, (spec.coef * balance, load)
 
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,41 +124,38 @@ def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def accumulate_gradients(model, micro_batches: list[dict], accelerator,
-                         stop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         stop: float = 0.0) -> tuple[torch.Tensor, StepCounts, RouterStats | None]:
     """Forward/backward every micro-batch of one optimizer step under the loss contract.
 
-    Returns (this rank's share of the step loss, the COUNTED sums and stop requests of all ranks).
+    Returns (this rank's share of the step loss, the counts of all ranks, the MoE router statistics or None).
     """
-    device = accelerator.device
-    counts = torch.tensor([float(sum(int(mb[k]) for mb in micro_batches)) for k in COUNTED] + [stop],
-                          dtype=torch.float64)
-    if device.type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
-        counts = counts.pin_memory()
     # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
-    counts = accelerator.reduce(counts.to(device, non_blocking=True), reduction="sum")
-    n_sup = counts[SUP].clamp(min=1).float()
-    n_rows = counts[ROWS].clamp(min=1).float()
+    counts = StepCounts.of_step(micro_batches, stop, accelerator)
+    n_sup, n_rows = counts.supervised.clamp(min=1).float(), counts.rows.clamp(min=1).float()
     # DDP/ZeRO average gradients over W ranks and Accelerate/DeepSpeed divide the loss by the
     # accumulation steps A: undo both, then divide by N (the router term: by the step's rows)
     undo = accelerator.num_processes * accelerator.gradient_accumulation_steps
-    total = torch.zeros((), device=device)
+    total, router = torch.zeros((), device=accelerator.device), None
     for mb in micro_batches:
         # accumulate(): no gradient sync (DDP no_sync / DeepSpeed boundary) but on the last micro-batch
         with accelerator.accumulate(model):
-            mb = to_device(mb, device, non_blocking=True)
-            ce_sum, router_sum = forward_losses(model, mb)
+            mb = to_device(mb, accelerator.device, non_blocking=True)
+            ce_sum, balance = forward_losses(model, mb)
             share = ce_sum / n_sup
-            if router_sum is not None:  # once per step: coef x the mean over the step's rows
-                share = share + router_sum / n_rows
+            if balance is not None:  # once per step: coef x the mean over the step's rows
+                aux = balance[0] / n_rows
+                share = share + aux
+                stats = RouterStats(aux.detach(), balance[1])
+                router = stats if router is None else router + stats
             accelerator.backward(share * undo)
             total += share.detach()
     assert accelerator.sync_gradients, "micro-batches per step must equal the accumulation steps"
-    return total, counts
+    return total, counts, router
 
 
 def train_step(model, micro_batches: list[dict], accelerator, optimizer, scheduler,
                max_grad_norm: float, stop: float = 0.0) -> StepResult:
-    loss_share, counts = accumulate_gradients(model, micro_batches, accelerator, stop)
+    loss_share, counts, router = accumulate_gradients(model, micro_batches, accelerator, stop)
     # under DeepSpeed the engine has already clipped and stepped; this returns its global norm
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else math.nan, device=accelerator.device)
@@ -122,7 +171,8 @@ def train_step(model, micro_batches: list[dict], accelerator, optimizer, schedul
         applied = model.was_step_applied()
     scheduler.step()  # the schedule follows the step count, skipped steps included
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_share, grad_norm, counts, finite, lag=int(skip is not None), applied_anyway=applied)
+    return StepResult(loss_share, grad_norm, counts, finite, lag=int(skip is not None), applied_anyway=applied,
+                      router=router)
 
 
 @torch.no_grad()

@@ -24,16 +24,30 @@ def reference(tmp_path_factory):
     return run_tiny(tmp_path_factory.mktemp("ref"), *STEPS).summary
 
 
+class Runs:
+    """The full 2-process run of each strategy, launched once when first asked for (by whichever test comes
+    first: no test depends on another having run)."""
+
+    def __init__(self, tmp_path_factory):
+        self.factory, self.dirs, self.summaries = tmp_path_factory, {}, {}
+
+    def __call__(self, strategy: str):
+        if strategy not in self.dirs:
+            out = self.factory.mktemp(strategy) / "full"
+            self.summaries[strategy] = launch(2, out, f"parallel={strategy}", *STEPS)
+            self.dirs[strategy] = out
+        return self.dirs[strategy]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return {}
+    return Runs(tmp_path_factory)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_strategy_matches_one_process_and_resumes_exactly(strategy, reference, runs, tmp_path_factory):
-    root = tmp_path_factory.mktemp(strategy)
-    full = launch(2, root / "full", f"parallel={strategy}", *STEPS)
-    runs[strategy] = root / "full"
+def test_strategy_matches_one_process_and_resumes_exactly(strategy, reference, runs):
+    root = runs(strategy).parent
+    full = runs.summaries[strategy]
     kind = "DeepSpeed" if "zero" in strategy else "FSDP2" if strategy == "fsdp" else "DDP"
     assert full["batch"]["world_size"] == 2 and full["strategy"].startswith(kind)
     for (s1, a), (s2, b) in zip(reference["train_loss_history"], full["train_loss_history"]):
@@ -52,11 +66,9 @@ def test_strategy_matches_one_process_and_resumes_exactly(strategy, reference, r
 def test_zero3_export_is_gathered_and_matches_zero1(runs):
     from transformers import AutoModelForCausalLM
 
-    if not {"zero1", "zero3"} <= runs.keys():
-        pytest.fail("needs the zero1 and zero3 runs of test_strategy_matches_one_process_and_resumes_exactly")
-    m1 = AutoModelForCausalLM.from_pretrained(runs["zero1"] / "final").eval()
-    m3 = AutoModelForCausalLM.from_pretrained(runs["zero3"] / "final").eval()
-    w3 = load_file(runs["zero3"] / "final" / "model.safetensors")
+    m1 = AutoModelForCausalLM.from_pretrained(runs("zero1") / "final").eval()
+    m3 = AutoModelForCausalLM.from_pretrained(runs("zero3") / "final").eval()
+    w3 = load_file(runs("zero3") / "final" / "model.safetensors")
     assert all(t.numel() > 0 for t in w3.values())  # full tensors, not empty ZeRO-3 shards
     assert sum(t.numel() for t in w3.values()) == sum(p.numel() for p in m1.parameters())
     ids = torch.randint(5, 600, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -67,10 +79,8 @@ def test_zero3_export_is_gathered_and_matches_zero1(runs):
 def test_resume_with_other_world_size_under_zero_stops_clearly(runs, tmp_path):
     import shutil
 
-    if "zero2" not in runs:
-        pytest.fail("needs the zero2 run of test_strategy_matches_one_process_and_resumes_exactly")
     out = tmp_path / "zero2"
-    shutil.copytree(runs["zero2"], out)
+    shutil.copytree(runs("zero2"), out)
     proc = launch(1, out, "parallel=zero2", "trainer.max_steps=9", expect_ok=False)
     assert proc.returncode != 0
     assert "written by 2 processes under deepspeed" in proc.stderr and "ds_to_universal" in proc.stderr

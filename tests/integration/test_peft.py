@@ -99,7 +99,7 @@ def test_gradient_checkpointing_same_loss_and_gradients(tokenizer):
         assert model.is_gradient_checkpointing == gc
         recomputed = [m.gradient_checkpointing for m in model.model.layers]
         assert recomputed == ([False, False] if not gc else [True, True] if every == 1 else [True, False])
-        loss, _ = accumulate_gradients(model, step, Accelerator(cpu=True, gradient_accumulation_steps=2))
+        loss, _, _ = accumulate_gradients(model, step, Accelerator(cpu=True, gradient_accumulation_steps=2))
         out[gc, every] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
     reset_accelerate()
     base = out[False, 1]

@@ -43,7 +43,7 @@ def step(model, data, micro, accum):
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)
     micro_batches = next(StepLoader(store, rows, BatchPlan(micro, accum, 1, micro * accum), 0, cfg, 0).steps(0))
     model.zero_grad(set_to_none=True)
-    loss, _ = accumulate_gradients(model, micro_batches, acc)
+    loss, _, _ = accumulate_gradients(model, micro_batches, acc)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     reset_accelerate()
     return float(loss), grads, micro_batches
@@ -103,7 +103,9 @@ def test_a_saved_moe_model_trains_end_to_end_with_the_router_term(tmp_path):
     from distsft.model.load import load_tokenizer
     from tests.conftest import run_tiny
 
-    logged = {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged, scalars = {}, {}
     for coef in (COEF, 0.0):
         src = tmp_path / f"moe{coef}"
         tiny_moe(coef).save_pretrained(src)
@@ -114,8 +116,19 @@ def test_a_saved_moe_model_trains_end_to_end_with_the_router_term(tmp_path):
         losses = [x for _, x in res.summary["train_loss_history"]]
         assert res.summary["status"] == "finished" and losses[-1] < losses[0]
         logged[coef] = losses[0]
+        events = EventAccumulator(str(tmp_path / f"run{coef}" / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        scalars[coef] = {t: [e.value for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
     # same weights and batch: the difference is coef x the mean row term (~E x k / E = k = 2 when balanced)
     assert logged[COEF] - logged[0.0] == pytest.approx(COEF * 2, rel=0.1)
+    # train/aux_loss is that term, logged on its own (so the first-step difference is the logged aux loss)
+    moe_logged = scalars[COEF]
+    assert moe_logged["train/aux_loss"][0] == pytest.approx(logged[COEF] - logged[0.0], rel=1e-3)
+    assert len(moe_logged["train/aux_loss"]) == 3
+    # expert load relative to a uniform one: the busiest expert at or above 1, the idlest at or below
+    assert all(lo <= 1.0 <= hi for lo, hi in zip(moe_logged["train/expert_load_min"],
+                                                  moe_logged["train/expert_load_max"]))
+    assert "train/aux_loss" not in scalars[0.0]  # no router term: none logged
 
 
 def test_lora_on_an_moe_says_what_it_adapts_and_refuses_dropout_on_parameters(tmp_path, caplog):
