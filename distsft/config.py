@@ -84,7 +84,7 @@ class DataConfig:
     cache_dir: Optional[str] = None
     #: Processes that tokenize, one cache shard at a time (0: one per available CPU core, at most 32; 1: in the main process).
     num_proc: int = 0
-    #: Conversations per token-cache shard: the unit of parallel tokenization, and what bounds preparation memory.
+    #: Most conversations per token-cache shard: the unit of parallel tokenization, and what bounds preparation memory (cut smaller so every process gets ~4 shards).
     shard_size: int = 4096
     #: Seconds a rank waits for its node's first process to prepare the data before it stops with an error.
     prepare_timeout: int = 3600

@@ -151,7 +151,8 @@ def _tokenize_shard(k: int) -> tuple[dict, dict]:
     """Shard k of the job's split -> (its index entry, its statistics)."""
     j = _JOB
     cfg: DataConfig = j["cfg"]
-    lo, hi = k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(j["ds"]))
+    size = j["shard_size"]
+    lo, hi = k * size, min((k + 1) * size, len(j["ds"]))
     ids_out, masks_out, examples = [], [], []
     counts = dict(rows_in=hi - lo, kept=0, dropped_overlong=0, dropped_short=0, dropped_unsupervised=0,
                   truncated=0, tokens=0, supervised_tokens=0)
@@ -188,14 +189,24 @@ def default_num_proc() -> int:
     return max(1, min(cores, 32))
 
 
+def shard_size(rows: int, most: int, procs: int) -> int:
+    """Conversations per shard: at most ``data.shard_size``, and small enough that every worker gets about four
+    shards (5 shards on 2 workers would leave one idle for the last; 1/4 of a shard is the most it idles)."""
+    if procs <= 1:
+        return most
+    return max(1, min(most, math.ceil(rows / (4 * procs))))
+
+
 def tokenize_split(ds: datasets.Dataset, cfg: DataConfig, tokenizer, template: str, template_name: str,
                    directory: Path, split: str, sources: dict[str, int], stats: SplitStats) -> list[dict]:
     """Write ``split``'s shards into ``directory``; -> their index entries (statistics into ``stats``)."""
-    n_shards = math.ceil(len(ds) / cfg.shard_size)
+    procs = cfg.num_proc or default_num_proc()
+    size = shard_size(len(ds), cfg.shard_size, procs)
+    n_shards = math.ceil(len(ds) / size)
     vocab = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=0) + 1)
     _JOB.update(ds=ds, cfg=cfg, tokenizer=tokenizer, template=template, template_name=template_name,
-                dir=directory, split=split, sources=sources, dtype=token_dtype(vocab))
-    procs = min(cfg.num_proc or default_num_proc(), n_shards)
+                dir=directory, split=split, sources=sources, dtype=token_dtype(vocab), shard_size=size)
+    procs = min(procs, n_shards)
     try:
         if procs <= 1:
             results = [_tokenize_shard(k) for k in range(n_shards)]

@@ -54,10 +54,19 @@ def test_entry_is_plain_arrays_and_a_json_index_mapped_by_readers(tmp_path, toke
 def test_parallel_preparation_equals_serial(tmp_path, tokenizer):
     serial = prepare(cfg_for(tmp_path, shard_size=7, num_proc=1, cache=False), tokenizer)
     parallel = prepare(cfg_for(tmp_path, shard_size=7, num_proc=2, cache=False), tokenizer)
-    one_shard = prepare(cfg_for(tmp_path, shard_size=4096, num_proc=2, cache=False), tokenizer)
-    assert examples(parallel.train) == examples(serial.train) == examples(one_shard.train)
+    balanced = prepare(cfg_for(tmp_path, shard_size=4096, num_proc=2, cache=False), tokenizer)  # shards cut to fit
+    assert examples(parallel.train) == examples(serial.train) == examples(balanced.train)
     assert examples(parallel.eval) == examples(serial.eval)
-    assert parallel.train_stats == serial.train_stats == one_shard.train_stats
+    assert parallel.train_stats == serial.train_stats == balanced.train_stats
+
+
+def test_shards_are_cut_so_every_worker_gets_several():
+    from distsft.data.prepare import shard_size
+
+    assert shard_size(20_000, 4096, 2) == 2500  # 8 shards on 2 workers (4096 would give 5: one worker idles)
+    assert shard_size(1_000_000, 4096, 8) == 4096  # large data: data.shard_size bounds memory
+    assert shard_size(20_000, 4096, 1) == 4096  # one process: nothing to balance
+    assert shard_size(3, 4096, 2) == 1
 
 
 def test_an_error_in_a_worker_names_file_and_row(tmp_path, tokenizer):
