@@ -19,6 +19,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.bad_rows": ("error", "skip"),
     "data.mode": ("pack", "pad"),
     "data.loss_on": ("assistant", "last_assistant", "all"),
+    "data.multiturn": ("final", "per_turn"),
     "data.overlong": ("drop", "truncate"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"),
     "peft.method": ("none", "lora", "dora"),
@@ -122,6 +123,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.loss_chunk={t.loss_chunk} must be >= 0 (0: the head sees all supervised positions at once)")
     if d.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len={d.max_seq_len} must be >= 2")
+    if d.multiturn == "per_turn" and d.loss_on != "assistant":
+        raise ConfigError(f"data.multiturn=per_turn makes one example per assistant turn and supervises that turn, "
+                          f"which data.loss_on={d.loss_on} contradicts: use data.loss_on=assistant with it, or "
+                          f"data.multiturn=final")
     if t.max_steps < 0 or t.epochs <= 0 and t.max_steps == 0:
         raise ConfigError(f"set trainer.max_steps > 0 or trainer.epochs > 0 (got {t.max_steps}, {t.epochs})")
     if not 0.0 <= cfg.schedule.warmup_ratio < 1.0:

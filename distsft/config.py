@@ -60,8 +60,10 @@ class DataConfig:
     val_fraction: float = 0.05
     #: Row format: auto (detected per file), messages, sharegpt, alpaca, prompt_completion, instruction_completion.
     format: str = "auto"
-    #: Chat template: null (the tokenizer's own), chatml, llama3, or a path to a .jinja file.
+    #: Chat template: null (the tokenizer's own), a built-in (chatml, llama3, llama3.1, qwen2.5, qwen3, qwen3_nothink, gemma, mistral_v7, phi3), or a path to a .jinja file.
     chat_template: Optional[str] = None
+    #: Multi-turn rule for templates that rewrite earlier turns (Qwen3 drops earlier reasoning): final (default: each conversation once, every reply supervised as the full rendering shows it; append-only templates train as before) or per_turn (one example per assistant turn, supervising that turn, each reply rendered last: keeps all reasoning, repeats the history).
+    multiturn: str = "final"
     #: Bad rows (missing field, wrong type, unknown role, no assistant turn, invalid JSON): error stops, skip counts and reports them.
     bad_rows: str = "error"
     #: Drop exact duplicate conversations across the training files.

@@ -3,7 +3,8 @@
 Composes the same config as training, then shows a few formatted examples with the supervised
 tokens marked (green on a terminal, ``[[...]]`` otherwise) and the statistics of the whole dataset:
 kept/dropped/skipped rows, tokens, supervised tokens, packing efficiency. Nothing is trained and
-nothing is written except the tokenized-data cache. Use it to debug templates and masks.
+nothing is written except the tokenized-data cache. Use it to debug templates and masks, and to see
+what ``data.multiturn`` does with a template that rewrites earlier turns (Qwen3's reasoning).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
     data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
     store = data.train
     marks = "green" if color else "[[...]]"
-    print(f"supervised tokens are shown {marks}; loss_on={cfg.data.loss_on}, "
+    print(f"supervised tokens are shown {marks}; loss_on={cfg.data.loss_on}, multiturn={cfg.data.multiturn}, "
           f"template={cfg.data.chat_template or 'the tokenizer' + chr(39) + 's own'}\n", file=stream)
     for i in range(min(cfg.preview.examples, len(store))):
         ids, labels = store.example(i)

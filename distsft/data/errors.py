@@ -18,6 +18,10 @@ class DataError(ValueError):
         return type(self), (str(self), self.reason)
 
 
+class TemplateError(DataError):
+    """A chat template whose rendering does not allow an unambiguous assistant mask."""
+
+
 @dataclass
 class Skipped:
     """Rows left out under ``data.bad_rows=skip`` (and why); written to the run dir's report."""

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..config import DataConfig
+from .multiturn import split_per_turn
 from .packing import Rows, best_fit_decreasing
 from .sources import DataError, Skipped, apply_weight, dedup, load_source
 from .store import LENGTH, SUPERVISED, TokenStore, token_dtype, write_shard
@@ -55,6 +56,7 @@ datasets.disable_progress_bars()  # one line of statistics per split is logged i
 @dataclass
 class SplitStats:
     rows_in: int = 0
+    per_turn_examples: int = 0  # examples data.multiturn=per_turn made of the rows (one per assistant turn)
     kept: int = 0
     duplicates: int = 0
     dropped_overlong: int = 0
@@ -154,13 +156,18 @@ def _tokenize_shard(k: int) -> tuple[dict, dict]:
     size = j["shard_size"]
     lo, hi = k * size, min((k + 1) * size, len(j["ds"]))
     ids_out, masks_out, examples = [], [], []
-    counts = dict(rows_in=hi - lo, kept=0, dropped_overlong=0, dropped_short=0, dropped_unsupervised=0,
-                  truncated=0, tokens=0, supervised_tokens=0)
+    counts = dict(rows_in=hi - lo, per_turn_examples=0, kept=0, dropped_overlong=0, dropped_short=0,
+                  dropped_unsupervised=0, truncated=0, tokens=0, supervised_tokens=0)
     for b in range(lo, hi, ENCODE_BATCH):
         rows = j["ds"][b:min(b + ENCODE_BATCH, hi)]
-        src, row_no = rows["_source"], rows["_row"]
-        encoded = encode_conversations(j["tokenizer"], rows["messages"], cfg.loss_on, j["template"],
-                                       j["template_name"], where=lambda i: f"{src[i]} row {row_no[i]}")
+        src, row_no, convs = rows["_source"], rows["_row"], rows["messages"]
+        origin, loss_on = list(range(len(convs))), cfg.loss_on
+        if cfg.multiturn == "per_turn":  # one example per assistant turn, each supervising its last turn
+            convs, origin = split_per_turn(convs)
+            counts["per_turn_examples"] += len(convs)
+            loss_on = "last_assistant"
+        encoded = encode_conversations(j["tokenizer"], convs, loss_on, j["template"], j["template_name"],
+                                       where=lambda i: f"{src[origin[i]]} row {row_no[origin[i]]}")
         for i, (ids, sup) in enumerate(encoded):
             if len(ids) > cfg.max_seq_len:
                 if cfg.overlong == "drop":
@@ -177,7 +184,7 @@ def _tokenize_shard(k: int) -> tuple[dict, dict]:
                 continue
             ids_out.append(ids)
             masks_out.append(sup)
-            examples.append((len(ids), n_sup, j["sources"][src[i]], row_no[i]))
+            examples.append((len(ids), n_sup, j["sources"][src[origin[i]]], row_no[origin[i]]))
     ex = np.array(examples, np.int64).reshape(-1, 4)
     counts.update(kept=len(ex), tokens=int(ex[:, LENGTH].sum()), supervised_tokens=int(ex[:, SUPERVISED].sum()))
     entry = write_shard(j["dir"], f"{j['split']}-{k:05d}", ids_out, masks_out, ex, j["dtype"])

@@ -7,8 +7,11 @@ markers (most model templates lack them). For assistant turn *i*::
     upto   = render(messages[:i + 1])                           # ... + reply + <|im_end|>\\n
     span   = [len(prefix), len(upto.rstrip()))                  # reply + end-of-turn token
 
-Both must be prefixes of the full rendering, otherwise the template renders turns
-inconsistently and the spans would be guesses: we stop with a message naming the template.
+Both must be prefixes of the full rendering. A template that is not append-only (Qwen3 drops
+the reasoning of earlier replies, Phi-3 ends a rendering with ``<|endoftext|>``) fails that for some
+turns; those are located in the full text instead (``multiturn.final_spans``: the
+``data.multiturn=final`` rule), or the conversation was split per turn beforehand
+(``data.multiturn=per_turn``: only each example's last turn is needed, ``turns="last"``).
 A token is supervised when it overlaps a span (a BPE merge across the boundary, such as
 "assistant: " + "2" -> " 2", keeps the reply's first token supervised). ``labels`` are aligned
 with ``input_ids`` (the loss shifts them); ``labels[0]`` is always -100 because nothing in the
@@ -30,13 +33,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DataError
+from .errors import TemplateError  # noqa: F401 (imported from here by callers)
+from .multiturn import answer, final_spans
 
 IGNORE = -100
-
-
-class TemplateError(DataError):
-    """A chat template whose rendering does not allow an unambiguous assistant mask."""
 
 
 def _render(tokenizer, messages, template, generation_prompt: bool):
@@ -52,7 +52,7 @@ def _batch_renderer(tokenizer, template: str | None, sample: list[dict]):
     """Render a batch of plain {role, content} conversations with the compiled template and the same
     variables ``apply_chat_template`` passes (it spends most of its time copying messages, which ours
     do not need). Used only after it rendered ``sample`` exactly as ``apply_chat_template`` does."""
-    key = (id(tokenizer), template)
+    key = (id(tokenizer), template, str(sorted(tokenizer.special_tokens_map.items())))  # bos/eos are variables
     if key not in _COMPILED:
         _COMPILED[key] = None
         try:
@@ -72,39 +72,40 @@ def _batch_renderer(tokenizer, template: str | None, sample: list[dict]):
     return _COMPILED[key] or (lambda convs, g: _render(tokenizer, convs, template, g))
 
 
-def _spans_of(messages: list[dict], full: str, prefixes: list[str], uptos: list[str],
-              template_name: str) -> list[tuple[int, int]]:
-    """The character span of every assistant reply (+ end-of-turn) in ``full``, verified."""
-    spans = []
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+def _spans_of(messages: list[dict], full: str, turns: list[int], prefixes: list[str], uptos: list[str],
+              template_name: str) -> dict[int, tuple[int, int] | None]:
+    """{turn: the character span of its reply (+ end-of-turn) in ``full``}, verified; None for a turn whose
+    prefix renders are not prefixes of ``full`` (the template is not append-only there)."""
+    spans = {}
     for i, prefix, upto in zip(turns, prefixes, uptos):
         if not (upto.startswith(prefix) and full.startswith(upto)):
-            raise TemplateError(
-                f"{template_name} renders conversation prefixes inconsistently (turn {i} changes earlier text), "
-                "so assistant spans are ambiguous; use a template that renders turns append-only",
-                reason="template")
+            spans[i] = None
+            continue
         span = (len(prefix), len(upto.rstrip()))
         # verify: the reply itself must lie inside its span (templates may trim it, never move it)
-        if messages[i]["content"].strip() not in full[span[0]:span[1]]:
+        if answer(messages[i]["content"]) not in full[span[0]:span[1]]:
             raise TemplateError(
                 f"{template_name} does not render assistant turn {i} between its generation prompt and the "
                 "end of the turn, so its tokens cannot be masked reliably", reason="template")
-        spans.append(span)
+        spans[i] = span
     return spans
 
 
 def render_with_spans(tokenizer, conversations: list[list[dict]], template: str | None,
                       template_name: str = "the chat template",
-                      where: Callable[[int], str] | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
-    """(full text, assistant spans) of each conversation; ``where(k)`` names conversation k in errors."""
+                      where: Callable[[int], str] | None = None,
+                      turns: str = "all") -> list[tuple[str, list[tuple[int, int]]]]:
+    """(full text, assistant spans) of each conversation; ``where(k)`` names conversation k in errors.
+    ``turns``: the spans of every assistant turn ("all"), of the last one ("last"), or none ("none")."""
     prefix_convs, upto_convs, plan = [], [], []
     for msgs in conversations:
-        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-        last_is_reply = bool(turns) and turns[-1] == len(msgs) - 1
-        plan.append((len(prefix_convs), len(upto_convs), len(turns), last_is_reply))
-        prefix_convs += [msgs[:i] for i in turns]
+        replies = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        sel = replies if turns == "all" else replies[-1:] if turns == "last" else []
+        last_is_reply = bool(sel) and sel[-1] == len(msgs) - 1
+        plan.append((len(prefix_convs), len(upto_convs), sel, last_is_reply))
+        prefix_convs += [msgs[:i] for i in sel]
         # upto of every turn but a final reply (its upto is the full text), then the full text itself
-        upto_convs += [msgs[:i + 1] for i in (turns[:-1] if last_is_reply else turns)] + [msgs]
+        upto_convs += [msgs[:i + 1] for i in (sel[:-1] if last_is_reply else sel)] + [msgs]
     # an empty prefix renders as "" (apply_chat_template refuses an empty conversation)
     nonempty = [c for c in prefix_convs if c]
     try:
@@ -114,15 +115,26 @@ def render_with_spans(tokenizer, conversations: list[list[dict]], template: str 
     except Exception as e:  # a template's raise_exception, a type error inside Jinja: name the conversation
         raise _render_error(tokenizer, conversations, template, template_name, where, e) from None
     prefixes = [next(rendered) if c else "" for c in prefix_convs]
-    out = []
-    for k, (msgs, (p, u, n, last_is_reply)) in enumerate(zip(conversations, plan)):
+    name = (lambda k: where(k)) if where else (lambda k: f"conversation {k}")
+    out, slow = [], []
+    for k, (msgs, (p, u, sel, last_is_reply)) in enumerate(zip(conversations, plan)):
+        n = len(sel)
         full = uptos[u + n - last_is_reply]
         mine = uptos[u:u + n - last_is_reply] + ([full] if last_is_reply else [])
         try:
-            out.append((full, _spans_of(msgs, full, prefixes[p:p + n], mine, template_name)))
+            spans = _spans_of(msgs, full, sel, prefixes[p:p + n], mine, template_name)
         except TemplateError as e:
             raise TemplateError(f"{where(k)}: {e}" if where else str(e), reason=e.reason) from None
-    return out
+        out.append((full, spans))
+        if None in spans.values():  # not append-only here: find those turns in the full text
+            todo = {i: prefixes[p + j] for j, i in enumerate(sel) if spans[i] is None}
+            slow.append((k, (msgs, full, todo, {i: s for i, s in spans.items() if s is not None})))
+    if slow:
+        found = final_spans(tokenizer, render, [item for _, item in slow], template_name,
+                            lambda j: name(slow[j][0]))
+        for (k, _), spans in zip(slow, found):
+            out[k][1].update(spans)
+    return [(full, [spans[i] for i in sorted(spans)]) for full, spans in out]
 
 
 def _render_error(tokenizer, conversations, template, template_name, where, error: Exception) -> TemplateError:
@@ -199,8 +211,9 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], loss_on: st
                          template_name: str = "the chat template",
                          where: Callable[[int], str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(input_ids [n] int64, supervised [n] bool) of each conversation; labels = ids where supervised."""
-    rendered = render_with_spans(tokenizer, conversations, template, template_name, where)
-    keep = [[] if loss_on == "all" else spans[-1:] if loss_on == "last_assistant" else spans for _, spans in rendered]
+    turns = {"all": "none", "last_assistant": "last"}.get(loss_on, "all")
+    rendered = render_with_spans(tokenizer, conversations, template, template_name, where, turns)
+    keep = [spans for _, spans in rendered]
     out = _encode_masked(tokenizer, [t for t, _ in rendered], keep)
     for ids, sup in out:
         if loss_on == "all":

@@ -38,9 +38,39 @@ def test_prepare_builds_the_cache_ahead_and_later_runs_map_it(tmp_path):
     first = prepare_main(typed_cfg(*overrides), stream=buf)
     assert not first["cache_hit"] and "prepared with 2 process(es)" in buf.getvalue()
     assert "train: 1140/1140 examples kept" in buf.getvalue() and first["path"].startswith(str(tmp_path))
-    assert len(list((tmp_path / "cache").glob("*/train-*.tokens.npy"))) == 4  # 1140 rows in shards of 300
+    # 1140 rows in shards of at most 300, cut to 143 so that each of the 2 workers gets 4
+    assert len(list((tmp_path / "cache").glob("*/train-*.tokens.npy"))) == 8
     again = io.StringIO()
     assert prepare_main(typed_cfg(*overrides), stream=again)["cache_hit"] and "found in the cache" in again.getvalue()
     out = io.StringIO()
     preview(typed_cfg(*overrides, "data.num_proc=1", "preview.examples=1"), color=False, stream=out)  # not in the key
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_preview_marks_what_each_multiturn_rule_supervises(tmp_path, tokenizer):
+    """A Qwen3 conversation with reasoning in an earlier turn previews under both rules, and the marked
+    characters are what the rule says: final drops the earlier reasoning (as the template does),
+    per_turn makes one example per reply, each with its reasoning."""
+    import json
+
+    from distsft.preview import preview
+    from tests.chat_families import family_tokenizer
+
+    family_tokenizer(tokenizer, "qwen3").save_pretrained(tmp_path / "tok")  # the tiny tokenizer + Qwen3's tokens
+    rows = [{"messages": [{"role": "user", "content": "What is 2 plus 2?"},
+                          {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n2 plus 2 is 4."},
+                          {"role": "user", "content": "Spell apple backwards."},
+                          {"role": "assistant", "content": "<think>Reverse the letters.</think>elppa"}]}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = (f"model.tokenizer={tmp_path / 'tok'}", "data=jsonl", f"data.train_files=[{tmp_path / 'q.jsonl'}]",
+              "data.val_fraction=0", "data.chat_template=qwen3", f"data.cache_dir={tmp_path / 'cache'}")
+    marked = {}
+    for rule in ("final", "per_turn"):
+        buf = io.StringIO()
+        preview(typed_cfg(*common, f"data.multiturn={rule}", "preview.examples=5"), color=False, stream=buf)
+        out = buf.getvalue()
+        assert f"multiturn={rule}" in out
+        marked[rule] = [re.findall(r"\[\[(.*?)\]\]", ex, flags=re.S) for ex in out.split("--- example")[1:]]
+    assert marked["final"] == [["2 plus 2 is 4.<|im_end|>", "<think>\nReverse the letters.\n</think>\n\nelppa<|im_end|>"]]
+    assert marked["per_turn"] == [["<think>\nAdd them.\n</think>\n\n2 plus 2 is 4.<|im_end|>"],
+                                  ["<think>\nReverse the letters.\n</think>\n\nelppa<|im_end|>"]]
