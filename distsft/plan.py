@@ -2,7 +2,9 @@
 
 On the same composed config as training, without training: the data after formatting and
 filtering, the batch arithmetic, steps, warmup, example views, the LR curve, FLOPs per token and an
-estimated peak memory per GPU. The model is built on the meta device (no weights are loaded).
+estimated peak memory per GPU. The model is built on the meta device (no weights are loaded). For a
+mixture-of-experts model the parameters are counted twice: all of them (memory) and the ones a token
+passes through (FLOPs and MFU: the non-expert weights and top_k/num_experts of the expert weights).
 
 Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w bytes per weight):
 
@@ -56,6 +58,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     flops_per_token: float = 0.0  # as train/mfu counts it (trainer.metrics.model_flops)
+    active: int = 0  # parameters one token passes through (an MoE: top_k of num_experts experts; else params)
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -63,6 +66,7 @@ def model_shape(cfg: Config) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .model.moe import active_parameters
     from .model.params import count_parameters
     from .model.peft import apply_peft
 
@@ -75,13 +79,17 @@ def model_shape(cfg: Config) -> ModelShape:
     if cfg.peft.method != "none":
         model = apply_peft(model, type(cfg.peft)(**{**asdict(cfg.peft), "quantize": "none"}), False)
     trainable, params = count_parameters(model)
+    active = active_parameters(model)
     heads = mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
     kv = getattr(mc, "num_key_value_heads", heads) * head_dim
     from .trainer.metrics import model_flops
 
+    # FLOPs of the weights a token passes through (total=active: an MoE token meets top_k experts, not all);
+    # "every weight trains" (6N, not 4N) still means full fine-tuning
+    flops = model_flops(model, active if trainable == params else trainable, active)[0]
     return ModelShape(params, trainable, quantizable, mc.num_hidden_layers, mc.hidden_size, kv,
-                      mc.intermediate_size, mc.vocab_size, model_flops(model, trainable, params)[0])
+                      mc.intermediate_size, mc.vocab_size, flops, active)
 
 
 def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
@@ -213,7 +221,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "batch": asdict(plan), "steps_per_epoch": per_epoch, "total_steps": total, "epochs": epochs,
         "warmup_steps": warmup_steps(cfg.schedule, total),
         "example_views": round(st.kept * epochs), "lr_curve": lr_table(cfg, total),
-        "parameters": {"total": shape.params, "trainable": shape.trainable},
+        "parameters": {"total": shape.params, "trainable": shape.trainable, "active": shape.active},
         "flops_per_token": shape.flops_per_token,
         "kernels": kernels,
         "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger"),
@@ -234,8 +242,8 @@ def render(p: dict) -> str:
         f"{b['world_size']} = global_batch_size {b['global_batch_size']} sequences",
         f"steps: {p['steps_per_epoch']} per epoch, {p['total_steps']} in all ({p['epochs']:.2f} epochs), "
         f"{p['warmup_steps']} warmup; example views {p['example_views']:,}",
-        f"parameters: {p['parameters']['trainable']:,} trainable of {p['parameters']['total']:,}; "
-        f"{p['flops_per_token']:.3g} FLOPs per token (+ attention)",
+        f"parameters: {p['parameters']['trainable']:,} trainable of {p['parameters']['total']:,}"
+        f"{_active(p['parameters'])}; {p['flops_per_token']:.3g} FLOPs per token (+ attention)",
         "LR:  " + "  ".join(f"{pct:g}%:{lr:.2e}" for pct, _, lr in p["lr_curve"]),
         f"memory per GPU on CUDA (estimate, kernels={p['kernels']}): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
         "activation checkpointing (memory, extra compute): " + "; ".join(
@@ -248,6 +256,13 @@ def render(p: dict) -> str:
             _overrides(best["checkpoint_every"]) if best else "nothing: lower trainer.micro_batch_size or "
             "data.max_seq_len, or shard more (parallel=zero2|zero3|fsdp)"))
     return "\n".join(lines)
+
+
+def _active(counts: dict) -> str:
+    """An MoE's parameters per token (what its FLOPs and MFU count), when they are not all of them."""
+    if counts["active"] == counts["total"]:
+        return ""
+    return f" ({counts['active']:,} active per token: the routed experts count top_k of num_experts)"
 
 
 def _every(every: int | None) -> str:

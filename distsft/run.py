@@ -25,6 +25,7 @@ from .model.attention import auto_attention, describe_attention
 from .model.head import install as install_head
 from .model.kernels import apply_kernels, compile_layers, compile_stats, fused_loss, resolve_kernels
 from .model.load import load_model, load_tokenizer, whole_model
+from .model.moe import mark_z3_leaf_modules
 from .model.params import count_parameters
 from .model.peft import apply_peft, quantization_config
 from .model.precision import check_master_weights, half_compute, load_dtype
@@ -171,6 +172,8 @@ def build_model(cfg: Config, acc):
     with whole_model(acc, cfg.model.init == "config"):
         model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, device=acc.device.index if cuda else "cpu",
                            quantization=quantization_config(cfg.peft, cfg.parallel.zero3))
+    if cfg.parallel.zero3:  # before accelerate.prepare: DeepSpeed reads the flags when it wraps the model
+        mark_z3_leaf_modules(model)
     if cfg.peft.method != "none" and cfg.model.init == "config":
         log.warning("peft=%s on a randomly initialised base (model.init=config): adapters adapt what a pretrained "
                     "model knows, a random one knows nothing and the loss barely falls; for the embedded model use "

@@ -190,13 +190,14 @@ def model_flops(model, trainable: int, total: int) -> tuple[float, float]:
     """
     cfg = getattr(model, "config", None)
     from ..model.load import base_model
+    from ..model.moe import active_parameters
     from ..model.params import true_numel
 
     inner = base_model(model)
     emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     # the input embedding is a lookup; but a tied one is also the output head, a full matmul
     tied = emb is not None and head is not None and head.weight is emb.weight
-    n = total - (true_numel(emb.weight) if emb is not None and not tied else 0)
+    n = active_parameters(model) - (true_numel(emb.weight) if emb is not None and not tied else 0)  # MoE: active
     per_token = (6 if trainable == total else 4) * n
     layers = getattr(cfg, "num_hidden_layers", 0)
     heads = getattr(cfg, "num_attention_heads", 0)

@@ -112,3 +112,37 @@ def test_plan_cli(tmp_path):
     assert "world_size 2 = global_batch_size 8" in proc.stdout and "memory per GPU on CUDA (estimate, kernels=" in proc.stdout
     assert f"LR curve: {png}" in proc.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "activation checkpointing (memory, extra compute): off" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory, tokenizer):
+    """A tiny Qwen3-MoE config (4 experts, top 2) beside the embedded tokenizer: what the plan reads."""
+    from tests.unit.test_moe_experts import tiny
+
+    path = tmp_path_factory.mktemp("tiny-moe")
+    tiny("qwen3_moe").config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_plan_counts_the_active_parameters_of_an_moe(tiny_moe_dir, peft):
+    """FLOPs per token (train/mfu's count) use the parameters a token passes through: for an MoE the non-expert
+    weights and top_k/num_experts of the experts; the plan prints both counts (a dense model: one)."""
+    from distsft.plan import render
+    from tests.unit.test_moe_experts import V, H, hand_count
+
+    overrides = [f"model.name_or_path={tiny_moe_dir}", "model.init=config"]
+    p = make_plan(typed_cfg(*overrides, *([f"peft={peft}", "peft.dropout=0"] if peft != "none" else [])), 1)
+    counts, (total, active) = p["parameters"], hand_count("qwen3_moe")
+    embedding = V * H  # a lookup, not a matmul (untied)
+    if peft == "none":
+        assert counts == {"total": total, "trainable": total, "active": active}
+        assert p["flops_per_token"] == 6 * (active - embedding)  # not 6 x (all parameters - embedding)
+    else:  # a frozen base: 4N; the adapters of the experts count top_k/num_experts of theirs too
+        adapters = counts["trainable"]
+        assert counts["total"] == total + adapters and active < counts["active"] < active + adapters
+        assert p["flops_per_token"] == 4 * (counts["active"] - embedding)
+    assert f"{counts['active']:,} active per token" in render(p)
+    dense = make_plan(typed_cfg(), 1)
+    assert dense["parameters"]["active"] == dense["parameters"]["total"] and "active per token" not in render(dense)
