@@ -57,7 +57,8 @@ DATA = {  # lognormal token lengths: median, sigma, clip
 SETUPS = {"alpaca": dict(seq=4096, rows=4, accum=2, pad_micro=16),
           "ultrachat": dict(seq=8192, rows=2, accum=2, pad_micro=4),
           "toy": dict(seq=256, rows=2, accum=2, pad_micro=4)}
-SYSTEMS = ("distsft", "distsft_liger", "trl_pad", "trl_padfree", "trl_padfree_liger", "hf")
+SYSTEMS = ("distsft", "distsft_liger", "trl_pad", "trl_padfree", "trl_padfree_liger", "trl_packing", "trl_packing_liger",
+           "hf")
 
 
 def setup(a) -> dict:
@@ -212,9 +213,10 @@ class Counting:
 
     def __call__(self, features):
         out = self.inner(features)
-        lens = np.array([len(f["input_ids"]) for f in features], dtype=np.float64)
+        # a TRL-packed row holds several documents (its seq_lengths); otherwise one per feature
+        lens = np.array([n for f in features for n in f.get("seq_lengths", [len(f["input_ids"])])], dtype=np.float64)
         self.seen.append((lens.sum(), float((out["labels"] != IGNORE).sum()), out["input_ids"].numel(),
-                          (lens ** 2).sum()))
+                          (lens ** 2).sum(), len(lens)))
         return out
 
 
@@ -223,9 +225,12 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
     from transformers import TrainerCallback, TrainingArguments
 
     s, cuda = setup(a), a.device == "cuda"
-    padfree = system.startswith("trl_padfree")
+    packing = system.startswith("trl_packing")  # TRL's recommendation: packing=True, BFD, padding-free rows
+    padfree = system.startswith("trl_padfree") or packing
     micro = max(1, round(examples_per_step / s["accum"])) if padfree else s["pad_micro"]
     accum = max(1, round(examples_per_step / micro))
+    if packing:  # the same rows as distsft: rows x seq tokens per micro-batch, the same accumulation
+        micro, accum = s["rows"], s["accum"]
     tok = tokenizer()
     model = build_model(a, "varlen" if padfree else "sdpa")
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
@@ -255,16 +260,17 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
 
         ds = Dataset.from_dict({"input_ids": ids, "completion_mask": [[int(y != IGNORE) for y in row] for row in labels]})
         # documents are already shorter than the row length; padding-free refuses a max_length without packing
-        args = SFTConfig(**common, max_length=None if padfree else s["seq"], padding_free=padfree, completion_only_loss=True,
+        args = SFTConfig(**common, max_length=None if padfree and not packing else s["seq"], padding_free=padfree,
+                         packing=packing, packing_strategy="bfd", completion_only_loss=True,
                          use_liger_kernel=system.endswith("_liger"))
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
         collator = trainer.data_collator = Counting(trainer.data_collator)  # TRL's own collator, counted
     trainer.train()
     seen = collator.seen
-    counts = [tuple(map(sum, zip(*seen[k * accum:(k + 1) * accum]))) for k in range(n_steps)]
+    counts = [tuple(map(sum, zip(*seen[k * accum:(k + 1) * accum])))[:4] for k in range(n_steps)]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return dict(times=clock.times, counts=counts, losses=losses, examples=[micro * accum] * n_steps,
-                model=trainer.model)
+    examples = [sum(c[4] for c in seen[k * accum:(k + 1) * accum]) for k in range(n_steps)]
+    return dict(times=clock.times, counts=counts, losses=losses, examples=examples, model=trainer.model)
 
 
 def bench_data(a) -> tuple[list[list[int]], list[list[int]], int]:
@@ -304,6 +310,8 @@ def one(a) -> dict:
     out = {"system": a.system, "model": a.model, "data": a.data, "lora": a.lora, "steps": len(t),
            "tokens_per_s": real / sum(t), "supervised_tokens_per_s": sup / sum(t),
            "mfu": flops / sum(t) / PEAK if cuda else None, "tflops": flops / sum(t) / 1e12,
+           # torchtitan's convention counts attention as if it were not causal (twice the causal FLOPs)
+           "mfu_noncausal": (flops + per_sq * attn_sq) / sum(t) / PEAK if cuda else None,
            "step_s_median": statistics.median(t), "step_s_min": min(t), "step_s_max": max(t),
            "real_per_computed": real / cells, "examples_per_step": statistics.mean(r["examples"][timed]),
            "tokens_per_step": real / len(t), "first_loss": r["losses"][0] if r["losses"] else None,
@@ -352,18 +360,19 @@ def distsft_examples_per_step(a) -> float:
 
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["system"] == "distsft" and "error" not in r), None)
-    head = (f"{'system':<12} {'tok/s':>9} {'sup tok/s':>9} {'MFU':>6} {'step s (min-max)':>18} {'real/comp':>9} "
+    head = (f"{'system':<18} {'tok/s':>9} {'sup tok/s':>9} {'MFU':>6} {'MFU nc':>6} {'step s (min-max)':>18} {'real/comp':>9} "
             f"{'ex/step':>7} {'mem GiB':>8} {'loss0':>7} {'distsft x':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['system']:<12} failed: {r['error'].splitlines()[-1][:100] if r['error'] else '?'}")
+            lines.append(f"{r['system']:<18} failed: {r['error'].splitlines()[-1][:100] if r['error'] else '?'}")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mfu_nc = f"{r['mfu_noncausal']:.1%}" if r.get("mfu_noncausal") is not None else "-"
         mem = f"{r['max_memory_gib']:.1f}" if r["max_memory_gib"] is not None else "-"
         speed = f"{base['tokens_per_s'] / r['tokens_per_s']:.2f}" if base else "-"
         loss0 = f"{r['first_loss']:.3f}" if r["first_loss"] is not None else "-"
-        lines.append(f"{r['system']:<12} {r['tokens_per_s']:>9,.0f} {r['supervised_tokens_per_s']:>9,.0f} {mfu:>6} "
+        lines.append(f"{r['system']:<18} {r['tokens_per_s']:>9,.0f} {r['supervised_tokens_per_s']:>9,.0f} {mfu:>6} {mfu_nc:>6} "
                      f"{r['step_s_median']:>7.3f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f}) "
                      f"{r['real_per_computed']:>9.1%} {r['examples_per_step']:>7.1f} {mem:>8} {loss0:>7} {speed:>9}")
     return "\n".join(lines)

@@ -59,6 +59,7 @@ class ModelShape:
     vocab: int
     flops_per_token: float = 0.0  # as train/mfu counts it (trainer.metrics.model_flops)
     active: int = 0  # parameters one token passes through (an MoE: top_k of num_experts experts; else params)
+    model_type: str = ""
 
 
 def model_shape(cfg: Config) -> ModelShape:
@@ -89,7 +90,7 @@ def model_shape(cfg: Config) -> ModelShape:
     # "every weight trains" (6N, not 4N) still means full fine-tuning
     flops = model_flops(model, active if trainable == params else trainable, active)[0]
     return ModelShape(params, trainable, quantizable, mc.num_hidden_layers, mc.hidden_size, kv,
-                      mc.intermediate_size, mc.vocab_size, flops, active)
+                      mc.intermediate_size, mc.vocab_size, flops, active, mc.model_type)
 
 
 def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
@@ -213,7 +214,8 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     shape = model_shape(cfg)
     from .model.kernels import resolve_kernels
 
-    kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=cfg.parallel.shards_parameters)[0]  # a GPU run
+    kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=cfg.parallel.shards_parameters,
+                              model_type=shape.model_type)[0]  # a GPU run
     options = checkpointing_options(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger")
     gpu = gpu_memory(cfg)
     return {

@@ -178,7 +178,7 @@ def build_model(cfg: Config, acc):
         log.warning("peft=%s on a randomly initialised base (model.init=config): adapters adapt what a pretrained "
                     "model knows, a random one knows nothing and the loss barely falls; for the embedded model use "
                     "model=tiny_base (pretrained)", cfg.peft.method)
-    kernels, why = resolve_kernels(cfg.model.kernels, cuda, cfg.parallel.shards_parameters)
+    kernels, why = resolve_kernels(cfg.model.kernels, cuda, cfg.parallel.shards_parameters, model.config.model_type)
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,

@@ -18,12 +18,16 @@ from .load import base_model
 
 log = logging.getLogger(__name__)
 FUSED_LOSS = "_distsft_fused_loss"  # set on the model: its forward computes the loss from labels itself
+# families whose forward scales the logits (Granite's logits_scaling): Liger 0.8 has no fused loss for them
+NO_FUSED_LOSS = {"granite": "Granite scales its logits (logits_scaling), which Liger's fused cross-entropy cannot"}
 
 
-def resolve_kernels(kernels: str, cuda: bool, sharded: bool) -> tuple[str, str]:
+def resolve_kernels(kernels: str, cuda: bool, sharded: bool, model_type: str | None = None) -> tuple[str, str]:
     """(kernels to use, why) for model.kernels=auto|torch|liger. ``sharded``: ZeRO-3 or FSDP."""
     if kernels != "auto":
         return kernels, "asked for"
+    if model_type in NO_FUSED_LOSS:
+        return "torch", NO_FUSED_LOSS[model_type]
     if not cuda:
         return "torch", "no CUDA"
     if sharded:
@@ -36,12 +40,14 @@ def resolve_kernels(kernels: str, cuda: bool, sharded: bool) -> tuple[str, str]:
 def apply_kernels(model, kernels: str):
     if kernels == "torch":
         return model
+    model_type = model.config.model_type
+    if model_type in NO_FUSED_LOSS:
+        raise RuntimeError(f"model.kernels=liger: {NO_FUSED_LOSS[model_type]}; set model.kernels=torch (or auto)")
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
     except ImportError as e:
         raise RuntimeError(f"model.kernels=liger needs the liger-kernel package ({e}); pip install "
                            "'distsft[liger]' or set model.kernels=torch") from e
-    model_type = model.config.model_type
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise RuntimeError(f"model.kernels=liger: Liger has no kernels for model type {model_type!r}; "
                            "set model.kernels=torch")

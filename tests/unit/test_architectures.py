@@ -276,3 +276,14 @@ def test_gradient_checkpointing_same_loss_and_gradients(arch, method, packed, sa
         assert all("lora_" in n for n in grads)
     for n in grads:
         torch.testing.assert_close(ckpt_grads[n], grads[n], rtol=1e-5, atol=1e-6, msg=f"{arch} {method} {n}")
+
+
+def test_liger_refuses_granite_and_auto_keeps_torch(saved):
+    """Granite multiplies its logits by 1/logits_scaling, which Liger's fused cross-entropy cannot: asking for
+    Liger stops with the way out (on a GPU as on CPU), and auto picks the torch kernels."""
+    from distsft.model.kernels import apply_kernels, resolve_kernels
+
+    with pytest.raises(RuntimeError, match="logits_scaling.*model.kernels=torch"):
+        apply_kernels(load(saved, "granite"), "liger")
+    assert resolve_kernels("auto", cuda=True, sharded=False, model_type="granite")[0] == "torch"
+    assert resolve_kernels("auto", cuda=False, sharded=False, model_type="llama")[0] == "torch"

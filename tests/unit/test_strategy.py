@@ -111,6 +111,9 @@ def test_auto_kernels_choose_liger_only_where_it_can_run():
     assert resolve_kernels("auto", cuda=True, sharded=True)[0] == "torch"
     assert resolve_kernels("torch", cuda=True, sharded=False)[0] == "torch"
     assert resolve_kernels("liger", cuda=True, sharded=False)[0] == "liger"
+    # Granite scales its logits: Liger has no fused loss for it, so auto keeps the torch kernels and says why
+    kernels, why = resolve_kernels("auto", cuda=True, sharded=False, model_type="granite")
+    assert kernels == "torch" and "logits_scaling" in why
 
 
 def test_auto_attention_prefers_a_varlen_kernel_for_packed_bf16_on_cuda():
