@@ -1,4 +1,8 @@
-"""Configuration stage, part 3: batch arithmetic, global = micro x accumulation x world size."""
+"""Configuration stage, part 3: batch arithmetic, global = micro x accumulation x data-parallel replicas.
+
+Under sequence parallelism (``parallel.sp_size``) a group of sp ranks shares each micro-batch, every rank
+holding a slice of each row: ``world = data-parallel x sp``, and only the data-parallel replicas add rows.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +14,39 @@ from .config import ConfigError
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """global_batch_size = micro_batch_size x grad_accum x world_size, all resolved."""
+    """global_batch_size = micro_batch_size x grad_accum x dp_size (world_size / sp_size), all resolved."""
 
     micro_batch_size: int
     grad_accum: int
     world_size: int
     global_batch_size: int
+    sp_size: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the ranks that read different rows."""
+        return self.world_size // self.sp_size
 
     def describe(self) -> str:
+        dp = (f"data-parallel {self.dp_size} (world_size {self.world_size} / sequence-parallel {self.sp_size})"
+              if self.sp_size > 1 else f"world_size {self.world_size}")
         return (f"micro_batch_size {self.micro_batch_size} x grad_accum {self.grad_accum} x "
-                f"world_size {self.world_size} = global_batch_size {self.global_batch_size}")
+                f"{dp} = global_batch_size {self.global_batch_size}")
 
 
 def resolve_batch(micro: Optional[int], accum: Optional[int], global_: Optional[int],
-                  world_size: int) -> BatchPlan:
-    """Derive the unset one of (micro, accum, global) from the other two and the world size.
+                  world_size: int, sp_size: int = 1) -> BatchPlan:
+    """Derive the unset one of (micro, accum, global) from the other two and the data-parallel size
+    (world_size / sp_size).
 
     >>> resolve_batch(4, None, 32, 2).grad_accum
     4
+    >>> resolve_batch(4, None, 32, 4, sp_size=2).grad_accum
+    4
     """
+    if sp_size < 1 or world_size % sp_size:
+        raise ConfigError(f"parallel.sp_size={sp_size} must divide the world size {world_size} (world = "
+                          f"data-parallel x sequence-parallel): launch a multiple of {sp_size} processes")
     given = {"trainer.micro_batch_size": micro, "trainer.grad_accum": accum,
              "trainer.global_batch_size": global_}
     for key, value in given.items():
@@ -37,24 +55,28 @@ def resolve_batch(micro: Optional[int], accum: Optional[int], global_: Optional[
     unset = [k for k, v in given.items() if v is None]
     if len(unset) > 1:
         raise ConfigError(f"set at least two of {', '.join(given)}; unset: {', '.join(unset)}")
-    w = world_size
+    w = world_size // sp_size
     if micro is None:
         if global_ % (accum * w):
             raise ConfigError(
                 f"trainer.global_batch_size={global_} is not divisible by grad_accum {accum} x "
-                f"world_size {w} = {accum * w}; cannot derive trainer.micro_batch_size")
+                f"{_dp(w, sp_size)} = {accum * w}; cannot derive trainer.micro_batch_size")
         micro = global_ // (accum * w)
     elif accum is None:
         if global_ % (micro * w):
             raise ConfigError(
                 f"trainer.global_batch_size={global_} is not divisible by micro_batch_size {micro} x "
-                f"world_size {w} = {micro * w}; cannot derive trainer.grad_accum "
+                f"{_dp(w, sp_size)} = {micro * w}; cannot derive trainer.grad_accum "
                 f"(choose a global batch that is a multiple of {micro * w})")
         accum = global_ // (micro * w)
     elif global_ is None:
         global_ = micro * accum * w
     elif micro * accum * w != global_:
         raise ConfigError(
-            f"micro_batch_size {micro} x grad_accum {accum} x world_size {w} = {micro * accum * w} "
+            f"micro_batch_size {micro} x grad_accum {accum} x {_dp(w, sp_size)} = {micro * accum * w} "
             f"!= trainer.global_batch_size={global_}; set one of them to null to derive it")
-    return BatchPlan(micro, accum, w, global_)
+    return BatchPlan(micro, accum, world_size, global_, sp_size)
+
+
+def _dp(w: int, sp: int) -> str:
+    return f"data-parallel size {w} (world_size / parallel.sp_size={sp})" if sp > 1 else f"world_size {w}"

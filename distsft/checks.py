@@ -66,6 +66,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("logging.sample_max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("preview.examples", lambda v: v >= 0, ">= 0"),
     ("plan.world_size", lambda v: v >= 1, ">= 1"),
+    ("parallel.sp_size", lambda v: v >= 1, ">= 1 (1: no sequence parallelism)"),
 ]
 
 
@@ -139,6 +140,7 @@ def validate(cfg: Config) -> None:
     if par.offload_optimizer and par.strategy != "deepspeed":
         raise ConfigError("parallel.offload_optimizer=true needs parallel.strategy=deepspeed")
     check_combinations(cfg)
+    check_sequence_parallel(cfg)
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
     if t.export_best and not (t.eval_every and (d.val_files or d.val_fraction > 0)):
@@ -147,6 +149,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"diagnosis.bands={cfg.diagnosis.bands}: expected 3 increasing loss values")
     if not cfg.output_dir:
         raise ConfigError("output_dir must be set")
+
+
+def check_sequence_parallel(cfg: Config) -> None:
+    """parallel.sp_size > 1: what Ulysses sequence parallelism runs with (the README's table)."""
+    par, sp = cfg.parallel, cfg.parallel.sp_size
+    if sp == 1:
+        return
+    if par.strategy != "deepspeed":
+        raise ConfigError(f"parallel.sp_size={sp} runs DeepSpeed's Ulysses sequence parallelism: use parallel=zero1, "
+                          f"zero2 or zero3 with it (got parallel.strategy={par.strategy})")
+    if cfg.data.mode != "pack":
+        raise ConfigError(f"parallel.sp_size={sp} splits packed rows (position_ids carry the documents across the "
+                          "split, no attention mask): use data.mode=pack")
+    if cfg.model.attn_implementation == "eager":
+        raise ConfigError(f"model.attn_implementation=eager with parallel.sp_size={sp}: DeepSpeed's Ulysses "
+                          "attention passes no mask, eager needs one; use sdpa or varlen")
+    refused = {"model.kernels=liger": cfg.model.kernels == "liger",
+               "model.compile=true": cfg.model.compile}
+    for what, on in refused.items():
+        if on:
+            raise ConfigError(f"{what} with parallel.sp_size={sp} is not supported yet: drop one of them")
 
 
 def check_combinations(cfg: Config) -> None:

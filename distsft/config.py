@@ -158,10 +158,16 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True
     #: Collective backend on CPU (gloo); GPUs always use nccl.
     cpu_backend: str = "gloo"
+    #: Ulysses sequence parallelism (DeepSpeed's, parallel=zero1|2|3): each packed row is split into sp_size contiguous slices, one per rank of a group; world = data-parallel x sp_size, and the global batch counts data-parallel replicas.
+    sp_size: int = 1
 
     @property
     def zero3(self) -> bool:
         return self.strategy == "deepspeed" and self.zero_stage == 3
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.sp_size > 1
 
     @property
     def shards_parameters(self) -> bool:

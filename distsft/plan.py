@@ -6,7 +6,7 @@ estimated peak memory per GPU. The model is built on the meta device (no weights
 mixture-of-experts model the parameters are counted twice: all of them (memory) and the ones a token
 passes through (FLOPs and MFU: the non-expert weights and top_k/num_experts of the expert weights).
 
-Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w bytes per weight):
+Memory per GPU, in bytes (P parameters, T trainable, N ranks, w bytes per weight):
 
     weights      (P-T)*w + T*4: trainable weights are fp32 masters under every precision (frozen 4-bit linear
                  weights: ~0.52 bytes with double quantisation, 0.56 without)
@@ -21,6 +21,9 @@ Memory per GPU, in bytes (P parameters, T trainable, N data-parallel ranks, w by
                  its fp32 gradient, for the positions whose logits exist together: every position with
                  trainer.loss_head=full, at most trainer.loss_chunk supervised ones with the default supervised
                  head (model.head); with model.kernels=liger no logits (chunked), only V*h*a for the head's gradient
+
+Under sequence parallelism (``parallel.sp_size=S``) a rank holds T/S tokens of each row, so its activations and
+logits are those of max_seq_len/S tokens per row; ZeRO still shards over every rank (N is the world size).
 
 These are estimates (allocator fragmentation, CUDA context and temporary buffers are not counted).
 
@@ -38,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 import hydra
 from omegaconf import DictConfig
 
-from .batch import resolve_batch
+from .batch import BatchPlan, resolve_batch
 from .config import Config, register_configs
 from .train import CONF_DIR, with_user_errors
 
@@ -126,7 +129,7 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
             weights = 0.0 if par.offload_params else weights / n
     elif par.strategy == "fsdp":
         weights, grads, opt = weights / n, grads / n, opt / n
-    tokens = micro_batch * cfg.data.max_seq_len
+    tokens = micro_batch * cfg.data.max_seq_len / par.sp_size  # a sequence-parallel rank holds a slice of each row
     per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * a
     if cfg.model.gradient_checkpointing:  # recomputed layers keep their input; the others everything
         recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every)
@@ -201,7 +204,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     from .trainer.schedule import warmup_steps
 
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, cfg.trainer.global_batch_size,
-                         world_size)
+                         world_size, cfg.parallel.sp_size)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
     # the trainer's own step arithmetic (no DataLoader is created until steps() is iterated)
@@ -215,7 +218,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     from .model.kernels import resolve_kernels
 
     kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=cfg.parallel.shards_parameters,
-                              model_type=shape.model_type)[0]  # a GPU run
+                              model_type=shape.model_type, sequence_parallel=cfg.parallel.sequence_parallel)[0]
     options = checkpointing_options(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger")
     gpu = gpu_memory(cfg)
     return {
@@ -240,8 +243,7 @@ def render(p: dict) -> str:
         f"{d['dropped_short']} short, {d['dropped_unsupervised']} unsupervised), {d['tokens']:,} tokens "
         f"({d['supervised_tokens']:,} supervised) in {d['sequences']:,} sequences, packing efficiency "
         f"{(d['packing_efficiency'] or 0):.1%}",
-        f"batch: micro_batch_size {b['micro_batch_size']} x grad_accum {b['grad_accum']} x world_size "
-        f"{b['world_size']} = global_batch_size {b['global_batch_size']} sequences",
+        f"batch: {BatchPlan(**b).describe()} sequences",
         f"steps: {p['steps_per_epoch']} per epoch, {p['total_steps']} in all ({p['epochs']:.2f} epochs), "
         f"{p['warmup_steps']} warmup; example views {p['example_views']:,}",
         f"parameters: {p['parameters']['trainable']:,} trainable of {p['parameters']['total']:,}"

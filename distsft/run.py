@@ -22,6 +22,7 @@ from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
 from .model.attention import auto_attention, describe_attention
+from .model import sequence
 from .model.head import install as install_head
 from .model.kernels import apply_kernels, compile_layers, compile_stats, fused_loss, resolve_kernels
 from .model.load import load_model, load_tokenizer, whole_model
@@ -57,7 +58,7 @@ def run(cfg: Config) -> RunResult:
     t0 = time.time()
     check_paths(cfg)  # before the accelerator, the data and the model: nothing is written or loaded yet
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
-                         cfg.trainer.global_batch_size, launched_world_size())
+                         cfg.trainer.global_batch_size, launched_world_size(), cfg.parallel.sp_size)
     acc = build_accelerator(cfg.parallel, cfg.trainer, plan)
     set_seed(cfg.trainer.seed)  # python, numpy, torch on every process (dropout, workers)
     if not acc.is_main_process:  # rank 0 speaks
@@ -76,12 +77,19 @@ def run(cfg: Config) -> RunResult:
         parts = LoopParts(acc, model, optimizer, scheduler, d.loader, d.eval_batches, state, d.total, out, resolved,
                           flops=model_flops(acc.unwrap_model(model), trainable, n_params),
                           peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
-        outcome = train(parts, cfg.trainer, cfg.logging)
+        outcome = train(parts, cfg.trainer, _logging_for(cfg))
         summary = _finish(cfg, acc, plan, d, parts, outcome, (trainable, n_params), t0)
         acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
         acc.end_training()
         _close_run_log()
     return RunResult(summary, parts.model, tokenizer)
+
+
+def _logging_for(cfg: Config):
+    if cfg.parallel.sequence_parallel and cfg.logging.sample_every:  # generation would run a slice as a whole row
+        log.info("samples: off under sequence parallelism (logging.sample_every=%d ignored)", cfg.logging.sample_every)
+        return replace(cfg.logging, sample_every=0)
+    return cfg.logging
 
 
 @contextmanager
@@ -156,7 +164,7 @@ def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
     ev = None
     if data.eval is not None:
         ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
-                          acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id)
+                          acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id, plan.sp_size)
     return DataParts(data, loader, ev or None, loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps))
 
 
@@ -169,16 +177,21 @@ def build_model(cfg: Config, acc):
     if model_cfg.attn_implementation == "auto":  # decided here, where packing and precision are known
         model_cfg = replace(model_cfg, attn_implementation=auto_attention(cuda, cfg.data.mode == "pack",
                                                                           half_compute(cfg)))
+    if cfg.parallel.sequence_parallel:  # the attention behind DeepSpeed's all-to-all gets no mask
+        model_cfg = replace(model_cfg, attn_implementation=sequence.attention(model_cfg.attn_implementation))
     with whole_model(acc, cfg.model.init == "config"):
         model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, device=acc.device.index if cuda else "cpu",
                            quantization=quantization_config(cfg.peft, cfg.parallel.zero3))
     if cfg.parallel.zero3:  # before accelerate.prepare: DeepSpeed reads the flags when it wraps the model
         mark_z3_leaf_modules(model)
+    if cfg.parallel.sequence_parallel:
+        sequence.hand_to_accelerate(acc, model, cfg.parallel.sp_size)
     if cfg.peft.method != "none" and cfg.model.init == "config":
         log.warning("peft=%s on a randomly initialised base (model.init=config): adapters adapt what a pretrained "
                     "model knows, a random one knows nothing and the loss barely falls; for the embedded model use "
                     "model=tiny_base (pretrained)", cfg.peft.method)
-    kernels, why = resolve_kernels(cfg.model.kernels, cuda, cfg.parallel.shards_parameters, model.config.model_type)
+    kernels, why = resolve_kernels(cfg.model.kernels, cuda, cfg.parallel.shards_parameters, model.config.model_type,
+                                   cfg.parallel.sequence_parallel)
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,

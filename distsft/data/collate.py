@@ -27,8 +27,9 @@ from .store import TokenStore
 from .tokenize import IGNORE
 
 
-def collate_packed(store: TokenStore, rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(int(store.lengths[r].sum()) for r in rows)
+def collate_packed(store: TokenStore, rows: list[list[int]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """``multiple``: the width is rounded up to it (sequence parallelism splits rows into equal slices)."""
+    width = -(-max(int(store.lengths[r].sum()) for r in rows) // multiple) * multiple
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
     pos = np.zeros((len(rows), width), dtype=np.int64)
@@ -72,6 +73,52 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 
+def sequence_shard(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
+    """Sequence parallelism: rank ``rank`` of a group of ``size`` keeps the contiguous slice
+    ``[rank*T/size, (rank+1)*T/size)`` of every row of a packed micro-batch. A row of T=8, size 2,
+    document A (5 tokens) straddling the split, B (3)::
+
+        full row      A0 A1 A2 A3 | A4 B0 B1 B2        position_ids 0 1 2 3 | 4 0 1 2
+        targets       a1 a2 a3 a4 | -- b1 b2 --        position t predicts token t+1, shifted over the WHOLE row
+        rank 0        input_ids A0..A3, position_ids 0 1 2 3, targets a1 a2 a3 a4   (a4 is rank 1's first token)
+        rank 1        input_ids A4 B0 B1 B2, position_ids 4 0 1 2, targets -- b1 b2 --
+
+    The slice's ``targets`` replace ``labels`` (no shift is left to do); ``sup_index`` / ``sup_targets`` are
+    the slice's. Attention sees whole rows again after DeepSpeed's all-to-all (which gathers position_ids;
+    ``cu_seqlens`` stays the whole rows'). The counts become the slice's share, so that summing over every rank
+    counts each token once: supervised, real tokens and cells by slice; rows and attention FLOPs on rank 0.
+    """
+    ids = batch["input_ids"]
+    b, t = ids.shape
+    if t % size:
+        raise ValueError(f"a row of {t} tokens does not split into {size} equal slices")
+    n = t // size
+    lo, hi = rank * n, (rank + 1) * n
+    labels = batch["labels"]
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)[:, lo:hi]  # [B, n]
+    out = {k: v for k, v in batch.items() if k != "labels"}
+    out.update(input_ids=ids[:, lo:hi].contiguous(), position_ids=batch["position_ids"][:, lo:hi].contiguous(),
+               targets=targets.contiguous())
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    out["sup_index"], out["sup_targets"] = rows * n + cols, targets[rows, cols]
+    if "row_tokens" in batch:  # real tokens come first in a row
+        out["row_tokens"] = (batch["row_tokens"] - lo).clamp(0, n)
+    if "n_supervised" in batch:
+        out["n_supervised"] = torch.tensor(int(rows.numel()))
+        out["n_tokens"] = out["row_tokens"].sum() if "row_tokens" in out else torch.tensor(b * n)
+        out["n_cells"] = torch.tensor(b * n)
+        if rank:  # whole-row counts: once per group
+            out["n_rows"], out["attn_sq"] = torch.zeros_like(batch["n_rows"]), torch.zeros_like(batch["attn_sq"])
+    return out
+
+
+def supervised_count(batch: dict[str, torch.Tensor]) -> int | torch.Tensor:
+    """Supervised positions of a batch (of its slice under sequence parallelism)."""
+    if "sup_targets" in batch:
+        return batch["sup_targets"].numel()
+    return (batch["labels"][:, 1:] != IGNORE).sum()
+
+
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, T] bool: the positions that hold a real token, not padding (real tokens come first in a row)."""
     ids = batch["input_ids"]
@@ -83,7 +130,7 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
-ON_DEVICE = MODEL_INPUTS + ("labels", "cu_seqlens", "sup_index", "sup_targets", "row_tokens")  # the rest (counts, ids, max_seqlen) stays on the host
+ON_DEVICE = MODEL_INPUTS + ("labels", "targets", "cu_seqlens", "sup_index", "sup_targets", "row_tokens")  # the rest (counts, ids, max_seqlen) stays on the host
 
 
 def to_device(batch: dict[str, torch.Tensor], device, non_blocking: bool = False) -> dict[str, torch.Tensor]:

@@ -6,7 +6,9 @@ step *s*, micro-batch *k* of rank *r* takes rows::
     s*G + (k*W + r)*m  ...  + m          (G global batch, W world size, m micro-batch)
 
 so the rows of a step are the same whatever the split (1x8x1, 2x4x1, 2x2x2 ...); only who
-computes them changes. Rows that do not fill a last whole step are left out of that epoch
+computes them changes. Under sequence parallelism W counts data-parallel replicas and r is the replica
+(rank // sp: DeepSpeed's groups are consecutive ranks); the sp ranks of a replica collate the same rows,
+each keeping its slice (``collate.sequence_shard``). Rows that do not fill a last whole step are left out of that epoch
 (the row order is reshuffled every epoch, so different rows are left out each time).
 Resuming at (epoch, step) rebuilds the same order and starts there: the data position is exact.
 """
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..batch import BatchPlan
 from ..config import DataConfig
-from .collate import TokenStore, collate_packed, collate_padded, supervised_positions
+from .collate import TokenStore, collate_packed, collate_padded, sequence_shard, supervised_positions
 from .packing import Rows, best_fit_decreasing, epoch_order
 from .prepare import SplitStats
 from .sources import DataError
@@ -52,14 +54,35 @@ def collate_fn(mode: str):
     return collate_packed if mode == "pack" else collate_padded
 
 
+class SequenceSlice:
+    """This rank's place in its sequence-parallel group (size 1: no sequence parallelism)."""
+
+    def __init__(self, rank: int = 0, size: int = 1):
+        self.rank, self.size = rank, size
+
+    @classmethod
+    def of_process(cls, process_index: int, sp_size: int) -> "SequenceSlice":
+        return cls(process_index % sp_size, sp_size)
+
+    def collate(self, mode: str, store: TokenStore, rows, pad_id: int) -> dict[str, torch.Tensor]:
+        if self.size == 1:
+            return collate_fn(mode)(store, rows, pad_id)
+        return collate_packed(store, rows, pad_id, multiple=self.size)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch (its supervised positions computed) as this rank holds it."""
+        batch = with_positions(batch)
+        return batch if self.size == 1 else sequence_shard(batch, self.rank, self.size)
+
+
 class _MicroBatches(Dataset):
     """Micro-batch i of an epoch: the rows ``order[firsts[i]:firsts[i] + m]``, collated when asked for
     (nothing per micro-batch is held: the epoch is a permutation and a vector of first positions)."""
 
     def __init__(self, store: TokenStore, rows: Rows, order: np.ndarray, firsts: np.ndarray, m: int,
-                 mode: str, pad_id: int):
+                 mode: str, pad_id: int, sp: SequenceSlice):
         self.store, self.rows, self.order, self.firsts, self.m, self.pad_id = store, rows, order, firsts, m, pad_id
-        self.collate = collate_fn(mode)
+        self.mode, self.packed, self.sp = mode, mode == "pack", sp
 
     def __len__(self) -> int:
         return len(self.firsts)
@@ -67,7 +90,7 @@ class _MicroBatches(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         first = int(self.firsts[i])
         rows = self.rows[self.order[first:first + self.m]]
-        batch = self.collate(self.store, rows, self.pad_id)
+        batch = self.sp.collate(self.mode, self.store, rows, self.pad_id)
         ids = np.concatenate(rows)
         lengths = self.store.lengths[ids]
         batch["n_supervised"] = (batch["labels"] != IGNORE).sum()
@@ -77,9 +100,9 @@ class _MicroBatches(Dataset):
         batch["n_rows"] = torch.tensor(batch["input_ids"].size(0))  # the MoE router term is a mean over rows
         # real tokens per row (packed: its documents; padded: its one example), the rest is padding
         batch["row_tokens"] = torch.tensor([int(self.store.lengths[r].sum()) for r in rows]
-                                           if self.collate is collate_packed else lengths.tolist())
+                                           if self.packed else lengths.tolist())
         batch["example_ids"] = torch.from_numpy(ids.astype(np.int64))  # to name the samples of a bad step
-        return with_positions(batch)
+        return self.sp(batch)
 
 
 def too_few_sequences(store: TokenStore, rows: Rows, global_batch: int, cfg: DataConfig) -> str:
@@ -101,7 +124,8 @@ class StepLoader:
 
     def __init__(self, store: TokenStore, rows: Rows, plan: BatchPlan, rank: int,
                  cfg: DataConfig, pad_id: int, pin_memory: bool = False):
-        self.store, self.rows, self.plan, self.rank = store, rows, plan, rank
+        self.store, self.rows, self.plan = store, rows, plan
+        self.rank, self.sp = rank // plan.sp_size, SequenceSlice.of_process(rank, plan.sp_size)  # replica, slice
         self.cfg, self.pad_id, self.pin_memory = cfg, pad_id, pin_memory
         self.steps_per_epoch = len(rows) // plan.global_batch_size
         if self.steps_per_epoch == 0:
@@ -112,7 +136,7 @@ class StepLoader:
 
     def _firsts(self, start_step: int) -> np.ndarray:
         """Position in the epoch's row order of the first row of each of this rank's micro-batches."""
-        m, w, g, a = self.plan.micro_batch_size, self.plan.world_size, self.plan.global_batch_size, self.plan.grad_accum
+        m, w, g, a = self.plan.micro_batch_size, self.plan.dp_size, self.plan.global_batch_size, self.plan.grad_accum
         s = np.arange(start_step, self.steps_per_epoch)[:, None]  # [steps, 1]
         k = np.arange(a)[None, :]  # [1, accum]
         return (s * g + (k * w + self.rank) * m).reshape(-1)
@@ -121,7 +145,7 @@ class StepLoader:
         """Yield lists of ``grad_accum`` collated micro-batches, from ``start_step`` of ``epoch``."""
         order = epoch_order(len(self.rows), self.cfg.seed, epoch)
         ds = _MicroBatches(self.store, self.rows, order, self._firsts(start_step), self.plan.micro_batch_size,
-                           self.cfg.mode, self.pad_id)
+                           self.cfg.mode, self.pad_id, self.sp)
         # its own generator: creating the iterator must not draw from the global RNG, or a resumed
         # run (which creates it mid-epoch) would get other dropout masks than an uninterrupted one
         generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
@@ -139,12 +163,14 @@ class EvalBatches(Sequence):
     """This rank's share of the eval rows (rank::world), in micro-batches, collated when read (an eval
     split of any size costs a vector of row ids here). Every rank gets the same number of batches
     (ZeRO-3 forwards are collective): a rank that runs out repeats the first rows with every label
-    ignored, which adds nothing to the loss or the token count."""
+    ignored, which adds nothing to the loss or the token count. Under sequence parallelism ``rank`` and
+    ``world`` are data-parallel (the replica and their number), every batch has ``micro`` rows (DeepSpeed's
+    Ulysses attention is built for that many) and holds this rank's slice."""
 
     def __init__(self, store: TokenStore, rows: Rows, micro: int, rank: int, world: int, cfg: DataConfig,
-                 pad_id: int):
+                 pad_id: int, sp: SequenceSlice | None = None):
         self.store, self.rows, self.micro, self.pad_id = store, rows, micro, pad_id
-        self.collate = collate_fn(cfg.mode)
+        self.mode, self.sp = cfg.mode, sp or SequenceSlice()
         self.mine = np.arange(rank, len(rows), world)
         self.n = math.ceil(math.ceil(len(rows) / world) / micro)
 
@@ -155,16 +181,21 @@ class EvalBatches(Sequence):
         if not 0 <= i < self.n:
             raise IndexError(i)
         ids = self.mine[i * self.micro:(i + 1) * self.micro]
-        if len(ids):
-            return with_positions(self.collate(self.store, self.rows[ids], self.pad_id))
-        filler = dict(self.collate(self.store, self.rows[:self.micro], self.pad_id))
-        filler["labels"] = torch.full_like(filler["labels"], IGNORE)
-        return with_positions(filler)
+        real = len(ids)
+        if self.sp.size > 1 or not real:  # fill with rows whose labels are all ignored
+            ids = np.concatenate([ids, np.arange(self.micro - real) % len(self.rows)])
+        batch = self.sp.collate(self.mode, self.store, self.rows[ids], self.pad_id)
+        if real < len(ids):
+            keep = torch.arange(len(ids))[:, None] < real  # [B, 1]: the real rows
+            batch["labels"] = torch.where(keep, batch["labels"], IGNORE)
+        return self.sp(batch)
 
 
 def eval_batches(store: TokenStore, rows: Rows, micro: int, rank: int, world: int,
-                 cfg: DataConfig, pad_id: int) -> EvalBatches:
-    return EvalBatches(store, rows, micro, rank, world, cfg, pad_id)
+                 cfg: DataConfig, pad_id: int, sp_size: int = 1) -> EvalBatches:
+    """``rank`` and ``world``: of the processes (under sequence parallelism: replica rank // sp of world // sp)."""
+    return EvalBatches(store, rows, micro, rank // sp_size, world // sp_size, cfg, pad_id,
+                       SequenceSlice.of_process(rank, sp_size))
 
 
 def with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

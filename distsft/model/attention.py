@@ -12,6 +12,10 @@ Packed rows are run with restarting ``position_ids``, no ``attention_mask`` and 
                         causal SDPA per document (slow; for checking, not for speed)
     auto                flash_attention_2 if flash-attn imports on CUDA; else varlen for packed bf16
                         training on CUDA; else sdpa
+
+Under sequence parallelism (model.sequence) DeepSpeed's all-to-all runs in front of the attention
+function and passes it no mask, so ``sdpa`` becomes ``sdpa_packed``: SDPA with the block-diagonal causal
+mask built inside the attention call from the (gathered, whole-row) ``position_ids``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 VARLEN = "distsft_varlen"
+PACKED_SDPA = "distsft_sdpa_packed"
 
 
 def auto_attention(cuda: bool, packed: bool, half: bool) -> str:
@@ -43,7 +48,35 @@ def resolve_attention(impl: str, cuda: bool) -> str:
     if impl == "varlen":
         register_varlen()
         return VARLEN
+    if impl == "sdpa_packed":
+        register_packed_sdpa()
+        return PACKED_SDPA
     return impl
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                        scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention interface: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D], causal
+    inside each document of ``position_ids`` [B, T] (a document starts where its position is 0)."""
+    pos = kwargs.get("position_ids")
+    t = query.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+    if pos is None or pos.shape[-1] != t:
+        raise RuntimeError(f"attn_implementation=sdpa_packed needs the position_ids of the whole row (got "
+                           f"{None if pos is None else tuple(pos.shape)} for {t} positions)")
+    doc = (pos == 0).cumsum(-1)  # [B, T]: document number of every position
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal  # [B, T, T]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, flash_attention_mask)  # the mask is built in the call
 
 
 def _reference_varlen(q, k, v, cu: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -123,4 +156,6 @@ def describe_attention(impl: str, mode: str) -> str:
         return "flash_attention_2 varlen kernels over packed documents (cu_seqlens from position_ids)"
     if impl == VARLEN:
         return "varlen per document from cu_seqlens (torch varlen_attn on CUDA, reference SDPA loop on CPU)"
+    if impl == PACKED_SDPA:
+        return "sdpa with a block-diagonal causal mask from the whole row's position_ids (sequence parallel)"
     return f"{impl} with a block-diagonal causal mask built from packed position_ids"

@@ -22,10 +22,13 @@ FUSED_LOSS = "_distsft_fused_loss"  # set on the model: its forward computes the
 NO_FUSED_LOSS = {"granite": "Granite scales its logits (logits_scaling), which Liger's fused cross-entropy cannot"}
 
 
-def resolve_kernels(kernels: str, cuda: bool, sharded: bool, model_type: str | None = None) -> tuple[str, str]:
+def resolve_kernels(kernels: str, cuda: bool, sharded: bool, model_type: str | None = None,
+                    sequence_parallel: bool = False) -> tuple[str, str]:
     """(kernels to use, why) for model.kernels=auto|torch|liger. ``sharded``: ZeRO-3 or FSDP."""
     if kernels != "auto":
         return kernels, "asked for"
+    if sequence_parallel:
+        return "torch", "sequence parallelism: each rank's slice goes through distsft's supervised-position head"
     if model_type in NO_FUSED_LOSS:
         return "torch", NO_FUSED_LOSS[model_type]
     if not cuda:

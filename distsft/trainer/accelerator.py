@@ -37,6 +37,8 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
     extra = plugins(parallel, trainer, plan, cuda)
     if "deepspeed_plugin" in extra and not cuda:
         announce_op_build()
+    if parallel.sequence_parallel:
+        extra["parallelism_config"] = sequence_parallelism(parallel.sp_size, plan)
     accelerator = Accelerator(
         # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead (FSDP
         # keeps cpu=True: fsdp_on_cpu turns the CPU processes' state into FSDP)
@@ -52,6 +54,20 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         fsdp_on_cpu(accelerator, extra["fsdp_plugin"])
     check_world(accelerator)
     return accelerator
+
+
+def sequence_parallelism(sp_size: int, plan: BatchPlan):
+    """Ulysses sequence parallelism through Accelerate's ParallelismConfig: at ``prepare`` Accelerate registers
+    DeepSpeed's all-to-all attention in front of the model's own attention function (model.sequence) and hands
+    DeepSpeed its sequence-parallel groups. The trainer shards the rows itself (data.collate.sequence_shard),
+    so Accelerate's data-loader adapter is never used."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    # the attention implementation is filled in by model.sequence.prepare_attention, once the model is loaded
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_disable_in_eval=False)
+    return ParallelismConfig(sp_size=sp_size, sp_backend="deepspeed", sp_handler=handler,
+                             dp_replicate_size=plan.dp_size)
 
 
 def fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:

@@ -17,9 +17,13 @@ from ..data.tokenize import IGNORE
 
 def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropies in fp32. logits [B, T, V], labels [B, T] aligned with inputs."""
-    logits = logits[:, :-1, :].float()  # [B, T-1, V]: position t predicts token t+1
-    target = labels[:, 1:]  # [B, T-1]
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+    return target_ce_sum(logits[:, :-1, :], labels[:, 1:])  # position t predicts token t+1
+
+
+def target_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropies in fp32 of logits [B, T, V] against targets [B, T] already shifted (the target of
+    position t; a sequence-parallel slice's, see data.collate.sequence_shard)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
 
 

@@ -4,7 +4,7 @@
     count supervised tokens (and rows) of all the step's micro-batches, all-reduce    -> N (R)
     for each micro-batch (no gradient sync but on the last):
         loss share = sum token CE / N  (+ MoE router term: coef x sum of row terms / R)
-        backward(share x world_size x accumulation)   (undoes DDP's and Accelerate's averaging)
+        backward(share x data-parallel size x accumulation)   (undoes DDP's/ZeRO's averaging and Accelerate's)
     clip, optimizer step (a non-finite one skipped, on the device with fused AdamW), scheduler step
 """
 
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.collate import model_inputs, real_tokens, supervised_positions, to_device
+from ..data.collate import model_inputs, real_tokens, supervised_count, supervised_positions, to_device
 from ..model import head, moe
 from ..model.attention import VARLEN
 from ..model.kernels import fused_loss
-from .loss import token_ce_sum
+from .loss import target_ce_sum, token_ce_sum
 from .optim import skip_flag
 
 
@@ -111,11 +111,27 @@ def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         ce = out.logits
     else:
         out = model(**inputs, use_cache=False)
-        ce = token_ce_sum(out.logits, batch["labels"])
+        ce = target_ce_sum(out.logits, batch["targets"]) if "targets" in batch else token_ce_sum(out.logits,
+                                                                                                   batch["labels"])
     if spec is None:
         return ce, None
     balance, load = moe.row_balance_sum(out.router_logits, real_tokens(batch), spec)
     return ce, (spec.coef * balance, load)
+
+
+def gradient_divisor(accelerator, model) -> int:
+    """What the strategy divides the gradients summed over all ranks by: the world size, but under sequence
+    parallelism ZeRO-1/2 (and ZeRO-3 without reduce-scatter) divide by the data-parallel size (world / sp)
+    while ZeRO-3's reduce-scatter divides by the world (DeepSpeed 0.19). The sp=1 equivalence tests hold
+    either way only if this is right."""
+    pc, world = accelerator.parallelism_config, accelerator.num_processes
+    sp = pc.sp_size if pc is not None and pc.sp_enabled else 1
+    if sp == 1:
+        return world
+    zero3 = getattr(model, "zero_optimization_stage", lambda: 0)() == 3
+    if zero3 and getattr(getattr(model, "optimizer", None), "reduce_scatter", True):
+        return world
+    return world // sp
 
 
 def forward_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,9 +148,9 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     # one all-reduce per step: N over all micro-batches and ranks, and whether any rank must stop
     counts = StepCounts.of_step(micro_batches, stop, accelerator)
     n_sup, n_rows = counts.supervised.clamp(min=1).float(), counts.rows.clamp(min=1).float()
-    # DDP/ZeRO average gradients over W ranks and Accelerate/DeepSpeed divide the loss by the
-    # accumulation steps A: undo both, then divide by N (the router term: by the step's rows)
-    undo = accelerator.num_processes * accelerator.gradient_accumulation_steps
+    # DDP/ZeRO average gradients over the ranks (see gradient_divisor) and Accelerate/DeepSpeed divide the loss
+    # by the accumulation steps A: undo both, then divide by N (the router term: by the step's rows)
+    undo = gradient_divisor(accelerator, model) * accelerator.gradient_accumulation_steps
     total, router = torch.zeros((), device=accelerator.device), None
     for mb in micro_batches:
         # accumulate(): no gradient sync (DDP no_sync / DeepSpeed boundary) but on the last micro-batch
@@ -186,7 +202,7 @@ def evaluate(model, batches: list[dict], accelerator) -> float:
         for mb in batches:
             mb = to_device(mb, accelerator.device)
             sums[0] += forward_loss_sum(model, mb).double()
-            sums[1] += (mb["labels"][:, 1:] != -100).sum()
+            sums[1] += supervised_count(mb)
     sums = accelerator.reduce(sums, reduction="sum")
     model.train(was_training)
     return (sums[0] / sums[1].clamp(min=1)).item()

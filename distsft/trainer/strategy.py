@@ -92,6 +92,7 @@ OWNED = {
     "zero_optimization.stage": "parallel.zero_stage",
     "zero_optimization.offload_optimizer": "parallel.offload_optimizer",
     "zero_optimization.offload_param": "parallel.offload_params",
+    "sequence_parallel_size": "parallel.sp_size",
     "optimizer": "optim.*",
     "scheduler": "schedule.*",
 }
@@ -132,6 +133,8 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, plan: Bat
         "gradient_clipping": trainer.max_grad_norm,
         "bf16": {"enabled": trainer.precision == "bf16"},
         "zero_optimization": zero,
+        # ZeRO-3's zero.Init (the weights loaded into shards) reads it to size the data-parallel world
+        **({"sequence_parallel_size": parallel.sp_size} if parallel.sequence_parallel else {}),
         "steps_per_print": 10**9,  # distsft logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     })

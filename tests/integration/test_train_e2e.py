@@ -32,7 +32,7 @@ def test_run_dir_layout(default_run):
     assert len(ckpts) <= 2  # save_total_limit
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "finished" and s["steps"] == s["total_steps"] > 0
-    assert s["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8}
+    assert s["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8, "sp_size": 1}
     assert s["tokens"] > s["supervised_tokens"] > 0 and s["wall_time_s"] > 0
     assert s["final_eval_loss"] is not None
 

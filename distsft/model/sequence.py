@@ -1,0 +1,47 @@
+"""Model stage 2b (sequence parallelism): DeepSpeed's Ulysses attention in front of the model's own.
+
+With ``parallel.sp_size=S`` each rank of a group of S holds a contiguous slice of every packed row
+(data.collate.sequence_shard). Everything but attention is per token and runs on the slice. Around each
+attention call DeepSpeed's ``UlyssesSPAttentionHF`` (registered by Accelerate at ``prepare``) exchanges
+q/k/v all-to-all: each rank then holds the whole rows for H/S of the heads, and gathers the rows'
+``position_ids``; the attention function sees whole documents; a second all-to-all gives every rank its
+slice back with all heads::
+
+    rank r:  q,k,v [B, H, T/S, D]  --all-to-all-->  [B, H/S, T, D]  --attention-->  --all-to-all-->  [B, T/S, H*D]
+
+DeepSpeed passes the attention function no mask, so the function must find document boundaries itself:
+``varlen`` reads the whole rows' ``cu_seqlens`` (the batch keeps them), ``flash_attention_2`` derives them
+from the gathered position_ids, and ``sdpa`` becomes ``sdpa_packed`` (model.attention), which builds the
+block-diagonal mask from them. ``eager`` needs a 4D mask and is refused.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+
+
+def attention(impl: str) -> str:
+    """The attention implementation to load under sequence parallelism for the resolved ``impl``."""
+    if impl == "eager":
+        raise ConfigError("model.attn_implementation=eager cannot run under parallel.sp_size > 1 (DeepSpeed's "
+                          "Ulysses attention passes no mask, eager needs one): use sdpa or varlen")
+    return "sdpa_packed" if impl == "sdpa" else impl
+
+
+def check_heads(config, sp_size: int) -> None:
+    """Ulysses gives every rank H/S query heads: S must divide them (and the key/value heads, or be a multiple)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if heads % sp_size or (kv % sp_size and sp_size % kv):
+        raise ConfigError(f"parallel.sp_size={sp_size} must divide the model's {heads} attention heads and divide "
+                          f"or be a multiple of its {kv} key/value heads (Ulysses splits heads across the group)")
+    if getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None):
+        raise ConfigError("parallel.sp_size > 1 with a mixture-of-experts model is not supported yet: the router's "
+                          "load-balancing term is a per-row statistic, and each rank holds part of every row")
+
+
+def hand_to_accelerate(accelerator, model, sp_size: int) -> None:
+    """Tell Accelerate which attention function DeepSpeed's all-to-all wraps (the model's, as loaded)."""
+    check_heads(model.config, sp_size)
+    handler = accelerator.parallelism_config.sp_handler
+    handler.sp_attn_implementation = model.config._attn_implementation
