@@ -67,6 +67,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("preview.examples", lambda v: v >= 0, ">= 0"),
     ("plan.world_size", lambda v: v >= 1, ">= 1"),
     ("parallel.sp_size", lambda v: v >= 1, ">= 1 (1: no sequence parallelism)"),
+    ("model.tiled_mlp_shards", lambda v: v >= 0, ">= 0 (0: off)"),
 ]
 
 

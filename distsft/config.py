@@ -42,6 +42,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     #: With gradient_checkpointing: recompute only every Nth decoder layer (1: all; 2: half, trading memory for ~1/6 less compute).
     checkpoint_every: int = 1
+    #: Tiled MLP (DeepSpeed's TiledMLP, for long rows): each decoder layer's MLP runs on this many chunks of the sequence, recomputed chunk by chunk in backward, so its intermediate activations exist for one chunk at a time (about one more MLP forward per step); 0: off. Single process or DeepSpeed; not for MoE layers.
+    tiled_mlp_shards: int = 0
     #: Layer kernels: auto (liger where it can run, else torch), torch (transformers' own), or liger (Liger's Triton RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy that never materialises the logits; CUDA, pip install liger-kernel; not with ZeRO-3/FSDP).
     kernels: str = "auto"
     #: torch.compile each decoder layer in place (regional: one compiled graph serves every layer, dynamic shapes so packed row widths do not recompile); the first step pays the compile. Not with parallel=fsdp yet.

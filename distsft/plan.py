@@ -130,7 +130,8 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     elif par.strategy == "fsdp":
         weights, grads, opt = weights / n, grads / n, opt / n
     tokens = micro_batch * cfg.data.max_seq_len / par.sp_size  # a sequence-parallel rank holds a slice of each row
-    per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate) * a
+    # model.tiled_mlp_shards: the MLP's intermediates exist for one chunk of the sequence at a time
+    per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate / max(1, cfg.model.tiled_mlp_shards)) * a
     if cfg.model.gradient_checkpointing:  # recomputed layers keep their input; the others everything
         recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every)
         acts = tokens * (recomputed * shape.hidden * a + (shape.layers - recomputed) * per_layer + per_layer)
@@ -165,6 +166,54 @@ def checkpointing_options(cfg: Config, shape: ModelShape, world_size: int, micro
         memory = memory_estimate(replace(cfg, model=model), shape, world_size, micro_batch, fused_loss)["total"]
         share = recomputed_layers(shape.layers, every) / shape.layers if every else 0.0
         out.append({"checkpoint_every": every, "memory": memory, "extra_compute": share * forward_share})
+    return out
+
+
+def mlp_share(shape: ModelShape) -> float:
+    """The decoder MLP's share of a layer's weight FLOPs (what tiled MLP computes once more per step)."""
+    mlp, attn = 3 * shape.hidden * shape.intermediate, 2 * shape.hidden * (shape.hidden + shape.kv_dim)
+    return mlp / (mlp + attn)
+
+
+# the memory savers for long rows, cumulatively: (name, ModelConfig overrides)
+SAVERS = (("as configured", {}),
+          ("+ checkpointing", {"gradient_checkpointing": True, "checkpoint_every": 1}),
+          ("+ checkpointing + tiled MLP", {"gradient_checkpointing": True, "checkpoint_every": 1,
+                                           "tiled_mlp_shards": 8}))
+ASSUMED_MFU = 0.4  # the step-time prediction's utilisation (distsft measured 32-43% on an H200, bench/README.md)
+
+
+def longest_sequences(cfg: Config, shape: ModelShape, world_size: int, fused_loss: bool, gpu_bytes: float,
+                      peak: float) -> list[dict]:
+    """For each saver (cumulative), the longest data.max_seq_len (a multiple of 256 x sp) whose estimate with
+    one row per micro-batch fits HEADROOM of ``gpu_bytes``, its memory, and the step time per row predicted
+    at ASSUMED_MFU of ``peak`` (weights 'flops_per_token' x T, causal attention 6 x layers x hidden x T^2/2 x 2,
+    recompute and tiled MLP added; a row's work is shared by its sp ranks)."""
+    sp, unit = cfg.parallel.sp_size, 256 * cfg.parallel.sp_size
+    forward_share = 1 / 2 if shape.trainable < shape.params else 1 / 3
+    out = []
+    for name, overrides in SAVERS:
+        model = replace(cfg.model, **{k: max(v, cfg.model.tiled_mlp_shards) if k == "tiled_mlp_shards" else v
+                                      for k, v in overrides.items()})
+        c = replace(cfg, model=model)
+
+        def memory(t: int) -> float:
+            return memory_estimate(replace(c, data=replace(c.data, max_seq_len=t)), shape, world_size, 1,
+                                   fused_loss)["total"]
+
+        lo, hi = 0, unit
+        while memory(hi) <= HEADROOM * gpu_bytes and hi < 2 ** 27:
+            lo, hi = hi, hi * 2
+        while hi - lo > unit:  # memory grows with the length: bisect between a fit and a miss
+            mid = (lo + hi) // 2 // unit * unit
+            lo, hi = (mid, hi) if memory(mid) <= HEADROOM * gpu_bytes else (lo, mid)
+        extra = (forward_share if model.gradient_checkpointing else 0.0) + (
+            forward_share * mlp_share(shape) if model.tiled_mlp_shards else 0.0)
+        flops = (shape.flops_per_token * lo + 6 * shape.layers * shape.hidden * lo * lo) * (1 + extra)
+        seconds = flops / (sp * peak * ASSUMED_MFU) if lo else None
+        out.append({"option": name, "overrides": overrides, "max_seq_len": lo, "memory": memory(lo) if lo else None,
+                    "extra_compute": extra, "seconds_per_row": seconds,
+                    "tokens_per_s_per_gpu": lo / (seconds * sp) if lo else None})
     return out
 
 
@@ -233,7 +282,16 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "checkpointing": options,
         "gpu_memory_bytes": gpu,
         "suggested_checkpointing": suggest_checkpointing(options, gpu),
+        "longest": longest_sequences(cfg, shape, world_size, kernels == "liger", gpu, plan_peak(cfg)) if gpu else None,
+        "peak_flops": plan_peak(cfg),
     }
+
+
+def plan_peak(cfg: Config) -> float:
+    """logging.peak_flops, else this machine's GPU, else an H100/H200's dense bf16 peak."""
+    from .trainer.metrics import peak_flops
+
+    return peak_flops(cfg.logging.peak_flops) or 989e12
 
 
 def render(p: dict) -> str:
@@ -259,6 +317,16 @@ def render(p: dict) -> str:
         lines.append(f"  fits {HEADROOM:.0%} of {gpu / GIB:.0f} GiB with the least recompute: " + (
             _overrides(best["checkpoint_every"]) if best else "nothing: lower trainer.micro_batch_size or "
             "data.max_seq_len, or shard more (parallel=zero2|zero3|fsdp)"))
+    if p.get("longest"):
+        lines.append(f"longest data.max_seq_len in {HEADROOM:.0%} of {gpu / GIB:.3g} GiB (one row per micro-batch, "
+                     f"sp_size {b.get('sp_size', 1)}; step time at {ASSUMED_MFU:.0%} MFU of "
+                     f"{p['peak_flops'] / 1e12:.0f} TFLOP/s):")
+        for o in p["longest"]:
+            lines.append(f"  {o['option']:<28} " + (
+                f"{o['max_seq_len']:>10,} tokens  {o['memory'] / GIB:.3g} GiB  +{o['extra_compute']:.0%} compute  "
+                f"~{o['seconds_per_row']:.3g} s per row, {o['tokens_per_s_per_gpu']:,.0f} tok/s per GPU  "
+                + " ".join(f"model.{k}={str(v).lower()}" for k, v in o["overrides"].items())
+                if o["max_seq_len"] else "nothing fits"))
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from .model.load import load_model, load_tokenizer, whole_model
 from .model.moe import mark_z3_leaf_modules
 from .model.params import count_parameters
 from .model.peft import apply_peft, quantization_config
+from .model.tiling import apply_tiled_mlp
 from .model.precision import check_master_weights, half_compute, load_dtype
 from .model.precision import describe as describe_precision
 from .plots import history_from_tensorboard, training_curves
@@ -196,6 +197,13 @@ def build_model(cfg: Config, acc):
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
                        bf16_autocast=cfg.trainer.precision == "bf16")
+    if cfg.model.tiled_mlp_shards:
+        if acc.num_processes > 1 and cfg.parallel.strategy != "deepspeed":
+            raise ConfigError(f"model.tiled_mlp_shards with parallel={cfg.parallel.strategy} on {acc.num_processes} "
+                              "processes: its chunks accumulate gradients inside one backward, which only DeepSpeed "
+                              "is told about; use parallel=zero1|zero2|zero3, or model.tiled_mlp_shards=0")
+        log.info("tiled MLP: %d decoder MLPs in %d chunks of the sequence (model.tiled_mlp_shards)",
+                 apply_tiled_mlp(model, cfg.model.tiled_mlp_shards), cfg.model.tiled_mlp_shards)
     check_master_weights(model, cfg.parallel.strategy == "deepspeed", cfg.trainer.precision)
     if cfg.trainer.loss_head == "supervised" and not fused_loss(model):  # Liger's fused loss builds no logits
         log.info("loss head: %s (trainer.loss_chunk=%d)", install_head(model, cfg.trainer.loss_chunk),

@@ -79,12 +79,14 @@ def test_sp_under_zero2_matches_one_process_resumes_exactly_and_exports(referenc
             assert torch.allclose(p, ref_weights[name], atol=1e-5), name
 
 
-def test_sp_under_zero3_with_lora_checkpointing_and_varlen_matches_one_process(tmp_path):
+def test_sp_under_zero3_with_lora_checkpointing_varlen_and_tiled_mlp_matches_one_process(tmp_path):
+    """The 2-rank run also tiles its MLPs (model.tiled_mlp_shards=4; the 1-process run does not): the chunks'
+    weight gradients accumulate inside one backward, which DeepSpeed must wait for (ds_grad_is_ready)."""
     common = ["parallel=zero3", "model=tiny_base", "peft=lora", "peft.dropout=0", "model.gradient_checkpointing=true",
               "model.attn_implementation=varlen", "trainer.max_steps=4", "trainer.eval_every=4",
               "logging.log_every=1"]
     one = launch(1, tmp_path / "one", *common)
-    two = launch(2, tmp_path / "sp", *common, *SP)
+    two = launch(2, tmp_path / "sp", *common, *SP, "model.tiled_mlp_shards=4")
     same_losses(one, two, "zero3 lora sp=2")
     a = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
     b = load_file(tmp_path / "sp" / "final" / "adapter_model.safetensors")

@@ -146,3 +146,37 @@ def test_plan_counts_the_active_parameters_of_an_moe(tiny_moe_dir, peft):
     assert f"{counts['active']:,} active per token" in render(p)
     dense = make_plan(typed_cfg(), 1)
     assert dense["parameters"]["active"] == dense["parameters"]["total"] and "active per token" not in render(dense)
+
+
+def test_longest_sequence_fits_the_budget_and_one_step_longer_does_not(tmp_path):
+    """distsft.plan answers "how long can I go" for a stated memory budget (the tiny model, 20 MiB): for each
+    saver the estimate at the answer fits 85% of it and 256 tokens more do not; the savers only lengthen it,
+    and sequence parallelism over 2 ranks more so. A training run at the answer's length runs (on CPU nothing
+    measures its allocation; tests/gpu compares it with max_memory_allocated)."""
+    from dataclasses import replace
+
+    from distsft.plan import HEADROOM, SAVERS, model_shape
+    from tests.conftest import run_tiny
+
+    budget = 0.02 * GIB
+    p = make_plan(typed_cfg("plan.gpu_memory_gib=0.02"), world_size=1)
+    cfg = typed_cfg("plan.gpu_memory_gib=0.02")
+    shape = model_shape(cfg)
+    lengths = []
+    for o, (_, overrides) in zip(p["longest"], SAVERS):
+        c = replace(cfg, model=replace(cfg.model, **overrides))
+
+        def memory(t):
+            return memory_estimate(replace(c, data=replace(c.data, max_seq_len=t)), shape, 1, 1)["total"]
+
+        t = o["max_seq_len"]
+        assert t > 0 and t % 256 == 0 and memory(t) <= HEADROOM * budget < memory(t + 256), o
+        assert o["seconds_per_row"] > 0 and o["tokens_per_s_per_gpu"] > 0
+        lengths.append(t)
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
+    sp = make_plan(typed_cfg("plan.gpu_memory_gib=0.02", "parallel=zero2", "parallel.sp_size=2"), world_size=2)
+    assert sp["batch"]["sp_size"] == 2 and sp["longest"][0]["max_seq_len"] > lengths[0]
+    assert "longest data.max_seq_len in 85% of 0.02 GiB" in __import__("distsft.plan", fromlist=["render"]).render(p)
+    s = run_tiny(tmp_path, f"data.max_seq_len={lengths[0]}", "trainer.max_steps=1", "trainer.eval_every=0",
+                 "export.enabled=false", "trainer.global_batch_size=2", "trainer.micro_batch_size=1").summary
+    assert s["status"] == "finished"
