@@ -59,6 +59,11 @@ def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
     print("", file=stream)
     pack(store, cfg.data, data.train_stats)
     print(summarize("train", data.train_stats), file=stream)
+    if cfg.parallel.sequence_parallel:  # the limits above are whole rows; a rank holds a slice of each
+        sp = cfg.parallel.sp_size
+        print(f"sequence parallelism: rows of up to data.max_seq_len={cfg.data.max_seq_len:,} tokens (packing, "
+              f"truncation and the over-long policy use it), each of the {sp} ranks of a group holding "
+              f"{-(-cfg.data.max_seq_len // sp):,} tokens of every row (parallel.sp_size={sp})", file=stream)
     if data.eval is not None:
         pack(data.eval, cfg.data, data.eval_stats)
         print(summarize("eval", data.eval_stats), file=stream)

@@ -74,3 +74,16 @@ def test_preview_marks_what_each_multiturn_rule_supervises(tmp_path, tokenizer):
     assert marked["final"] == [["2 plus 2 is 4.<|im_end|>", "<think>\nReverse the letters.\n</think>\n\nelppa<|im_end|>"]]
     assert marked["per_turn"] == [["<think>\nAdd them.\n</think>\n\n2 plus 2 is 4.<|im_end|>"],
                                   ["<think>\nReverse the letters.\n</think>\n\nelppa<|im_end|>"]]
+
+
+def test_preview_states_the_whole_row_limit_and_each_ranks_slice_under_sequence_parallelism():
+    from distsft.preview import preview
+
+    buf = io.StringIO()
+    preview(typed_cfg("preview.examples=0", "parallel=zero2", "parallel.sp_size=2", "data.max_seq_len=1000"),
+            color=False, stream=buf)
+    assert ("rows of up to data.max_seq_len=1,000 tokens (packing, truncation and the over-long policy use it), "
+            "each of the 2 ranks of a group holding 500 tokens of every row") in buf.getvalue()
+    plain = io.StringIO()
+    preview(typed_cfg("preview.examples=0"), color=False, stream=plain)
+    assert "sequence parallelism" not in plain.getvalue()
