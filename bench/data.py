@@ -73,18 +73,33 @@ def write_conversations(path: Path, n: int, seed: int = 0, words: int = 130) -> 
             f.write(json.dumps({"messages": msgs}) + "\n")
 
 
+def _rss_anon() -> int:
+    """RssAnon of this process in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class PeakMemory:
-    """Peak RSS of this process and peak PSS of it plus its children, sampled in a thread."""
+    """Peak RSS of this process, its peak anonymous RSS (RssAnon: heap and buffers, without the pages of
+    memory-mapped files, which the kernel can drop and re-read), and peak PSS of it plus its children,
+    sampled in a thread."""
 
     def __init__(self, every: float = 0.05):
         import psutil
 
-        self.proc, self.every, self.rss, self.pss = psutil.Process(), every, 0, 0
+        self.proc, self.every, self.rss, self.pss, self.anon = psutil.Process(), every, 0, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self):
         self.rss = max(self.rss, self.proc.memory_info().rss)
+        self.anon = max(self.anon, _rss_anon())
         total = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
@@ -126,7 +141,8 @@ def child_distsft(a) -> dict:
         dt = time.perf_counter() - t0
     st = prep.train_stats
     return {"seconds": dt, "conversations": st.rows_in, "kept": st.kept, "tokens": st.tokens,
-            "supervised_tokens": st.supervised_tokens, "cache_hit": prep.cache_hit, "peak_rss_mb": mem.rss / 2**20, "peak_pss_mb": mem.pss / 2**20}
+            "supervised_tokens": st.supervised_tokens, "cache_hit": prep.cache_hit, "peak_rss_mb": mem.rss / 2**20, "peak_pss_mb": mem.pss / 2**20,
+            "peak_anon_mb": mem.anon / 2**20}
 
 
 def _rows(path: str) -> list[list[dict]]:
@@ -250,13 +266,13 @@ def main() -> None:
 
 def table(results: dict) -> str:
     lines = [f"processes: {results['num_proc']} (cores: {results['cores']})", "",
-             "| conversations | method | seconds | conversations/s | tokens/s | peak RSS (MB) | peak PSS with workers (MB) | x bare |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| conversations | method | seconds | conversations/s | tokens/s | peak RSS (MB) | peak anon RSS (MB) | peak PSS with workers (MB) | x bare |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, r in results["sizes"].items():
         bare = r.get("bare tokenizer", {}).get("seconds")
         for method, m in r.items():
             if "error" in m:
-                lines.append(f"| {n:,} | {method} | {m['error']} | | | | | |")
+                lines.append(f"| {n:,} | {method} | {m['error']} | | | | | | |")
                 continue
             cps = m["conversations"] / m["seconds"] if m.get("conversations") else None
             tps = m["tokens"] / m["seconds"] if m.get("tokens") else None
@@ -264,7 +280,7 @@ def table(results: dict) -> str:
             extra = f" (prepare {m['prepare_seconds']:.2f} s)" if "prepare_seconds" in m else ""
             lines.append(f"| {n:,} | {method}{extra} | {m['seconds']:.2f} | {f'{cps:,.0f}' if cps else ''} | "
                          f"{f'{tps:,.0f}' if tps else ''} | {m['peak_rss_mb']:,.0f} | "
-                         f"{m.get('peak_pss_mb', float('nan')):,.0f} | {ratio} |")
+                         f"{m.get('peak_anon_mb', float('nan')):,.0f} | {m.get('peak_pss_mb', float('nan')):,.0f} | {ratio} |")
     return "\n".join(lines)
 
 
