@@ -21,10 +21,8 @@ from ..config import ConfigError
 
 
 def attention(impl: str) -> str:
-    """The attention implementation to load under sequence parallelism for the resolved ``impl``."""
-    if impl == "eager":
-        raise ConfigError("model.attn_implementation=eager cannot run under parallel.sp_size > 1 (DeepSpeed's "
-                          "Ulysses attention passes no mask, eager needs one): use sdpa or varlen")
+    """The attention implementation to load under sequence parallelism for the resolved ``impl`` (eager is
+    refused at compose time: checks.check_sequence_parallel)."""
     return "sdpa_packed" if impl == "sdpa" else impl
 
 
