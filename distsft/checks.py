@@ -66,6 +66,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("logging.sample_max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("preview.examples", lambda v: v >= 0, ">= 0"),
     ("plan.world_size", lambda v: v >= 1, ">= 1"),
+    ("plan.host_memory_gib", lambda v: v is None or v > 0, "> 0 GiB, or null (not bounded)"),
     ("parallel.sp_size", lambda v: v >= 1, ">= 1 (1: no sequence parallelism)"),
     ("model.tiled_mlp_shards", lambda v: v >= 0, ">= 0 (0: off)"),
 ]
@@ -121,6 +122,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if cfg.model.checkpoint_every < 1:
         raise ConfigError(f"model.checkpoint_every={cfg.model.checkpoint_every} must be >= 1 (1 recomputes every layer)")
+    if cfg.model.offload_checkpoints and not cfg.model.gradient_checkpointing:
+        raise ConfigError("model.offload_checkpoints=true moves what activation checkpointing keeps (each recomputed "
+                          "layer's input) to host memory, and model.gradient_checkpointing=false keeps nothing of the "
+                          "kind: add model.gradient_checkpointing=true, or drop model.offload_checkpoints")
     if t.loss_chunk < 0:
         raise ConfigError(f"trainer.loss_chunk={t.loss_chunk} must be >= 0 (0: the head sees all supervised positions at once)")
     if d.max_seq_len < 2:

@@ -44,6 +44,8 @@ class ModelConfig:
     checkpoint_every: int = 1
     #: Tiled MLP (DeepSpeed's TiledMLP, for long rows): each decoder layer's MLP runs on this many chunks of the sequence, recomputed chunk by chunk in backward, so its intermediate activations exist for one chunk at a time (about one more MLP forward per step); 0: off. Single process or DeepSpeed; not for MoE layers.
     tiled_mlp_shards: int = 0
+    #: With gradient_checkpointing: keep each recomputed layer's input (what checkpointing saves, h values per token per layer) in pinned host memory instead of the GPU's, copied out in forward and back in backward (the ALST recipe for long rows: the GPU then holds about one layer's input instead of every layer's). No effect on numerics.
+    offload_checkpoints: bool = False
     #: Layer kernels: auto (liger where it can run, else torch), torch (transformers' own), or liger (Liger's Triton RMSNorm/RoPE/SwiGLU and a fused linear cross-entropy that never materialises the logits; CUDA, pip install liger-kernel; not with ZeRO-3/FSDP).
     kernels: str = "auto"
     #: torch.compile each decoder layer in place (regional: one compiled graph serves every layer, dynamic shapes so packed row widths do not recompile); the first step pays the compile. Not with parallel=fsdp yet.
@@ -270,6 +272,8 @@ class PlanConfig:
     lr_plot: Optional[str] = None
     #: GPU memory (GiB) to fit into when suggesting activation checkpointing (null: this machine's GPU, if any).
     gpu_memory_gib: Optional[float] = None
+    #: Host RAM (GiB) each GPU's process may pin for offloaded checkpoints (model.offload_checkpoints): the longest-row answer with offload stays within 85% of it (null: not bounded; the plan still prints what it needs).
+    host_memory_gib: Optional[float] = None
 
 
 @dataclass

@@ -16,7 +16,8 @@ Memory per GPU, in bytes (P parameters, T trainable, N ranks, w bytes per weight
                  ZeRO paper's 16*P for full fine-tuning; ZeRO-1 shards the optimizer (/N), ZeRO-2 also
                  gradients, ZeRO-3 also weights; offload moves the optimizer (and ZeRO-3 weights) to CPU
     activations  per token per layer (7h + 2*kv + 4i) * a bytes for a Llama block with SDPA (a: 2 in bf16,
-                 4 in fp32); with gradient checkpointing only the layer input h*a is kept, plus one layer
+                 4 in fp32); with gradient checkpointing only the layer input h*a is kept, plus one layer;
+                 with model.offload_checkpoints those inputs live in host memory (two in flight on the GPU)
     logits       per token V*(2a + 8): the logits and their gradient, the log-softmax kept for backward and
                  its fp32 gradient, for the positions whose logits exist together: every position with
                  trainer.loss_head=full, at most trainer.loss_chunk supervised ones with the default supervised
@@ -134,7 +135,8 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate / max(1, cfg.model.tiled_mlp_shards)) * a
     if cfg.model.gradient_checkpointing:  # recomputed layers keep their input; the others everything
         recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every)
-        acts = tokens * (recomputed * shape.hidden * a + (shape.layers - recomputed) * per_layer + per_layer)
+        kept = min(recomputed, 2) if cfg.model.offload_checkpoints else recomputed  # offloaded: one in flight
+        acts = tokens * (kept * shape.hidden * a + (shape.layers - recomputed) * per_layer + per_layer)
     else:
         acts = tokens * shape.layers * per_layer
     head_grad = shape.vocab * shape.hidden * a if t == p else 0  # Liger's own buffer for the head's gradient
@@ -146,6 +148,18 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
            "logits": float(logits)}
     out["total"] = sum(out.values())
     return out
+
+
+def offloaded_bytes(cfg: Config, shape: ModelShape, micro_batch: int) -> float:
+    """Bytes of recomputed layers' inputs that model.offload_checkpoints keeps in host memory, per rank and
+    micro-batch (pinned RAM it needs; each crosses PCIe twice a step)."""
+    if not (cfg.model.gradient_checkpointing and cfg.model.offload_checkpoints):
+        return 0.0
+    from .model.precision import half_compute
+
+    tokens = micro_batch * cfg.data.max_seq_len / cfg.parallel.sp_size
+    return tokens * recomputed_layers(shape.layers, cfg.model.checkpoint_every) * shape.hidden * (
+        2 if half_compute(cfg) else 4)
 
 
 def recomputed_layers(layers: int, every: int) -> int:
@@ -179,16 +193,23 @@ def mlp_share(shape: ModelShape) -> float:
 SAVERS = (("as configured", {}),
           ("+ checkpointing", {"gradient_checkpointing": True, "checkpoint_every": 1}),
           ("+ checkpointing + tiled MLP", {"gradient_checkpointing": True, "checkpoint_every": 1,
-                                           "tiled_mlp_shards": 8}))
+                                           "tiled_mlp_shards": 8}),
+          ("+ checkpoint offload", {"gradient_checkpointing": True, "checkpoint_every": 1,
+                                    "tiled_mlp_shards": 8, "offload_checkpoints": True}))
 ASSUMED_MFU = 0.4  # the step-time prediction's utilisation (distsft measured 32-43% on an H200, bench/README.md)
+# host <-> GPU copies of offloaded checkpoints (pinned memory, PCIe Gen5 x16 as on H100/H200 SXM boards: ~55 GB/s
+# peak one way); assumed, not measured by distsft yet, and the copies are not overlapped with compute
+HOST_BANDWIDTH = 40e9
 
 
 def longest_sequences(cfg: Config, shape: ModelShape, world_size: int, fused_loss: bool, gpu_bytes: float,
-                      peak: float) -> list[dict]:
+                      peak: float, host_bytes: float | None = None) -> list[dict]:
     """For each saver (cumulative), the longest data.max_seq_len (a multiple of 256 x sp) whose estimate with
-    one row per micro-batch fits HEADROOM of ``gpu_bytes``, its memory, and the step time per row predicted
+    one row per micro-batch fits HEADROOM of ``gpu_bytes`` (and its offloaded checkpoints HEADROOM of ``host_bytes``,
+    when given), its memory, and the step time per row predicted
     at ASSUMED_MFU of ``peak`` (weights 'flops_per_token' x T, causal attention 6 x layers x hidden x T^2/2 x 2,
-    recompute and tiled MLP added; a row's work is shared by its sp ranks)."""
+    recompute and tiled MLP added; a row's work is shared by its sp ranks; offloaded checkpoints add their host
+    copies, out and back, at HOST_BANDWIDTH)."""
     sp, unit = cfg.parallel.sp_size, 256 * cfg.parallel.sp_size
     forward_share = 1 / 2 if shape.trainable < shape.params else 1 / 3
     out = []
@@ -201,17 +222,23 @@ def longest_sequences(cfg: Config, shape: ModelShape, world_size: int, fused_los
             return memory_estimate(replace(c, data=replace(c.data, max_seq_len=t)), shape, world_size, 1,
                                    fused_loss)["total"]
 
+        def fits(t: int) -> bool:
+            host = offloaded_bytes(replace(c, data=replace(c.data, max_seq_len=t)), shape, 1)
+            return memory(t) <= HEADROOM * gpu_bytes and (not host_bytes or host <= HEADROOM * host_bytes)
+
         lo, hi = 0, unit
-        while memory(hi) <= HEADROOM * gpu_bytes and hi < 2 ** 27:
+        while fits(hi) and hi < 2 ** 27:
             lo, hi = hi, hi * 2
         while hi - lo > unit:  # memory grows with the length: bisect between a fit and a miss
             mid = (lo + hi) // 2 // unit * unit
-            lo, hi = (mid, hi) if memory(mid) <= HEADROOM * gpu_bytes else (lo, mid)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         extra = (forward_share if model.gradient_checkpointing else 0.0) + (
             forward_share * mlp_share(shape) if model.tiled_mlp_shards else 0.0)
         flops = (shape.flops_per_token * lo + 6 * shape.layers * shape.hidden * lo * lo) * (1 + extra)
-        seconds = flops / (sp * peak * ASSUMED_MFU) if lo else None
+        host = offloaded_bytes(replace(c, data=replace(c.data, max_seq_len=lo)), shape, 1)
+        seconds = flops / (sp * peak * ASSUMED_MFU) + 2 * host / HOST_BANDWIDTH if lo else None
         out.append({"option": name, "overrides": overrides, "max_seq_len": lo, "memory": memory(lo) if lo else None,
+                    "host_memory": host, "transfer_seconds": 2 * host / HOST_BANDWIDTH,
                     "extra_compute": extra, "seconds_per_row": seconds,
                     "tokens_per_s_per_gpu": lo / (seconds * sp) if lo else None})
     return out
@@ -282,7 +309,10 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "checkpointing": options,
         "gpu_memory_bytes": gpu,
         "suggested_checkpointing": suggest_checkpointing(options, gpu),
-        "longest": longest_sequences(cfg, shape, world_size, kernels == "liger", gpu, plan_peak(cfg)) if gpu else None,
+        "longest": longest_sequences(cfg, shape, world_size, kernels == "liger", gpu, plan_peak(cfg),
+                                     cfg.plan.host_memory_gib * GIB if cfg.plan.host_memory_gib else None)
+        if gpu else None,
+        "host_memory_bytes": cfg.plan.host_memory_gib * GIB if cfg.plan.host_memory_gib else None,
         "peak_flops": plan_peak(cfg),
     }
 
@@ -320,10 +350,14 @@ def render(p: dict) -> str:
     if p.get("longest"):
         lines.append(f"longest data.max_seq_len in {HEADROOM:.0%} of {gpu / GIB:.3g} GiB (one row per micro-batch, "
                      f"sp_size {b.get('sp_size', 1)}; step time at {ASSUMED_MFU:.0%} MFU of "
-                     f"{p['peak_flops'] / 1e12:.0f} TFLOP/s):")
+                     f"{p['peak_flops'] / 1e12:.0f} TFLOP/s" + (
+                         f"; offload within {HEADROOM:.0%} of {p['host_memory_bytes'] / GIB:.3g} GiB host memory"
+                         if p.get("host_memory_bytes") else "") + "):")
         for o in p["longest"]:
             lines.append(f"  {o['option']:<28} " + (
                 f"{o['max_seq_len']:>10,} tokens  {o['memory'] / GIB:.3g} GiB  +{o['extra_compute']:.0%} compute  "
+                + (f"+{o['host_memory'] / GIB:.3g} GiB host, {o['transfer_seconds']:.3g} s copies  "
+                   if o["host_memory"] else "") +
                 f"~{o['seconds_per_row']:.3g} s per row, {o['tokens_per_s_per_gpu']:,.0f} tok/s per GPU  "
                 + " ".join(f"model.{k}={str(v).lower()}" for k, v in o["overrides"].items())
                 if o["max_seq_len"] else "nothing fits"))

@@ -47,7 +47,8 @@ SAFE_TO_CHANGE = ("output_dir", "run_name", "logging.", "trainer.resume", "train
                   "data.num_workers", "data.num_proc", "data.cache", "model.name_or_path", "model.tokenizer",
                   "model.revision", "trainer.micro_batch_size", "trainer.grad_accum",
                   # the same function computed another way (speed or memory): switch them on at a resume after an OOM
-                  "model.compile", "model.gradient_checkpointing", "model.checkpoint_every")
+                  "model.compile", "model.gradient_checkpointing", "model.checkpoint_every", "model.tiled_mlp_shards",
+                  "model.offload_checkpoints", "trainer.loss_chunk")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

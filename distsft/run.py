@@ -30,6 +30,7 @@ from .model.moe import mark_z3_leaf_modules
 from .model.params import count_parameters
 from .model.peft import apply_peft, quantization_config
 from .model.tiling import apply_tiled_mlp
+from .model.offload import apply_checkpoint_offload
 from .model.precision import check_master_weights, half_compute, load_dtype
 from .model.precision import describe as describe_precision
 from .plots import history_from_tensorboard, training_curves
@@ -204,6 +205,9 @@ def build_model(cfg: Config, acc):
                               "is told about; use parallel=zero1|zero2|zero3, or model.tiled_mlp_shards=0")
         log.info("tiled MLP: %d decoder MLPs in %d chunks of the sequence (model.tiled_mlp_shards)",
                  apply_tiled_mlp(model, cfg.model.tiled_mlp_shards), cfg.model.tiled_mlp_shards)
+    if cfg.model.offload_checkpoints:
+        log.info("checkpoint offload: the inputs of %d recomputed decoder layers are kept in host memory "
+                 "(model.offload_checkpoints)", apply_checkpoint_offload(model)[0])
     check_master_weights(model, cfg.parallel.strategy == "deepspeed", cfg.trainer.precision)
     if cfg.trainer.loss_head == "supervised" and not fused_loss(model):  # Liger's fused loss builds no logits
         log.info("loss head: %s (trainer.loss_chunk=%d)", install_head(model, cfg.trainer.loss_chunk),

@@ -81,12 +81,17 @@ def test_sp_under_zero2_matches_one_process_resumes_exactly_and_exports(referenc
 
 def test_sp_under_zero3_with_lora_checkpointing_varlen_and_tiled_mlp_matches_one_process(tmp_path):
     """The 2-rank run also tiles its MLPs (model.tiled_mlp_shards=4; the 1-process run does not): the chunks'
-    weight gradients accumulate inside one backward, which DeepSpeed must wait for (ds_grad_is_ready)."""
+    weight gradients accumulate inside one backward, which DeepSpeed must wait for (ds_grad_is_ready). It also
+    offloads its checkpoints (model.offload_checkpoints=true): the whole ALST recipe on the sharded path."""
     common = ["parallel=zero3", "model=tiny_base", "peft=lora", "peft.dropout=0", "model.gradient_checkpointing=true",
               "model.attn_implementation=varlen", "trainer.max_steps=4", "trainer.eval_every=4",
               "logging.log_every=1"]
     one = launch(1, tmp_path / "one", *common)
-    two = launch(2, tmp_path / "sp", *common, *SP, "model.tiled_mlp_shards=4")
+    proc = launch(2, tmp_path / "sp", *common, *SP, "model.tiled_mlp_shards=4", "model.offload_checkpoints=true",
+                  expect_ok=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "checkpoint offload: the inputs of 2 recomputed decoder layers" in proc.stdout + proc.stderr
+    two = json.loads((tmp_path / "sp" / "summary.json").read_text())
     same_losses(one, two, "zero3 lora sp=2")
     a = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
     b = load_file(tmp_path / "sp" / "final" / "adapter_model.safetensors")

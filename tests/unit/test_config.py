@@ -124,7 +124,9 @@ def test_speed_switches_may_change_at_a_resume_but_training_keys_may_not():
 
     base = resolved()
     assert training_differences(base, resolved("model.compile=true", "model.gradient_checkpointing=true",
-                                               "model.checkpoint_every=2", "trainer.spike_factor=5")) == []
+                                               "model.checkpoint_every=2", "trainer.spike_factor=5",
+                                               "model.tiled_mlp_shards=4", "model.offload_checkpoints=true",
+                                               "trainer.loss_chunk=64")) == []
     assert training_differences(base, resolved("optim.lr=1e-3")) == ["optim.lr: was 0.003, now 0.001"]
 
 

@@ -180,3 +180,29 @@ def test_longest_sequence_fits_the_budget_and_one_step_longer_does_not(tmp_path)
     s = run_tiny(tmp_path, f"data.max_seq_len={lengths[0]}", "trainer.max_steps=1", "trainer.eval_every=0",
                  "export.enabled=false", "trainer.global_batch_size=2", "trainer.micro_batch_size=1").summary
     assert s["status"] == "finished"
+
+
+def test_checkpoint_offload_row_lengthens_rows_and_respects_the_host_budget():
+    """An 8B-like shape (SHAPE, bf16, LoRA-like frozen base) on 141 GiB: the offload row keeps two layer inputs on
+    the GPU instead of 32, so it goes further than checkpointing + tiled MLP; its pinned host memory is the
+    layer inputs it moved (layers x T x h x 2 bytes) and stays within 85% of plan.host_memory_gib when given;
+    its copies add time."""
+    from dataclasses import replace
+
+    from distsft.plan import HEADROOM, longest_sequences, memory_estimate
+
+    cfg = typed_cfg("model.dtype=bfloat16", "trainer.precision=bf16")
+    frozen = replace(SHAPE, trainable=SHAPE.params // 100, flops_per_token=2e9)
+    rows = {o["option"]: o for o in longest_sequences(cfg, frozen, 1, False, 141 * GIB, 989e12)}
+    tiled, offload = rows["+ checkpointing + tiled MLP"], rows["+ checkpoint offload"]
+    assert offload["max_seq_len"] > 2 * tiled["max_seq_len"]
+    assert offload["host_memory"] == 32 * offload["max_seq_len"] * 4096 * 2 and tiled["host_memory"] == 0
+    assert offload["transfer_seconds"] > 0 and offload["seconds_per_row"] > offload["transfer_seconds"]
+    on = replace(cfg, model=replace(cfg.model, gradient_checkpointing=True, offload_checkpoints=True))
+    off = replace(on, model=replace(on.model, offload_checkpoints=False))
+    saved = memory_estimate(off, frozen, 1, 1)["activations"] - memory_estimate(on, frozen, 1, 1)["activations"]
+    assert saved == 30 * cfg.data.max_seq_len * 4096 * 2  # all but two layer inputs leave the GPU
+    bounded = {o["option"]: o for o in longest_sequences(cfg, frozen, 1, False, 141 * GIB, 989e12, 64 * GIB)}
+    b = bounded["+ checkpoint offload"]
+    assert 0 < b["max_seq_len"] < offload["max_seq_len"]  # host-bound (here below the tiled row: offload is all or none)
+    assert b["host_memory"] <= HEADROOM * 64 * GIB < 32 * (b["max_seq_len"] + 256) * 4096 * 2
