@@ -324,12 +324,21 @@ def one(a) -> dict:
     return out
 
 
-def memory_estimate(a) -> dict:
-    """distsft.plan's estimate (GiB) for the distsft run of this benchmark, to compare with the measured peak."""
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str]):
+    """distsft's typed config for these Hydra overrides (what the trainer and distsft.plan would compose)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from distsft.checks import to_object
     from distsft.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_object(hydra_compose(config_name="config", overrides=overrides))
+
+
+def memory_estimate(a) -> dict:
+    """distsft.plan's estimate (GiB) for the distsft run of this benchmark, to compare with the measured peak."""
     from distsft.plan import memory_estimate as estimate
     from distsft.plan import model_shape
 
@@ -341,9 +350,7 @@ def memory_estimate(a) -> dict:
         over += ["model.dtype=bfloat16", "trainer.precision=bf16"]
     if a.lora:
         over += ["peft=lora", "peft.dropout=0.0"]
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_object(compose(config_name="config", overrides=over))
+    cfg = compose(over)
     est = estimate(cfg, model_shape(cfg), 1, s["rows"], fused_loss=a.system == "distsft_liger")
     return {k: v / 2**30 for k, v in est.items()}
 

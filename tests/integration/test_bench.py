@@ -27,3 +27,26 @@ def test_throughput_harness_counts_tokens_and_losses_agree(tmp_path):
     assert d["real_per_computed"] > 0.9 > hf["real_per_computed"]  # packed rows vs padded micro-batches
     assert abs(hf["examples_per_step"] - d["examples_per_step"]) <= 4  # peers get distsft's examples per step
     assert d["estimate_gib"]["total"] > 0 and (tmp_path / "throughput_tiny_toy.json").exists()
+
+
+def test_long_context_harness_trains_each_saver_alike_and_tries_the_plans_longest(tmp_path):
+    """bench/long_context.py on CPU with the tiny model: the savers give the same first loss (they change memory,
+    not numerics), the offload row moves each layer's input, and --longest trains at the plan's answer."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import long_context
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = long_context.main(["--model", "tiny", "--device", "cpu", "--lengths", "128", "--savers", "0,3",
+                              "--warmup", "0", "--steps", "1", "--out", str(tmp_path), "--timeout", "300"])
+    assert [r["saver"] for r in rows] == ["as configured", "+ checkpoint offload"] and not any("error" in r for r in rows)
+    plain, offload = rows
+    assert abs(plain["first_loss"] - math.log(640)) < 0.1 and offload["first_loss"] == plain["first_loss"]
+    assert plain["offloaded_gib_per_step"] == 0 and offload["offloaded_gib_per_step"] * 2**30 == 2 * 128 * 64 * 4
+    longest = long_context.main(["--model", "tiny", "--device", "cpu", "--longest", "--savers", "1",
+                                 "--gpu-memory-gib", "0.02", "--out", str(tmp_path), "--timeout", "300"])
+    from distsft.plan import make_plan
+    from tests.conftest import typed_cfg
+
+    planned = make_plan(typed_cfg("plan.gpu_memory_gib=0.02"), 1)["longest"][1]["max_seq_len"]
+    assert [(r["length"], r["predicted"], r["oom"]) for r in longest] == [(planned, planned, False)]
