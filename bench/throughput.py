@@ -7,7 +7,8 @@
 Every system gets the same model (built from ``bench/models/<name>/config.json``, random bf16 weights
 made on the GPU from one seed), the same synthetic conversations (random token ids, never zeros;
 lognormal lengths; the first ~30% of each one is prompt, unsupervised), the same optimizer (fused
-AdamW, constant LR, clipping at 1.0) and bf16 autocast, and about the same number of examples per
+AdamW, constant LR, clipping at 1.0) and bf16 autocast (with LoRA, the same PEFT setting: no fp32 copy of
+adapter inputs; ``--peers-peft-default`` gives the peers PEFT's own), and about the same number of examples per
 optimizer step (distsft packs to a token budget; the others take the mean of distsft's examples per
 step). Each system runs in its own process (a clean allocator, a fair ``max_memory_allocated``):
 
@@ -113,7 +114,10 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
         from distsft.model.peft import apply_peft
 
         model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True,
-                           checkpoint_every=a.checkpoint_every if distsft else 1, bf16_autocast=distsft and cuda)
+                           checkpoint_every=a.checkpoint_every if distsft else 1,
+                           # the peers get distsft's PEFT setting under autocast (no fp32 copy of adapter inputs)
+                           # unless --peers-peft-default asks for PEFT's own (the row is then labelled)
+                           bf16_autocast=cuda and (distsft or not a.peers_peft_default))
     if distsft and a.compile:
         from distsft.model.kernels import compile_layers
 
@@ -399,6 +403,8 @@ def parse(argv=None):
     p.add_argument("--rows", type=int, default=0, help="distsft rows per micro-batch (rows x accumulation kept)")
     p.add_argument("--compile", action="store_true", help="distsft: torch.compile the decoder layers (model.compile)")
     p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")
+    p.add_argument("--peers-peft-default", action="store_true",
+                   help="--lora: the peers keep PEFT's default fp32 cast of adapter inputs (distsft does not)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     p.add_argument("--system", help=argparse.SUPPRESS)  # child process: run this one system
@@ -417,14 +423,15 @@ def main(argv=None) -> list[dict]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = (f"_ckpt{a.checkpoint_every}" if a.checkpoint_every > 1 else "") + (f"_rows{a.rows}" if a.rows else "") \
-        + ("_compile" if a.compile else "")  # distsft levers: one file per variant
+        + ("_compile" if a.compile else "") + ("_peers_peft_default" if a.peers_peft_default else "")  # one file per variant
     tag = f"{a.model}_{a.data}{'_lora' if a.lora else ''}{variant}"
     for system in a.systems.split(","):
         cmd = [sys.executable, __file__, "--system", system, "--examples-per-step", str(eps),
                "--model", a.model, "--data", a.data, "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
             (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
-            ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else [])
+            ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else []) + \
+            (["--peers-peft-default"] if a.peers_peft_default else [])
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -437,7 +444,8 @@ def main(argv=None) -> list[dict]:
         (out / f"throughput_{tag}.json").write_text(json.dumps(results, indent=1))  # kept if a later one hangs
         print(f"{system}: " + (f"{r['tokens_per_s']:,.0f} tok/s" if "error" not in r else "\n  ".join(r["error"].splitlines()[-3:])),
               flush=True)
-    print(f"\n{a.model} {'LoRA r=16 + checkpointing' if a.lora else 'full fine-tune'}, {a.data}-like data, "
+    peers = " (peers: PEFT's fp32 cast of adapter inputs)" if a.lora and a.peers_peft_default else ""
+    print(f"\n{a.model} {'LoRA r=16 + checkpointing' if a.lora else 'full fine-tune'}{peers}, {a.data}-like data, "
           f"{a.steps} timed steps after {a.warmup} warm-up, {torch.cuda.get_device_name() if a.device == 'cuda' else 'cpu'}")
     print(table(results))
     return results
