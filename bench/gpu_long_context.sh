@@ -4,12 +4,7 @@
 # The longest row that trains (--longest) takes one optimizer step per try at 300k-1M tokens (minutes each):
 # run it on its own when the device budget allows. Wheels travel in .whl/ as for gpu_session.sh.
 set -o pipefail
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+. bench/device_env.sh
 timeout 90 python3 -m pytest -q -s -p no:cacheprovider tests/gpu -k "offload" 2>&1 | tail -8 | tee "$OUT/gpu_offload.log"
 timeout 200 python3 bench/long_context.py --model llama3_1_8b --lora --lengths 32768 --savers 1,2,3 --warmup 1 \
   --steps 2 --timeout 90 --out "$OUT" 2>&1 | tee "$OUT/long_32k.log"

@@ -2,12 +2,7 @@
 # One prepared device call (about 8 minutes on an H200): the GPU tests, then the throughput rows of the
 # performance issue. Wheels the GPU image lacks travel in .whl/ (see /bench/README.md, "On the device").
 set -o pipefail
-OUT=${OUT:-bench/results}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+. bench/device_env.sh
 python3 -c "import torch, transformers, accelerate, peft, datasets, trl, liger_kernel; print('torch', torch.__version__, torch.cuda.get_device_name(), '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| peft', peft.__version__, '| trl', trl.__version__)"
 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -40 | tee "$OUT/gpu_tests.log"
 timeout 150 python3 bench/throughput.py --model llama3_2_1b --data alpaca --warmup 2 --steps 5 \
