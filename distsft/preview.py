@@ -57,8 +57,9 @@ def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
         print(f"--- example {i} ({store.origin(i)}): {len(ids)} tokens, {n_sup} supervised", file=stream)
         print(render_example(tokenizer, ids, labels, color), file=stream)
     print("", file=stream)
-    pack(store, cfg.data, data.train_stats)
+    rows = pack(store, cfg.data, data.train_stats)
     print(summarize("train", data.train_stats), file=stream)
+    _warn_if_one_step_cannot_fill(cfg, store, rows, stream)
     if cfg.parallel.sequence_parallel:  # the limits above are whole rows; a rank holds a slice of each
         sp = cfg.parallel.sp_size
         print(f"sequence parallelism: rows of up to data.max_seq_len={cfg.data.max_seq_len:,} tokens (packing, "
@@ -71,6 +72,27 @@ def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
         print(f"skipped bad rows: {data.skipped.counts()}", file=stream)
         for r in data.skipped.rows[:10]:
             print(f"  {r['message']}", file=stream)
+
+
+def _warn_if_one_step_cannot_fill(cfg, store, rows, stream) -> None:
+    """Training would refuse these rows (fewer than one optimizer step's sequences): say so here, with the fix,
+    for the world size the plan assumes (WORLD_SIZE, else plan.world_size)."""
+    import os
+
+    from .batch import resolve_batch
+    from .data.loader import too_few_sequences
+
+    from .config import ConfigError
+
+    t = cfg.trainer
+    world = int(os.environ.get("WORLD_SIZE", cfg.plan.world_size))
+    try:
+        step = resolve_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, world, cfg.parallel.sp_size)
+    except ConfigError:  # batch arithmetic is the plan's and the trainer's to refuse; the preview is about data
+        return
+    if len(rows) < step.global_batch_size:
+        print(f"warning: training would stop here ({world} process{'es' if world > 1 else ''}): "
+              + too_few_sequences(store, rows, step.global_batch_size, cfg.data), file=stream)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -87,3 +87,21 @@ def test_preview_states_the_whole_row_limit_and_each_ranks_slice_under_sequence_
     plain = io.StringIO()
     preview(typed_cfg("preview.examples=0"), color=False, stream=plain)
     assert "sequence parallelism" not in plain.getvalue()
+
+
+def test_preview_warns_when_the_data_cannot_fill_one_step_and_names_the_fix(tmp_path, monkeypatch):
+    """60 short rows with data=jsonl's 2048-token rows pack into 2 sequences: the preview says training would
+    stop, as training itself would, with the length that fits; the embedded default (enough rows) does not."""
+    from distsft.preview import preview
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join((ROOT / "distsft/assets/data/tiny_sft.jsonl").read_text().splitlines(True)[:60]))
+    buf = io.StringIO()
+    preview(typed_cfg("data=jsonl", f"data.train_files=[{small}]", "experiment=none", "preview.examples=0"),
+            color=False, stream=buf)
+    assert "warning: training would stop here (1 process): only 2 training sequences" in buf.getvalue()
+    assert "Use data.max_seq_len=128" in buf.getvalue()
+    buf = io.StringIO()
+    preview(typed_cfg("preview.examples=0"), color=False, stream=buf)
+    assert "warning" not in buf.getvalue()
