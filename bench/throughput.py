@@ -12,8 +12,10 @@ adapter inputs; ``--peers-peft-default`` gives the peers PEFT's own), and about 
 optimizer step (distsft packs to a token budget; the others take the mean of distsft's examples per
 step). Each system runs in its own process (a clean allocator, a fair ``max_memory_allocated``):
 
-    distsft       BFD-packed rows, torch varlen flash attention, distsft's own loop (train_step)
+    distsft       BFD-packed rows, torch varlen flash attention, distsft's own step (train_step)
+    distsft_loop  the same inside the trainer's whole loop (loop.train: late reads, metrics window, TensorBoard)
     distsft_liger the same with model.kernels=liger (Liger RMSNorm/RoPE/SwiGLU + fused linear CE)
+    distsft_liger_loop  distsft_liger inside the whole loop
     trl_pad       TRL SFTTrainer, padded batches, SDPA with a padding mask
     trl_padfree   TRL SFTTrainer, padding_free=True, the same varlen kernel as distsft
     trl_padfree_liger  the same with use_liger_kernel=True (TRL's own Liger integration)
@@ -58,7 +60,7 @@ DATA = {  # lognormal token lengths: median, sigma, clip
 SETUPS = {"alpaca": dict(seq=4096, rows=4, accum=2, pad_micro=16),
           "ultrachat": dict(seq=8192, rows=2, accum=2, pad_micro=4),
           "toy": dict(seq=256, rows=2, accum=2, pad_micro=4)}
-SYSTEMS = ("distsft", "distsft_liger", "trl_pad", "trl_padfree", "trl_padfree_liger", "trl_packing", "trl_packing_liger",
+SYSTEMS = ("distsft", "distsft_loop", "distsft_liger", "distsft_liger_loop", "trl_pad", "trl_padfree", "trl_padfree_liger", "trl_packing", "trl_packing_liger",
            "hf")
 
 
@@ -181,13 +183,16 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
     rows = best_fit_decreasing(store.lengths, s["seq"], 0)
     data_cfg = DataConfig(mode="pack", max_seq_len=s["seq"], num_workers=a.workers)
     loader = StepLoader(store, rows, plan, 0, data_cfg, pad_id=0, pin_memory=cuda)
-    model = build_model(a, "varlen", "liger" if a.system == "distsft_liger" else "torch", distsft=True)
+    model = build_model(a, "varlen", "liger" if "liger" in a.system else "torch", distsft=True)
     optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-5, weight_decay=0.0))
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model.train()
     results, examples = [], []  # read back after the run: no host sync in the timed steps
     clock = Clock(cuda)
+    if a.system.endswith("_loop"):
+        run_whole_loop(a, acc, model, optimizer, scheduler, loader, n_steps, clock, results, examples)
+        return finish_distsft(clock, results, examples, acc.unwrap_model(model))
     prof = None
     for step, mbs in enumerate(loader.steps(0)):
         if a.profile and step == a.warmup:  # one step after warm-up, by CUDA time
@@ -204,9 +209,38 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
         examples.append(sum(len(mb["example_ids"]) for mb in mbs))
         if step + 1 == n_steps:
             break
+    return finish_distsft(clock, results, examples, acc.unwrap_model(model))
+
+
+def finish_distsft(clock, results, examples, model) -> dict:
     counts = [tuple(c.read()[k] for k in ("tokens", "supervised", "cells", "attn_sq")) for c, _ in results]
     losses = [float(loss) for _, loss in results]
-    return dict(times=clock.times, counts=counts, losses=losses, examples=examples, model=acc.unwrap_model(model))
+    return dict(times=clock.times, counts=counts, losses=losses, examples=examples, model=model)
+
+
+def run_whole_loop(a, acc, model, optimizer, scheduler, loader, n_steps, clock, results, examples) -> None:
+    """distsft_loop: the trainer's whole ``loop.train`` (guards' late reads, the metrics window read every
+    log_every=10 steps with its collective, TensorBoard scalars, the stop-file check), as the peers' whole loops
+    are timed. Each step end is marked where ``train_step`` returns (a CUDA event: no sync), so the logging that
+    follows a step is in the next step's time. The end-of-run checkpoint (after the last mark) is not written."""
+    from distsft.config import LoggingConfig, TrainerConfig
+    from distsft.trainer import loop as trainer_loop
+    from distsft.trainer.checkpoint import TrainState
+
+    inner = trainer_loop.train_step
+
+    def marked(model_, mbs, *args, **kwargs):
+        res = inner(model_, mbs, *args, **kwargs)
+        clock.tick()
+        results.append((res.counts, res.loss_sum))
+        examples.append(sum(len(mb["example_ids"]) for mb in mbs))
+        return res
+
+    trainer_loop.train_step, trainer_loop._Loop.save = marked, lambda self, keep, name=None: None
+    out = Path(tempfile.mkdtemp())
+    parts = trainer_loop.LoopParts(acc, model, optimizer, scheduler, loader, None, TrainState(), n_steps, out, {})
+    trainer_loop.train(parts, TrainerConfig(max_steps=n_steps, max_grad_norm=1.0, save_every=0, eval_every=0),
+                       LoggingConfig(log_every=10, progress_bar=False, plot=False))
 
 
 class Counting:
@@ -355,7 +389,7 @@ def memory_estimate(a) -> dict:
     if a.lora:
         over += ["peft=lora", "peft.dropout=0.0"]
     cfg = compose(over)
-    est = estimate(cfg, model_shape(cfg), 1, s["rows"], fused_loss=a.system == "distsft_liger")
+    est = estimate(cfg, model_shape(cfg), 1, s["rows"], fused_loss="liger" in a.system)
     return {k: v / 2**30 for k, v in est.items()}
 
 

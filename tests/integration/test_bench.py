@@ -1,5 +1,5 @@
 """bench/throughput.py on CPU at toy size: the harness counts what the systems compute, and they agree
-on the first loss (the GPU figures in bench/README.md come from the same code)."""
+on the first loss (the GPU figures in bench/README.md come from the same code); bench/long_context.py likewise."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ def test_throughput_harness_counts_tokens_and_losses_agree(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "bench"))
     results = throughput.main(["--model", "tiny", "--data", "toy", "--warmup", "1", "--steps", "2", "--device", "cpu",
-                               "--systems", "distsft,hf", "--out", str(tmp_path), "--timeout", "300"])
+                               "--systems", "distsft,distsft_loop,hf", "--out", str(tmp_path), "--timeout", "300"])
     by = {r["system"]: r for r in results}
-    assert set(by) == {"distsft", "hf"} and not any("error" in r for r in results), results
+    assert set(by) == {"distsft", "distsft_loop", "hf"} and not any("error" in r for r in results), results
+    assert by["distsft_loop"]["losses"] == by["distsft"]["losses"]  # the whole loop runs the same steps
     d, hf = by["distsft"], by["hf"]
     for r in (d, hf):
         assert abs(r["first_loss"] - math.log(640)) < 0.1  # random init: ~ln(vocab)
