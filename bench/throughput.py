@@ -177,13 +177,18 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
 
     s, cuda = setup(a), a.device == "cuda"
     plan = resolve_batch(s["rows"], s["accum"], None, 1)
-    acc = build_accelerator(ParallelConfig(), TrainerConfig(precision="bf16" if cuda else "fp32", use_cuda=cuda,
-                                                            micro_batch_size=s["rows"], grad_accum=s["accum"]), plan)
+    # --strategy: distsft's own parallel config group at world size 1 (ZeRO-3 and FSDP2 shard over one rank)
+    par = ParallelConfig() if a.strategy == "ddp" else compose([f"parallel={a.strategy}"]).parallel
+    acc = build_accelerator(par, TrainerConfig(precision="bf16" if cuda else "fp32", use_cuda=cuda,
+                                               micro_batch_size=s["rows"], grad_accum=s["accum"]), plan)
     store = TokenStore(ids, labels)
     rows = best_fit_decreasing(store.lengths, s["seq"], 0)
     data_cfg = DataConfig(mode="pack", max_seq_len=s["seq"], num_workers=a.workers)
     loader = StepLoader(store, rows, plan, 0, data_cfg, pad_id=0, pin_memory=cuda)
-    model = build_model(a, "varlen", "liger" if "liger" in a.system else "torch", distsft=True)
+    from distsft.model.load import whole_model
+
+    with whole_model(acc):  # built whole, as distsft builds a random init (no zero.Init under ZeRO-3)
+        model = build_model(a, "varlen", "liger" if "liger" in a.system else "torch", distsft=True)
     optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1e-5, weight_decay=0.0))
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -328,6 +333,8 @@ def one(a) -> dict:
     cuda = a.device == "cuda"
     n_steps = a.warmup + a.steps
     ids, labels, vocab = bench_data(a)
+    # before the accelerator: under ZeRO-3 its config would make the plan's meta-device model a zero.Init one
+    est = memory_estimate(a) if a.system.startswith("distsft") else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if a.system.startswith("distsft"):
@@ -335,7 +342,6 @@ def one(a) -> dict:
     else:
         r = run_peer(a, a.system, ids, labels, n_steps, a.examples_per_step)
     model = r.pop("model")
-    est = memory_estimate(a) if a.system.startswith("distsft") else None
     from distsft.trainer.metrics import model_flops
 
     total = sum(p.numel() for p in model.parameters())
@@ -383,7 +389,8 @@ def memory_estimate(a) -> dict:
     s = setup(a)
     over = [f"model.name_or_path={model_dir(a.model)}", "model.init=config", f"data.max_seq_len={s['seq']}",
             f"trainer.micro_batch_size={s['rows']}", f"trainer.grad_accum={s['accum']}", "trainer.global_batch_size=null",
-            f"model.gradient_checkpointing={str(a.lora).lower()}", f"model.checkpoint_every={a.checkpoint_every}"]
+            f"model.gradient_checkpointing={str(a.lora).lower()}", f"model.checkpoint_every={a.checkpoint_every}",
+            f"parallel={a.strategy}"]
     if a.device == "cuda":
         over += ["model.dtype=bfloat16", "trainer.precision=bf16"]
     if a.lora:
@@ -436,6 +443,8 @@ def parse(argv=None):
                    help="distsft with --lora: recompute every Nth layer only (model.checkpoint_every)")
     p.add_argument("--rows", type=int, default=0, help="distsft rows per micro-batch (rows x accumulation kept)")
     p.add_argument("--compile", action="store_true", help="distsft: torch.compile the decoder layers (model.compile)")
+    p.add_argument("--strategy", default="ddp", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"],
+                   help="distsft: the parallel config group (world size 1: what sharding costs on one GPU)")
     p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")
     p.add_argument("--peers-peft-default", action="store_true",
                    help="--lora: the peers keep PEFT's default fp32 cast of adapter inputs (distsft does not)")
@@ -457,7 +466,8 @@ def main(argv=None) -> list[dict]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = (f"_ckpt{a.checkpoint_every}" if a.checkpoint_every > 1 else "") + (f"_rows{a.rows}" if a.rows else "") \
-        + ("_compile" if a.compile else "") + ("_peers_peft_default" if a.peers_peft_default else "")  # one file per variant
+        + ("_compile" if a.compile else "") + ("_peers_peft_default" if a.peers_peft_default else "") \
+        + (f"_{a.strategy}" if a.strategy != "ddp" else "")  # one file per variant
     tag = f"{a.model}_{a.data}{'_lora' if a.lora else ''}{variant}"
     for system in a.systems.split(","):
         cmd = [sys.executable, __file__, "--system", system, "--examples-per-step", str(eps),
@@ -465,7 +475,7 @@ def main(argv=None) -> list[dict]:
                "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
             (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
             ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else []) + \
-            (["--peers-peft-default"] if a.peers_peft_default else [])
+            (["--peers-peft-default"] if a.peers_peft_default else []) + ["--strategy", a.strategy]
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
