@@ -39,7 +39,7 @@ PROMPT = 0.3  # of each document, unsupervised
 
 
 def saver(index: int) -> tuple[str, dict]:
-    from distsft.plan import SAVERS
+    from distsft.memory import SAVERS
 
     return SAVERS[index]
 
@@ -88,7 +88,8 @@ def one(a) -> dict:
     from distsft.data.loader import StepLoader
     from distsft.data.packing import best_fit_decreasing
     from distsft.data.store import TokenStore
-    from distsft.plan import memory_estimate, model_shape
+    from distsft.memory import memory_estimate
+    from distsft.plan import model_shape
     from distsft.trainer.accelerator import build_accelerator
     from distsft.trainer.metrics import model_flops
     from distsft.trainer.optim import build_optimizer
@@ -161,7 +162,8 @@ def child(a, length: int, saver_index: int, warmup: int, steps: int) -> dict:
 
 
 def predicted_longest(a, saver_index: int) -> int:
-    from distsft.plan import longest_sequences, model_shape, plan_peak
+    from distsft.memory import longest_sequences
+    from distsft.plan import model_shape, plan_peak
 
     cfg = compose(overrides(a, 4096, saver_index))
     gib = a.gpu_memory_gib or torch.cuda.get_device_properties(0).total_memory / 2**30

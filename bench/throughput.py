@@ -383,7 +383,7 @@ def compose(overrides: list[str]):
 
 def memory_estimate(a) -> dict:
     """distsft.plan's estimate (GiB) for the distsft run of this benchmark, to compare with the measured peak."""
-    from distsft.plan import memory_estimate as estimate
+    from distsft.memory import memory_estimate as estimate
     from distsft.plan import model_shape
 
     s = setup(a)

@@ -98,7 +98,8 @@ def test_plan_memory_estimate_tracks_max_memory_allocated(tmp_path):
     """distsft.plan's per-GPU estimate against torch.cuda.max_memory_allocated of the same config: a
     Llama-3.2-1B shape, full fine-tune in bf16, 2 x 1024-token rows (the trainer's own run, 3 steps)."""
     from distsft.model.kernels import resolve_kernels
-    from distsft.plan import memory_estimate, model_shape
+    from distsft.memory import memory_estimate
+    from distsft.plan import model_shape
     from tests.conftest import ROOT
 
     over = [f"model.name_or_path={ROOT / 'bench/models/llama3_2_1b'}", "model.init=config",

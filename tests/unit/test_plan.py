@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from distsft.plan import GIB, ModelShape, checkpointing_options, make_plan, memory_estimate, suggest_checkpointing
+from distsft.memory import GIB, ModelShape, checkpointing_options, memory_estimate, suggest_checkpointing
+from distsft.plan import make_plan
 from tests.conftest import ROOT, typed_cfg
 
 P = 1_000_000_000
@@ -155,7 +156,8 @@ def test_longest_sequence_fits_the_budget_and_one_step_longer_does_not(tmp_path)
     measures its allocation; tests/gpu compares it with max_memory_allocated)."""
     from dataclasses import replace
 
-    from distsft.plan import HEADROOM, SAVERS, model_shape
+    from distsft.memory import HEADROOM, SAVERS
+    from distsft.plan import model_shape
     from tests.conftest import run_tiny
 
     budget = 0.02 * GIB
@@ -189,7 +191,7 @@ def test_checkpoint_offload_row_lengthens_rows_and_respects_the_host_budget():
     its copies add time."""
     from dataclasses import replace
 
-    from distsft.plan import HEADROOM, longest_sequences, memory_estimate
+    from distsft.memory import HEADROOM, longest_sequences, memory_estimate
 
     cfg = typed_cfg("model.dtype=bfloat16", "trainer.precision=bf16")
     frozen = replace(SHAPE, trainable=SHAPE.params // 100, flops_per_token=2e9)
