@@ -30,9 +30,9 @@ def test_throughput_harness_counts_tokens_and_losses_agree(tmp_path):
     assert d["estimate_gib"]["total"] > 0 and (tmp_path / "throughput_tiny_toy.json").exists()
 
 
-def test_long_context_harness_trains_each_saver_alike_and_tries_the_plans_longest(tmp_path):
+def test_long_context_harness_trains_each_saver_alike_and_starts_from_the_plans_longest(tmp_path):
     """bench/long_context.py on CPU with the tiny model: the savers give the same first loss (they change memory,
-    not numerics), the offload row moves each layer's input, and --longest trains at the plan's answer."""
+    not numerics), the offload row moves each layer's input, and --longest starts at distsft.plan's answer."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import long_context
@@ -44,10 +44,9 @@ def test_long_context_harness_trains_each_saver_alike_and_tries_the_plans_longes
     plain, offload = rows
     assert abs(plain["first_loss"] - math.log(640)) < 0.1 and offload["first_loss"] == plain["first_loss"]
     assert plain["offloaded_gib_per_step"] == 0 and offload["offloaded_gib_per_step"] * 2**30 == 2 * 128 * 64 * 4
-    longest = long_context.main(["--model", "tiny", "--device", "cpu", "--longest", "--savers", "1",
-                                 "--gpu-memory-gib", "0.02", "--out", str(tmp_path), "--timeout", "300"])
     from distsft.plan import make_plan
     from tests.conftest import typed_cfg
 
-    planned = make_plan(typed_cfg("plan.gpu_memory_gib=0.02"), 1)["longest"][1]["max_seq_len"]
-    assert [(r["length"], r["predicted"], r["oom"]) for r in longest] == [(planned, planned, False)]
+    a = long_context.parse(["--model", "tiny", "--device", "cpu", "--longest", "--gpu-memory-gib", "0.02"])
+    planned = make_plan(typed_cfg("plan.gpu_memory_gib=0.02"), 1)["longest"]
+    assert [long_context.predicted_longest(a, i) for i in range(4)] == [o["max_seq_len"] for o in planned]

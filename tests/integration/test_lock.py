@@ -17,13 +17,15 @@ from tests.conftest import CPU_ENV, ROOT, run_tiny
 
 
 def wait_for_holder(lock, proc, timeout=120.0) -> dict:
+    """The lock's holder, once the run has also set up its directory (it takes the lock first, then writes
+    config.yaml and opens train.log: on a busy machine the lock can be read before the config is there)."""
     end = time.time() + timeout
     while time.time() < end:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        if lock.exists() and lock.read_text().strip():
+        if lock.exists() and lock.read_text().strip() and (lock.parent / "train.log").exists():
             return json.loads(lock.read_text())
         time.sleep(0.2)
-    pytest.fail("the first run never took the lock")
+    pytest.fail("the first run never took the lock and wrote its config")
 
 
 def test_a_second_run_is_refused_and_a_dead_holder_is_taken_over(tmp_path, caplog):
