@@ -29,14 +29,15 @@ register_configs()
 def quiet_third_parties() -> None:
     """Lines a user cannot act on: DeepSpeed's guess that a CPU machine has no GPU (named instead),
     transformers/datasets progress bars when stderr is not a terminal (they would run into the log), and
-    transformers 5's renaming of gradient to activation checkpointing, which PEFT still calls by the old names."""
+    transformers 5's renaming of gradient to activation checkpointing, which PEFT still calls by the old names, and
+    torch's renaming of the all-gather that DeepSpeed's ZeRO calls."""
     import os
     import warnings
 
     import torch
 
-    warnings.filterwarnings("ignore", r"`(is_gradient_checkpointing|gradient_checkpointing_enable)` is deprecated",
-                            FutureWarning)
+    warnings.filterwarnings("ignore", r"`(is_gradient_checkpointing|gradient_checkpointing_enable|"
+                            r"torch\.distributed\.all_gather_into_tensor)` is deprecated", FutureWarning)
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
