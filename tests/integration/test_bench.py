@@ -6,7 +6,11 @@ from __future__ import annotations
 import math
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # tens of seconds each: out of the fast tier
 
 
 def test_throughput_harness_counts_tokens_and_losses_agree(tmp_path):

@@ -9,7 +9,11 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import CPU_ENV, ROOT
+
+pytestmark = pytest.mark.slow  # tens of seconds each: out of the fast tier
 
 
 def test_the_wheel_installs_and_its_console_script_trains_from_another_directory(tmp_path):

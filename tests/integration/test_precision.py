@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_tiny, typed_cfg
 
+pytestmark = pytest.mark.slow  # tens of seconds each: out of the fast tier
+
 STEPS, LR = 20, 1e-5
 OVERRIDES = [f"trainer.max_steps={STEPS}", f"optim.lr={LR}", "schedule=constant", "schedule.warmup_steps=0",
              "trainer.eval_every=0", "trainer.save_every=0", "model.init=pretrained", "model.dtype=bfloat16",

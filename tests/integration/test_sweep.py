@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import CPU_ENV
+
+pytestmark = pytest.mark.slow  # tens of seconds each: out of the fast tier
 
 
 def test_multirun_lr_sweep_has_one_run_dir_per_job(tmp_path):
