@@ -23,16 +23,14 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import PEAK, ROOT, Clock, compose, model_dir  # noqa: E402  (bench/ is not a package)
+from throughput import PEAK, ROOT, Clock, compose, model_dir, run_child  # noqa: E402  (bench/ is not a package)
 
 sys.path.insert(0, str(ROOT))
 PROMPT = 0.3  # of each document, unsupervised
@@ -149,16 +147,7 @@ def child(a, length: int, saver_index: int, warmup: int, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--length", str(length), "--saver", str(saver_index),
            "--model", a.model, "--device", a.device, "--warmup", str(warmup), "--steps", str(steps)] + \
         (["--lora"] if a.lora else [])
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        r = json.loads(found[-1][7:]) if found else {"length": length, "saver": saver(saver_index)[0],
-                                                      "error": proc.stderr.strip()[-2000:]}
-    except subprocess.TimeoutExpired:
-        r = {"length": length, "saver": saver(saver_index)[0], "error": f"timed out after {a.timeout}s"}
-    r["wall_s"] = time.time() - t0
-    return r
+    return run_child(cmd, a.timeout, {"length": length, "saver": saver(saver_index)[0]})
 
 
 def predicted_longest(a, saver_index: int) -> int:

@@ -456,6 +456,20 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def run_child(cmd: list[str], timeout: int, labels: dict) -> dict:
+    """Run one benchmark child process; its ``RESULT {json}`` line, or ``labels`` with the error (stderr's tail, or
+    the timeout), and the wall time either way."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        r = json.loads(found[-1][7:]) if found else {**labels, "error": proc.stderr.strip()[-2000:]}
+    except subprocess.TimeoutExpired:
+        r = {**labels, "error": f"timed out after {timeout}s"}
+    r["wall_s"] = time.time() - t0
+    return r
+
+
 def main(argv=None) -> list[dict]:
     a = parse(argv)
     if a.system:
@@ -476,14 +490,7 @@ def main(argv=None) -> list[dict]:
             (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
             ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else []) + \
             (["--peers-peft-default"] if a.peers_peft_default else []) + ["--strategy", a.strategy]
-        t0 = time.time()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            r = json.loads(found[-1][7:]) if found else {"system": system, "error": proc.stderr.strip()[-2000:]}
-        except subprocess.TimeoutExpired:
-            r = {"system": system, "error": f"timed out after {a.timeout}s"}
-        r["wall_s"] = time.time() - t0
+        r = run_child(cmd, a.timeout, {"system": system})
         results.append(r)
         (out / f"throughput_{tag}.json").write_text(json.dumps(results, indent=1))  # kept if a later one hangs
         print(f"{system}: " + (f"{r['tokens_per_s']:,.0f} tok/s" if "error" not in r else "\n  ".join(r["error"].splitlines()[-3:])),

@@ -97,7 +97,7 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate / max(1, cfg.model.tiled_mlp_shards)) * a
     if cfg.model.gradient_checkpointing:  # recomputed layers keep their input; the others everything
         recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every)
-        kept = min(recomputed, 2) if cfg.model.offload_checkpoints else recomputed  # offloaded: one in flight
+        kept = min(recomputed, 2) if cfg.model.offload_checkpoints else recomputed  # offloaded: two in flight
         acts = tokens * (kept * shape.hidden * a + (shape.layers - recomputed) * per_layer + per_layer)
     else:
         acts = tokens * shape.layers * per_layer
@@ -180,12 +180,14 @@ def longest_sequences(cfg: Config, shape: ModelShape, world_size: int, fused_los
                                       for k, v in overrides.items()})
         c = replace(cfg, model=model)
 
+        def at(t: int) -> Config:
+            return replace(c, data=replace(c.data, max_seq_len=t))
+
         def memory(t: int) -> float:
-            return memory_estimate(replace(c, data=replace(c.data, max_seq_len=t)), shape, world_size, 1,
-                                   fused_loss)["total"]
+            return memory_estimate(at(t), shape, world_size, 1, fused_loss)["total"]
 
         def fits(t: int) -> bool:
-            host = offloaded_bytes(replace(c, data=replace(c.data, max_seq_len=t)), shape, 1)
+            host = offloaded_bytes(at(t), shape, 1)
             return memory(t) <= HEADROOM * gpu_bytes and (not host_bytes or host <= HEADROOM * host_bytes)
 
         lo, hi = 0, unit
@@ -197,7 +199,7 @@ def longest_sequences(cfg: Config, shape: ModelShape, world_size: int, fused_los
         extra = (forward_share if model.gradient_checkpointing else 0.0) + (
             forward_share * mlp_share(shape) if model.tiled_mlp_shards else 0.0)
         flops = (shape.flops_per_token * lo + 6 * shape.layers * shape.hidden * lo * lo) * (1 + extra)
-        host = offloaded_bytes(replace(c, data=replace(c.data, max_seq_len=lo)), shape, 1)
+        host = offloaded_bytes(at(lo), shape, 1)
         seconds = flops / (sp * peak * ASSUMED_MFU) + 2 * host / HOST_BANDWIDTH if lo else None
         out.append({"option": name, "overrides": overrides, "max_seq_len": lo, "memory": memory(lo) if lo else None,
                     "host_memory": host, "transfer_seconds": 2 * host / HOST_BANDWIDTH,
