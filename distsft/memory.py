@@ -14,6 +14,12 @@ Memory per GPU, in bytes (P parameters, T trainable, N ranks, w bytes per weight
     activations  per token per layer (7h + 2*kv + 4i) * a bytes for a Llama block with SDPA (a: 2 in bf16,
                  4 in fp32); with gradient checkpointing only the layer input h*a is kept, plus one layer;
                  with model.offload_checkpoints those inputs live in host memory (two in flight on the GPU)
+    attention    0 for the varlen and flash kernels (memory linear in the row, counted in activations); for a
+                 row of T tokens (B rows), with K layers keeping their activations (all, or the non-recomputed
+                 ones + the one in recompute): sdpa B*T^2 for the boolean block-diagonal mask + K*B*T^2*a for
+                 the float copy that SDPA makes of it and keeps for backward; eager a B*T^2*a additive mask,
+                 K*B*H*T^2*(4 + a) for the fp32 softmax and its cast to the compute dtype (4 alone in fp32),
+                 and B*H*T^2*(a + 4) for backward's gradients of one layer (H query heads per rank)
     logits       per token V*(2a + 8): the logits and their gradient, the log-softmax kept for backward and
                  its fp32 gradient, for the positions whose logits exist together: every position with
                  trainer.loss_head=full, at most trainer.loss_chunk supervised ones with the default supervised
@@ -57,6 +63,7 @@ class ModelShape:
     flops_per_token: float = 0.0  # as train/mfu counts it (trainer.metrics.model_flops)
     active: int = 0  # parameters one token passes through (an MoE: top_k of num_experts experts; else params)
     model_type: str = ""
+    heads: int = 0  # query heads (attention's [T, T] terms)
 
 
 def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
@@ -107,9 +114,39 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
         at_once = min(tokens, cfg.trainer.loss_chunk)  # model.head: one chunk of supervised positions at a time
     logits = head_grad if fused_loss else at_once * shape.vocab * (2 * a + 8)
     out = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": float(acts),
-           "logits": float(logits)}
+           "attention": attention_bytes(cfg, shape, micro_batch, a), "logits": float(logits)}
     out["total"] = sum(out.values())
     return out
+
+
+def planned_attention(cfg: Config) -> str:
+    """The attention kernel a CUDA run of this config loads (model.attn_implementation; auto resolved as on
+    CUDA, where packing and precision decide it, as run.build_model does)."""
+    from .model.attention import auto_attention
+    from .model.precision import half_compute
+
+    impl = cfg.model.attn_implementation
+    return auto_attention(True, cfg.data.mode == "pack", half_compute(cfg)) if impl == "auto" else impl
+
+
+QUADRATIC = ("sdpa", "eager")  # attention kernels whose memory grows with the square of the row
+
+
+def attention_bytes(cfg: Config, shape: ModelShape, rows: int, a: int) -> float:
+    """Bytes of attention's [T, T] tensors (see the module docstring): masks of packed or padded rows under
+    sdpa, and eager's scores. A sequence-parallel rank attends over whole rows with H/S heads after the
+    all-to-all."""
+    impl = planned_attention(cfg)
+    if impl not in QUADRATIC:
+        return 0.0
+    square = float(rows) * cfg.data.max_seq_len ** 2
+    kept = shape.layers
+    if cfg.model.gradient_checkpointing:
+        kept = shape.layers - recomputed_layers(shape.layers, cfg.model.checkpoint_every) + 1
+    if impl == "sdpa":
+        return square * (1 + kept * a)
+    heads = shape.heads / cfg.parallel.sp_size
+    return square * (a + heads * (kept * (4 + (a if a < 4 else 0)) + a + 4))
 
 
 def offloaded_bytes(cfg: Config, shape: ModelShape, micro_batch: int) -> float:

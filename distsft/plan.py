@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 
 from .batch import BatchPlan, resolve_batch
 from .config import Config, register_configs
-from .memory import (ASSUMED_MFU, GIB, HEADROOM, ModelShape, checkpointing_options, longest_sequences,
-                     memory_estimate, suggest_checkpointing)
+from .memory import (ASSUMED_MFU, GIB, HEADROOM, QUADRATIC, ModelShape, checkpointing_options, longest_sequences,
+                     memory_estimate, planned_attention, suggest_checkpointing)
 from .train import CONF_DIR, with_user_errors
 
 register_configs()
@@ -56,7 +56,7 @@ def model_shape(cfg: Config) -> ModelShape:
     # "every weight trains" (6N, not 4N) still means full fine-tuning
     flops = model_flops(model, active if trainable == params else trainable, active)[0]
     return ModelShape(params, trainable, quantizable, mc.num_hidden_layers, mc.hidden_size, kv,
-                      mc.intermediate_size, mc.vocab_size, flops, active, mc.model_type)
+                      mc.intermediate_size, mc.vocab_size, flops, active, mc.model_type, heads)
 
 
 def gpu_memory(cfg: Config) -> float | None:
@@ -112,6 +112,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "parameters": {"total": shape.params, "trainable": shape.trainable, "active": shape.active},
         "flops_per_token": shape.flops_per_token,
         "kernels": kernels,
+        "attention": planned_attention(cfg),
         "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger"),
         "checkpointing": options,
         "gpu_memory_bytes": gpu,
@@ -144,14 +145,19 @@ def render(p: dict) -> str:
         f"parameters: {p['parameters']['trainable']:,} trainable of {p['parameters']['total']:,}"
         f"{_active(p['parameters'])}; {p['flops_per_token']:.3g} FLOPs per token (+ attention)",
         "LR:  " + "  ".join(f"{pct:g}%:{lr:.2e}" for pct, _, lr in p["lr_curve"]),
-        f"memory per GPU on CUDA (estimate, kernels={p['kernels']}): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
+        f"memory per GPU on CUDA (estimate, kernels={p['kernels']}, attention={p['attention']}): "
+        + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in mem.items()),
         "activation checkpointing (memory, extra compute): " + "; ".join(
             f"{_every(o['checkpoint_every'])} {o['memory'] / GIB:.1f} GiB +{o['extra_compute']:.0%}"
             for o in p["checkpointing"]),
     ]
+    if p["attention"] in QUADRATIC and mem["attention"] > 0.01 * mem["total"]:
+        lines.append(f"  attention={p['attention']} holds [T, T] {'masks' if p['attention'] == 'sdpa' else 'scores'}"
+                     f" per layer, quadratic in data.max_seq_len: model.attn_implementation=varlen (bf16 on CUDA) "
+                     f"or flash_attention_2 keep attention linear")
     best, gpu = p["suggested_checkpointing"], p["gpu_memory_bytes"]
     if gpu:
-        lines.append(f"  fits {HEADROOM:.0%} of {gpu / GIB:.0f} GiB with the least recompute: " + (
+        lines.append(f"  fits {HEADROOM:.0%} of {gpu / GIB:.3g} GiB with the least recompute: " + (
             _overrides(best["checkpoint_every"]) if best else "nothing: lower trainer.micro_batch_size or "
             "data.max_seq_len, or shard more (parallel=zero2|zero3|fsdp)"))
     if p.get("longest"):

@@ -84,9 +84,11 @@ def _reference_varlen(q, k, v, cu: torch.Tensor, scale: float | None) -> torch.T
     out = torch.empty_like(q)
     bounds = cu.tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
-        qi, ki, vi = (x[s:e].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+        # [1, H, n, D]: with a batch dimension CPU SDPA runs its flash kernel (memory linear in n); 3-D inputs
+        # fall back to the math kernel, which materialises [H, n, n] scores and probabilities for backward
+        qi, ki, vi = (x[s:e].transpose(0, 1)[None] for x in (q, k, v))
         out[s:e] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale,
-                                                  enable_gqa=ki.shape[0] != qi.shape[0]).transpose(0, 1)
+                                                  enable_gqa=ki.shape[1] != qi.shape[1])[0].transpose(0, 1)
     return out
 
 

@@ -111,3 +111,49 @@ def test_checkpoint_offload_row_lengthens_rows_and_respects_the_host_budget():
     b = bounded["+ checkpoint offload"]
     assert 0 < b["max_seq_len"] < offload["max_seq_len"]  # host-bound (here below the tiled row: offload is all or none)
     assert b["host_memory"] <= HEADROOM * 64 * GIB < 32 * (b["max_seq_len"] + 256) * 4096 * 2
+
+
+def _attention_step_peak(impl: str, length: int, checkpointing: bool) -> int:
+    """Peak bytes allocated by one forward + backward of the tiny model over one packed row of two documents."""
+    import torch
+
+    from distsft.model.load import load_model
+    from tests.conftest import peak_allocated
+
+    cfg = typed_cfg(f"model.attn_implementation={impl}")
+    model = load_model(cfg.model, seed=0)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    half = length // 2
+    ids = torch.randint(3, 600, (1, length), generator=torch.Generator().manual_seed(0))
+    pos = torch.cat([torch.arange(half), torch.arange(length - half)])[None]
+    cu = torch.tensor([0, half, length], dtype=torch.int32)
+    extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=half, max_length_k=half) if impl == "varlen" else {}
+
+    def step():
+        model.model(input_ids=ids, position_ids=pos, use_cache=False, **extra).last_hidden_state.pow(2).sum().backward()
+
+    return peak_allocated(step)[0]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_attention_square_terms_match_the_cpu_allocator(checkpointing):
+    """The plan's [T, T] terms against what one step allocates on CPU (fp32, a 2048-token row of two documents):
+    sdpa's masks and eager's scores, above the varlen kernel (whose memory is linear in the row, the plan's
+    attention term 0), within -10%/+15% (the plan may round up, not down). The CPU varlen reference is linear:
+    twice the row, at most ~2.3x the bytes (3-D SDPA inputs ran the math kernel, and were ~4x)."""
+    from distsft.memory import attention_bytes
+    from distsft.plan import model_shape
+
+    t = 2048
+    shape = model_shape(typed_cfg())
+    linear = _attention_step_peak("varlen", t, checkpointing)
+    assert linear < 2.3 * _attention_step_peak("varlen", t // 2, checkpointing)
+    for impl in ("sdpa", "eager"):
+        cfg = typed_cfg(f"model.attn_implementation={impl}", f"data.max_seq_len={t}",
+                        f"model.gradient_checkpointing={str(checkpointing).lower()}")
+        measured = _attention_step_peak(impl, t, checkpointing) - linear
+        estimate = attention_bytes(cfg, shape, rows=1, a=4)
+        assert 0.9 * measured <= estimate <= 1.15 * measured, (impl, estimate / 2**20, measured / 2**20)

@@ -74,13 +74,11 @@ def test_plan_counts_the_active_parameters_of_an_moe(tiny_moe_dir, peft):
 def test_longest_sequence_fits_the_budget_and_one_step_longer_does_not(tmp_path):
     """distsft.plan answers "how long can I go" for a stated memory budget (the tiny model, 20 MiB): for each
     saver the estimate at the answer fits 85% of it and 256 tokens more do not; the savers only lengthen it,
-    and sequence parallelism over 2 ranks more so. A training run at the answer's length runs (on CPU nothing
-    measures its allocation; tests/gpu compares it with max_memory_allocated)."""
+    and sequence parallelism over 2 ranks more so (with a kernel whose memory is linear in the row)."""
     from dataclasses import replace
 
     from distsft.memory import HEADROOM, SAVERS
     from distsft.plan import model_shape
-    from tests.conftest import run_tiny
 
     budget = 0.02 * GIB
     p = make_plan(typed_cfg("plan.gpu_memory_gib=0.02"), world_size=1)
@@ -98,9 +96,41 @@ def test_longest_sequence_fits_the_budget_and_one_step_longer_does_not(tmp_path)
         assert o["seconds_per_row"] > 0 and o["tokens_per_s_per_gpu"] > 0
         lengths.append(t)
     assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
-    sp = make_plan(typed_cfg("plan.gpu_memory_gib=0.02", "parallel=zero2", "parallel.sp_size=2"), world_size=2)
-    assert sp["batch"]["sp_size"] == 2 and sp["longest"][0]["max_seq_len"] > lengths[0]
+    # a linear-memory kernel: sdpa's [T, T] mask is the whole row's on every rank of the group
+    linear = ("plan.gpu_memory_gib=0.02", "model.attn_implementation=varlen")
+    one = make_plan(typed_cfg(*linear), world_size=1)["longest"][0]["max_seq_len"]
+    sp = make_plan(typed_cfg(*linear, "parallel=zero2", "parallel.sp_size=2"), world_size=2)
+    assert sp["batch"]["sp_size"] == 2 and sp["longest"][0]["max_seq_len"] > one >= lengths[0]
     assert "longest data.max_seq_len in 85% of 0.02 GiB" in __import__("distsft.plan", fromlist=["render"]).render(p)
-    s = run_tiny(tmp_path, f"data.max_seq_len={lengths[0]}", "trainer.max_steps=1", "trainer.eval_every=0",
-                 "export.enabled=false", "trainer.global_batch_size=2", "trainer.micro_batch_size=1").summary
-    assert s["status"] == "finished"
+
+
+def test_a_run_at_the_plans_longest_row_fits_its_budget(tmp_path):
+    """The plan's answer, trained: a one-step run at the longest row that "+ checkpointing" gives for 0.1 GiB
+    allocates at most 85% of it (every tensor the run allocates, weights and optimizer state included, as the
+    CPU allocator's events count them), with sdpa (a [T, T] mask per layer) and with eager (scores per layer,
+    so a much shorter row). Negative control: eager at sdpa's length allocates more than the whole budget."""
+    from distsft.memory import HEADROOM
+    from tests.conftest import peak_allocated, run_tiny
+
+    budget = 0.1 * GIB
+
+    def longest(impl):
+        plan = make_plan(typed_cfg("plan.gpu_memory_gib=0.1", f"model.attn_implementation={impl}"), world_size=1)
+        row = plan["longest"][1]
+        assert row["option"] == "+ checkpointing" and plan["attention"] == impl
+        return row["max_seq_len"]
+
+    def peak(impl, length):
+        overrides = (f"data.max_seq_len={length}", f"model.attn_implementation={impl}",
+                     "model.gradient_checkpointing=true", "trainer.max_steps=1", "trainer.eval_every=0",
+                     "export.enabled=false", "trainer.global_batch_size=1", "trainer.micro_batch_size=1")
+        out = tmp_path / f"{impl}{length}"
+        bytes_, result = peak_allocated(lambda: run_tiny(out, *overrides))
+        assert result.summary["status"] == "finished"
+        return bytes_
+
+    sdpa, eager = longest("sdpa"), longest("eager")
+    assert eager < sdpa / 2, (eager, sdpa)  # eager's scores are H x (4 + 4) bytes per [T, T] element and layer
+    assert peak("sdpa", sdpa) <= HEADROOM * budget
+    assert peak("eager", eager) <= HEADROOM * budget
+    assert peak("eager", sdpa) > budget
