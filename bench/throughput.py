@@ -120,6 +120,10 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
                            # the peers get distsft's PEFT setting under autocast (no fp32 copy of adapter inputs)
                            # unless --peers-peft-default asks for PEFT's own (the row is then labelled)
                            bf16_autocast=cuda and (distsft or not a.peers_peft_default))
+    if distsft and a.fp8:  # after the adapters (they mark the frozen base), before compile, as run.build_model
+        from distsft.model.fp8 import apply_fp8
+
+        apply_fp8(model)
     if distsft and a.compile:
         from distsft.model.kernels import compile_layers
 
@@ -443,6 +447,7 @@ def parse(argv=None):
                    help="distsft with --lora: recompute every Nth layer only (model.checkpoint_every)")
     p.add_argument("--rows", type=int, default=0, help="distsft rows per micro-batch (rows x accumulation kept)")
     p.add_argument("--compile", action="store_true", help="distsft: torch.compile the decoder layers (model.compile)")
+    p.add_argument("--fp8", action="store_true", help="distsft with --lora: the frozen base's matmuls in FP8 (model.fp8)")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"],
                    help="distsft: the parallel config group (world size 1: what sharding costs on one GPU)")
     p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")
@@ -480,7 +485,7 @@ def main(argv=None) -> list[dict]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = (f"_ckpt{a.checkpoint_every}" if a.checkpoint_every > 1 else "") + (f"_rows{a.rows}" if a.rows else "") \
-        + ("_compile" if a.compile else "") + ("_peers_peft_default" if a.peers_peft_default else "") \
+        + ("_compile" if a.compile else "") + ("_fp8" if a.fp8 else "") + ("_peers_peft_default" if a.peers_peft_default else "") \
         + (f"_{a.strategy}" if a.strategy != "ddp" else "")  # one file per variant
     tag = f"{a.model}_{a.data}{'_lora' if a.lora else ''}{variant}"
     for system in a.systems.split(","):
@@ -489,6 +494,7 @@ def main(argv=None) -> list[dict]:
                "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
             (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
             ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else []) + \
+            (["--fp8"] if a.fp8 else []) + \
             (["--peers-peft-default"] if a.peers_peft_default else []) + ["--strategy", a.strategy]
         r = run_child(cmd, a.timeout, {"system": system})
         results.append(r)

@@ -207,6 +207,15 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError("model.compile=true with parallel=fsdp is not supported yet (FSDP2 shards the layers that "
                           "would be compiled, and it is untested here); use parallel=ddp or zero1|zero2|zero3, or "
                           "model.compile=false")
+    if cfg.model.fp8:
+        why = ("it runs the frozen base's matmuls, and peft=none trains every weight: use peft=lora|dora"
+               if pe.method == "none" else
+               f"peft.quantize={pe.quantize} keeps the base in bitsandbytes' own format and matmuls"
+               if pe.quantize != "none" else
+               f"parallel.strategy={par.strategy} shards the weights it casts (not supported yet): use parallel=ddp, "
+               "zero1 or zero2" if par.shards_parameters else None)
+        if why:
+            raise ConfigError(f"model.fp8=true: {why}; or drop model.fp8")
     if opt.name == "adafactor" and ds:
         raise ConfigError("optim.name=adafactor under DeepSpeed ZeRO sees flattened 1-D shards and cannot factor its "
                           "second moment; use optim=adamw_8bit (or adamw) with ZeRO, or adafactor with parallel=ddp")
@@ -271,10 +280,18 @@ def check_weights(directory, key: str) -> None:
                                   "the model") from None
 
 
-def check_device_combinations(cfg: Config, cuda: bool) -> None:
-    """Combinations that depend on the device."""
+def check_device_combinations(cfg: Config, cuda: bool, capability: tuple[int, int] | None = None) -> None:
+    """Combinations that depend on the device (``capability``: the GPU's compute capability, read when needed)."""
     pe, par = cfg.peft, cfg.parallel
     from .model.precision import half_compute
+
+    if cuda and cfg.model.fp8:
+        import torch
+
+        capability = capability or torch.cuda.get_device_capability()
+        if capability < (8, 9):
+            raise ConfigError(f"model.fp8=true needs FP8 tensor cores (compute capability 8.9+: H100, H200, L40S); "
+                              f"this GPU has {capability[0]}.{capability[1]}: drop model.fp8")
 
     if cuda and cfg.model.attn_implementation == "varlen" and not half_compute(cfg):
         raise ConfigError("model.attn_implementation=varlen on CUDA runs flash kernels, which need bf16 compute: set "

@@ -28,6 +28,7 @@ from .model.kernels import apply_kernels, compile_layers, compile_stats, fused_l
 from .model.load import load_model, load_tokenizer, whole_model
 from .model.moe import mark_z3_leaf_modules
 from .model.params import count_parameters
+from .model.fp8 import apply_fp8
 from .model.peft import apply_peft, quantization_config
 from .model.tiling import apply_tiled_mlp
 from .model.offload import apply_checkpoint_offload
@@ -198,6 +199,9 @@ def build_model(cfg: Config, acc):
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
                        bf16_autocast=cfg.trainer.precision == "bf16")
+    if cfg.model.fp8:  # after the adapters: they mark what is frozen
+        log.info("fp8: %d frozen linear layers of the decoder run FP8 matmuls (model.fp8; %s)", apply_fp8(model),
+                 "FP8 tensor cores" if cuda else "emulated on CPU: slow, for checking")
     if cfg.model.tiled_mlp_shards:
         if acc.num_processes > 1 and cfg.parallel.strategy != "deepspeed":
             raise ConfigError(f"model.tiled_mlp_shards with parallel={cfg.parallel.strategy} on {acc.num_processes} "

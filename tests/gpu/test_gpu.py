@@ -199,3 +199,21 @@ def test_checkpoint_offload_lowers_peak_memory_and_keeps_numerics():
     for n in grads_a:
         assert (grads_a[n] - grads_b[n]).abs().max() <= 1e-2 * grads_a[n].abs().max() + 1e-6, n
     assert peak_a - peak_b >= 5 * one_input
+
+
+def test_fp8_lora_runs_fp8_matmuls_on_the_gpu_and_tracks_bf16(tmp_path):
+    """model.fp8 on an FP8 GPU (sm_89+): a LoRA run on the pretrained tiny base in bf16 gives per-step losses
+    within 3% of the same run without it, and its frozen base ran torch's scaled (FP8) matmul on CUDA."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (sm_89+)")
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = ["model=tiny_base", "peft=lora", "trainer.max_steps=8", "trainer.eval_every=0", "trainer.save_every=0",
+             "logging.log_every=1", "data.val_fraction=0", "logging.sample_every=0", "trainer.use_cuda=true",
+             "trainer.precision=bf16", "model.dtype=bfloat16", "model.kernels=torch"]
+    plain = run_tiny(tmp_path / "plain", *steps).summary["train_loss_history"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fp8 = run_tiny(tmp_path / "fp8", *steps, "model.fp8=true").summary["train_loss_history"]
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_mm") > 0
+    for (_, a), (_, b) in zip(plain, fp8, strict=True):
+        assert abs(a - b) <= 0.03 * a

@@ -1,0 +1,105 @@
+"""Model stage 3b (fp8): the frozen base's matmuls in FP8 (``model.fp8``), with torchao's float8 casts.
+
+Under LoRA almost every FLOP of a step is a matmul with a frozen base weight: the forward, its recompute
+under gradient checkpointing, and the gradient with respect to the layer's input (a frozen weight has no
+gradient of its own). FP8 tensor cores (H100/H200) run twice the dense bf16 rate. With ``model.fp8=true``
+each frozen linear layer of the decoder runs
+
+    forward   y  = x_e4m3 @ W_e4m3^T          dynamic tensor-wise scales (amax of x, of W), output in x's dtype
+    backward  dx = dy_e5m2 @ W_e4m3           (the output gradient in e5m2: more range, less precision)
+
+and no weight-gradient matmul. torchao's ``Float8Linear`` computes that third matmul for every layer and
+lets autograd drop it for a frozen weight (a third more matmul work than needed), so this stage calls
+torchao's casts and its scaled matmul (``hp_tensor_to_float8_dynamic``, ``torch.mm`` on its float8 tensors)
+from its own two-matmul autograd function. The weights are stored as before (the checkpoint, the merge and
+the export do not change); the layer's ``forward`` is patched on the instance, so ZeRO's hooks still run.
+
+Left in the compute dtype: the adapters (small, and trained), the output head and embeddings (the loss is
+sensitive to them), MoE routers, and layers whose dimensions are not multiples of 16 (the FP8 matmul's
+alignment). This is a precision mode of its own: the loss differs from bf16 by FP8 rounding (about 2 of e4m3's
+3 mantissa bits). torchao's casts are separate elementwise kernels unless compiled: pair it with
+``model.compile=true``. On CPU torch emulates the FP8 matmul (slow; for checking).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from ..config import ConfigError
+
+PATCHED = "_distsft_fp8"  # on a patched linear layer: True
+
+
+@functools.cache
+def _torchao():
+    """torchao's float8 pieces and the matmul configuration of its default (tensor-wise, dynamic) recipe."""
+    try:
+        from torchao.float8.config import Float8LinearConfig, e4m3_dtype, e5m2_dtype
+        from torchao.float8.float8_linear import Float8Linear
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole
+    except ImportError as e:
+        raise ConfigError(f"model.fp8=true needs torchao ({e}): pip install 'distsft[fp8]'") from e
+    with torch.device("meta"):  # torchao's own defaults (fast accumulation in the forward, not in backward)
+        reference = Float8Linear(16, 16, bias=False, config=Float8LinearConfig())
+    return types.SimpleNamespace(cast=hp_tensor_to_float8_dynamic, roles=GemmInputRole, e4m3=e4m3_dtype,
+                                 e5m2=e5m2_dtype, mm=reference.linear_mm_config)
+
+
+class _FrozenFp8Matmul(torch.autograd.Function):
+    """x [..., in] @ weight[out, in]^T in FP8, for a weight that takes no gradient: two matmuls, not three."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ao = _torchao()
+        weight = weight.to(x.dtype)  # fp32 weights under bf16 autocast: one dtype for torchao's scaled matmul
+        ctx.save_for_backward(weight)
+        x2 = x.reshape(-1, x.shape[-1])
+        x8 = ao.cast(x2, ao.e4m3, ao.mm, gemm_input_role=ao.roles.INPUT)
+        w8 = ao.cast(weight.t(), ao.e4m3, ao.mm, gemm_input_role=ao.roles.WEIGHT)
+        return torch.mm(x8, w8).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        ao = _torchao()
+        (weight,) = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        g8 = ao.cast(g2, ao.e5m2, ao.mm, gemm_input_role=ao.roles.GRAD_OUTPUT)
+        w8 = ao.cast(weight, ao.e4m3, ao.mm, gemm_input_role=ao.roles.WEIGHT)  # [out, in]: dx = dy @ W
+        return torch.mm(g8, w8).reshape(*grad.shape[:-1], weight.shape[1]), None
+
+
+def _fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # as F.linear would: compute in the autocast dtype
+        x = x.to(torch.get_autocast_dtype(device))
+    with torch.autocast(device, enabled=False):
+        out = _FrozenFp8Matmul.apply(x, self.weight)
+    return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def _eligible(name: str, module: torch.nn.Module) -> bool:
+    """A frozen linear layer of a decoder layer: not an adapter, not a router, dimensions FP8 can tile."""
+    return (type(module) is torch.nn.Linear and ".layers." in f".{name}" and "lora_" not in name
+            and not name.endswith((".gate", ".router", "router.layer")) and not module.weight.requires_grad
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def apply_fp8(model: torch.nn.Module) -> int:
+    """Patch the frozen linear layers of the decoder to run in FP8; returns how many."""
+    _torchao()
+    n = 0
+    for name, module in model.named_modules():
+        if _eligible(name, module) and not getattr(module, PATCHED, False):
+            module.forward = types.MethodType(_fp8_forward, module)
+            setattr(module, PATCHED, True)
+            n += 1
+    if not n:
+        raise ConfigError("model.fp8=true: no frozen linear layer in the decoder to run in FP8 (it runs a frozen "
+                          "base's matmuls: use it with peft=lora|dora), or drop model.fp8")
+    return n

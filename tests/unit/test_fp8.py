@@ -1,0 +1,90 @@
+"""FP8 for the frozen base (model.fp8): which layers run it, two FP8 matmuls per layer and step (no weight
+gradient), a loss and adapter gradients within FP8 rounding of the plain path (and not equal to it: the
+negative control that FP8 ran), a LoRA run that learns and exports, and the refusals. On CPU torch emulates
+the FP8 matmul; tests/gpu times it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distsft.config import ConfigError
+from distsft.data.loader import with_positions
+from distsft.model.fp8 import PATCHED, apply_fp8
+from tests.conftest import run_tiny, typed_cfg
+from tests.integration.sp_worker import packed_batch
+from tests.unit.test_tiling import saved_bytes_and_grads, tiny
+
+
+def _scaled_matmuls(model, batch) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        saved_bytes_and_grads(model, batch)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_mm")
+
+
+def test_fp8_runs_the_frozen_base_in_two_fp8_matmuls_and_stays_within_fp8_rounding():
+    batch = with_positions(packed_batch())
+    plain = tiny(lora=True)
+    fp8 = copy.deepcopy(plain)
+    n = apply_fp8(fp8)
+    patched = {name for name, m in fp8.named_modules() if getattr(m, PATCHED, False)}
+    assert n == len(patched) == 2 * 7  # q k v o gate up down of both decoder layers
+    assert all(name.endswith(".base_layer") for name in patched)  # not the adapters, not the head
+    # a forward per layer, and an input gradient where one is needed: not for the first layer's q/k/v, whose
+    # input (the frozen embeddings, normed) takes none; no weight gradient (torchao's Float8Linear makes one)
+    assert _scaled_matmuls(fp8, batch) == n + (n - 3)
+    assert _scaled_matmuls(plain, batch) == 0
+
+    loss_a, _, grads_a = saved_bytes_and_grads(plain, batch)
+    loss_b, _, grads_b = saved_bytes_and_grads(fp8, batch)
+    assert grads_a.keys() == grads_b.keys() and all("lora_" in k for k in grads_a)
+    assert loss_b != loss_a and abs(loss_b - loss_a) < 0.01 * abs(loss_a)
+    flat_a, flat_b = (torch.cat([g[k].flatten() for k in sorted(g)]) for g in (grads_a, grads_b))
+    assert torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0) > 0.98
+    assert not torch.equal(flat_a, flat_b)
+
+
+def test_fp8_needs_a_frozen_linear_layer():
+    with pytest.raises(ConfigError, match="no frozen linear layer"):
+        apply_fp8(tiny(lora=False))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("peft=none",), "it runs the frozen base's matmuls, and peft=none trains every weight"),
+    (("peft=qlora",), "peft.quantize=nf4 keeps the base"),
+    (("peft=lora", "parallel=zero3"), "parallel.strategy=deepspeed shards the weights"),
+    (("peft=lora", "parallel=fsdp"), "parallel.strategy=fsdp shards the weights"),
+])
+def test_fp8_refuses_what_it_cannot_run(overrides, match):
+    with pytest.raises(ConfigError, match=f"model.fp8=true: {match}"):
+        typed_cfg("model.fp8=true", *overrides)
+
+
+def test_fp8_needs_fp8_tensor_cores_on_cuda():
+    from distsft.checks import check_device_combinations
+
+    cfg = typed_cfg("model.fp8=true", "peft=lora")
+    with pytest.raises(ConfigError, match="compute capability 8.9.*this GPU has 8.0"):
+        check_device_combinations(cfg, cuda=True, capability=(8, 0))
+    check_device_combinations(cfg, cuda=True, capability=(9, 0))  # H100/H200
+
+
+def test_a_lora_run_in_fp8_learns_like_the_plain_one_and_exports(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    common = ("model=tiny_base", "peft=lora", "trainer.max_steps=20", "trainer.eval_every=20", "trainer.save_every=0",
+              "logging.sample_every=0", "logging.plot=false", "export.mode=merged")
+    plain = run_tiny(tmp_path / "plain", *common).summary
+    fp8 = run_tiny(tmp_path / "fp8", *common, "model.fp8=true").summary
+    assert fp8["status"] == "finished"
+    assert fp8["final_eval_loss"] != plain["final_eval_loss"]
+    assert abs(fp8["final_eval_loss"] - plain["final_eval_loss"]) < 0.03 * plain["final_eval_loss"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8" / "final")  # plain weights: nothing FP8 in it
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert not any(getattr(m, PATCHED, False) for m in merged.modules())
+    del PeftModel
