@@ -447,7 +447,7 @@ def parse(argv=None):
                    help="distsft with --lora: recompute every Nth layer only (model.checkpoint_every)")
     p.add_argument("--rows", type=int, default=0, help="distsft rows per micro-batch (rows x accumulation kept)")
     p.add_argument("--compile", action="store_true", help="distsft: torch.compile the decoder layers (model.compile)")
-    p.add_argument("--fp8", action="store_true", help="distsft with --lora: the frozen base's matmuls in FP8 (model.fp8)")
+    p.add_argument("--fp8", action="store_true", help="distsft: the decoder's matmuls in FP8 (model.fp8; a frozen LoRA base without weight gradients)")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"],
                    help="distsft: the parallel config group (world size 1: what sharding costs on one GPU)")
     p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")

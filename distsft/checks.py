@@ -208,9 +208,7 @@ def check_combinations(cfg: Config) -> None:
                           "would be compiled, and it is untested here); use parallel=ddp or zero1|zero2|zero3, or "
                           "model.compile=false")
     if cfg.model.fp8:
-        why = ("it runs the frozen base's matmuls, and peft=none trains every weight: use peft=lora|dora"
-               if pe.method == "none" else
-               f"peft.quantize={pe.quantize} keeps the base in bitsandbytes' own format and matmuls"
+        why = (f"peft.quantize={pe.quantize} keeps the base in bitsandbytes' own format and matmuls"
                if pe.quantize != "none" else
                f"parallel.strategy={par.strategy} shards the weights it casts (not supported yet): use parallel=ddp, "
                "zero1 or zero2" if par.shards_parameters else None)

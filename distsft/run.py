@@ -200,8 +200,9 @@ def build_model(cfg: Config, acc):
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
                        bf16_autocast=cfg.trainer.precision == "bf16")
     if cfg.model.fp8:  # after the adapters: they mark what is frozen
-        log.info("fp8: %d frozen linear layers of the decoder run FP8 matmuls (model.fp8; %s)", apply_fp8(model),
-                 "FP8 tensor cores" if cuda else "emulated on CPU: slow, for checking")
+        frozen, trainable = apply_fp8(model)
+        log.info("fp8: %d frozen and %d trainable linear layers of the decoder run FP8 matmuls (model.fp8; %s)",
+                 frozen, trainable, "FP8 tensor cores" if cuda else "emulated on CPU: slow, for checking")
     if cfg.model.tiled_mlp_shards:
         if acc.num_processes > 1 and cfg.parallel.strategy != "deepspeed":
             raise ConfigError(f"model.tiled_mlp_shards with parallel={cfg.parallel.strategy} on {acc.num_processes} "

@@ -1,4 +1,8 @@
-"""Model stage 3b (fp8): the frozen base's matmuls in FP8 (``model.fp8``), with torchao's float8 casts.
+"""Model stage 3b (fp8): the decoder's matmuls in FP8 (``model.fp8``), with torchao's float8 training.
+
+Trainable linear layers (full fine-tuning) become torchao's ``Float8Linear``: forward, input gradient and
+weight gradient in FP8 with dynamic tensor-wise scales, the fp32 master weights cast on the fly (torchao's
+recipe, as in torchtitan). Frozen ones (the base under LoRA/DoRA) run two matmuls instead of three:
 
 Under LoRA almost every FLOP of a step is a matmul with a frozen base weight: the forward, its recompute
 under gradient checkpointing, and the gradient with respect to the layer's input (a frozen weight has no
@@ -14,7 +18,7 @@ torchao's casts and its scaled matmul (``hp_tensor_to_float8_dynamic``, ``torch.
 from its own two-matmul autograd function. The weights are stored as before (the checkpoint, the merge and
 the export do not change); the layer's ``forward`` is patched on the instance, so ZeRO's hooks still run.
 
-Left in the compute dtype: the adapters (small, and trained), the output head and embeddings (the loss is
+Left in the compute dtype, either way: the adapters (small, and trained), the output head and embeddings (the loss is
 sensitive to them), MoE routers, and layers whose dimensions are not multiples of 16 (the FP8 matmul's
 alignment). This is a precision mode of its own: the loss differs from bf16 by FP8 rounding (about 2 of e4m3's
 3 mantissa bits). torchao's casts are separate elementwise kernels unless compiled: pair it with
@@ -39,14 +43,22 @@ def _torchao():
     try:
         from torchao.float8.config import Float8LinearConfig, e4m3_dtype, e5m2_dtype
         from torchao.float8.float8_linear import Float8Linear
+        from torchao.float8.float8_linear_utils import convert_to_float8_training
         from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
         from torchao.float8.float8_training_tensor import GemmInputRole
     except ImportError as e:
         raise ConfigError(f"model.fp8=true needs torchao ({e}): pip install 'distsft[fp8]'") from e
     with torch.device("meta"):  # torchao's own defaults (fast accumulation in the forward, not in backward)
         reference = Float8Linear(16, 16, bias=False, config=Float8LinearConfig())
+    try:  # what convert_to_float8_training does first: a Triton FP8 store miscompile under torch.compile
+        from torchao.float8._inductor_patch import _patch_inductor_min_max_codegen
+
+        _patch_inductor_min_max_codegen()
+    except ImportError:  # older torchao: nothing to patch
+        pass
     return types.SimpleNamespace(cast=hp_tensor_to_float8_dynamic, roles=GemmInputRole, e4m3=e4m3_dtype,
-                                 e5m2=e5m2_dtype, mm=reference.linear_mm_config)
+                                 e5m2=e5m2_dtype, mm=reference.linear_mm_config, convert=convert_to_float8_training,
+                                 config=Float8LinearConfig, linear=Float8Linear)
 
 
 class _FrozenFp8Matmul(torch.autograd.Function):
@@ -84,22 +96,34 @@ def _fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _eligible(name: str, module: torch.nn.Module) -> bool:
-    """A frozen linear layer of a decoder layer: not an adapter, not a router, dimensions FP8 can tile."""
+    """A linear layer of a decoder layer: not an adapter, not a router, dimensions FP8 can tile."""
     return (type(module) is torch.nn.Linear and ".layers." in f".{name}" and "lora_" not in name
-            and not name.endswith((".gate", ".router", "router.layer")) and not module.weight.requires_grad
+            and not name.endswith((".gate", ".router", "router.layer"))
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def apply_fp8(model: torch.nn.Module) -> int:
-    """Patch the frozen linear layers of the decoder to run in FP8; returns how many."""
-    _torchao()
-    n = 0
+def apply_fp8(model: torch.nn.Module) -> tuple[int, int]:
+    """Run the decoder's linear layers in FP8: (frozen ones patched, trainable ones made torchao Float8Linear)."""
+    ao = _torchao()
+    frozen = 0
     for name, module in model.named_modules():
-        if _eligible(name, module) and not getattr(module, PATCHED, False):
+        if _eligible(name, module) and not module.weight.requires_grad:
             module.forward = types.MethodType(_fp8_forward, module)
             setattr(module, PATCHED, True)
-            n += 1
-    if not n:
-        raise ConfigError("model.fp8=true: no frozen linear layer in the decoder to run in FP8 (it runs a frozen "
-                          "base's matmuls: use it with peft=lora|dora), or drop model.fp8")
-    return n
+            frozen += 1
+    trainable = []
+
+    def swap(module: torch.nn.Module, name: str) -> bool:
+        if _eligible(name, module) and module.weight.requires_grad:
+            trainable.append(name)
+            return True
+        return False
+
+    ao.convert(model, module_filter_fn=swap, config=ao.config())
+    for name, module in model.named_modules():
+        if isinstance(module, ao.linear):
+            setattr(module, PATCHED, True)
+    if not frozen + len(trainable):
+        raise ConfigError("model.fp8=true: no linear layer in the decoder can run in FP8 (none whose dimensions "
+                          "are multiples of 16); drop model.fp8")
+    return frozen, len(trainable)

@@ -50,7 +50,7 @@ def describe(cfg: Config) -> str:
     frozen = f"; frozen base in {cfg.model.dtype}" if cfg.peft.method != "none" else \
         f"; exported in {cfg.model.dtype}"
     if cfg.model.fp8:
-        frozen += ", its matmuls in FP8 (e4m3 inputs and weights, e5m2 gradients: model.fp8)"
+        frozen += "; the decoder's matmuls in FP8 (e4m3 inputs and weights, e5m2 gradients: model.fp8)"
     return f"{compute}, fp32 master weights and optimizer state{frozen}"
 
 

@@ -201,14 +201,16 @@ def test_checkpoint_offload_lowers_peak_memory_and_keeps_numerics():
     assert peak_a - peak_b >= 5 * one_input
 
 
-def test_fp8_lora_runs_fp8_matmuls_on_the_gpu_and_tracks_bf16(tmp_path):
-    """model.fp8 on an FP8 GPU (sm_89+): a LoRA run on the pretrained tiny base in bf16 gives per-step losses
-    within 3% of the same run without it, and its frozen base ran torch's scaled (FP8) matmul on CUDA."""
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_fp8_runs_fp8_matmuls_on_the_gpu_and_tracks_bf16(tmp_path, peft):
+    """model.fp8 on an FP8 GPU (sm_89+): LoRA (a frozen bf16 base) and full fine-tuning (fp32 masters, torchao's
+    Float8Linear) on the pretrained tiny base give per-step losses within 3% of the same run without it, and ran
+    torch's scaled (FP8) matmul on CUDA."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores (sm_89+)")
     from torch.profiler import ProfilerActivity, profile
 
-    steps = ["model=tiny_base", "peft=lora", "trainer.max_steps=8", "trainer.eval_every=0", "trainer.save_every=0",
+    steps = ["model=tiny_base", f"peft={peft}", "trainer.max_steps=8", "trainer.eval_every=0", "trainer.save_every=0",
              "logging.log_every=1", "data.val_fraction=0", "logging.sample_every=0", "trainer.use_cuda=true",
              "trainer.precision=bf16", "model.dtype=bfloat16", "model.kernels=torch"]
     plain = run_tiny(tmp_path / "plain", *steps).summary["train_loss_history"]

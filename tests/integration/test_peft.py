@@ -134,9 +134,11 @@ def test_qlora_zero3_refused_on_cpu():
     check_device_combinations(typed_cfg("peft=qlora", "parallel=zero3"), cuda=True)
 
 
-def test_lora_with_dropout_resumes_exactly(tmp_path):
-    """Dropout draws from the RNG: a resumed run must draw the same masks as an uninterrupted one."""
-    args = ["peft=lora", "peft.dropout=0.1", "optim.lr=1e-2", *STEPS]
+@pytest.mark.parametrize("extra", [[], ["model.fp8=true"]], ids=["plain", "fp8"])
+def test_lora_with_dropout_resumes_exactly(tmp_path, extra):
+    """Dropout draws from the RNG: a resumed run must draw the same masks as an uninterrupted one (also with the
+    base's matmuls in FP8: its scales are computed afresh every call, nothing to carry)."""
+    args = ["peft=lora", "peft.dropout=0.1", "optim.lr=1e-2", *STEPS, *extra]
     run_tiny(tmp_path / "a", *args)
     run_tiny(tmp_path / "b", *args, "trainer.stop_after=3")
     run_tiny(tmp_path / "b", *args)

@@ -1,7 +1,7 @@
-"""FP8 for the frozen base (model.fp8): which layers run it, two FP8 matmuls per layer and step (no weight
-gradient), a loss and adapter gradients within FP8 rounding of the plain path (and not equal to it: the
-negative control that FP8 ran), a LoRA run that learns and exports, and the refusals. On CPU torch emulates
-the FP8 matmul; tests/gpu times it."""
+"""FP8 matmuls (model.fp8): which layers run it; a frozen base makes two FP8 matmuls per layer and step (no
+weight gradient), trainable layers torchao's three; loss and gradients within FP8 rounding of the plain path
+(and not equal to it: the negative control that FP8 ran); LoRA and full fine-tuning runs that learn like the
+plain ones and export plain weights; the refusals. On CPU torch emulates the FP8 matmul; tests/gpu runs it."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_fp8_runs_the_frozen_base_in_two_fp8_matmuls_and_stays_within_fp8_roundi
     batch = with_positions(packed_batch())
     plain = tiny(lora=True)
     fp8 = copy.deepcopy(plain)
-    n = apply_fp8(fp8)
+    n, trainable = apply_fp8(fp8)
+    assert trainable == 0
     patched = {name for name, m in fp8.named_modules() if getattr(m, PATCHED, False)}
     assert n == len(patched) == 2 * 7  # q k v o gate up down of both decoder layers
     assert all(name.endswith(".base_layer") for name in patched)  # not the adapters, not the head
@@ -48,13 +49,38 @@ def test_fp8_runs_the_frozen_base_in_two_fp8_matmuls_and_stays_within_fp8_roundi
     assert not torch.equal(flat_a, flat_b)
 
 
-def test_fp8_needs_a_frozen_linear_layer():
-    with pytest.raises(ConfigError, match="no frozen linear layer"):
-        apply_fp8(tiny(lora=False))
+def test_fp8_full_fine_tuning_uses_torchaos_float8_linear_with_a_weight_gradient():
+    from torchao.float8.float8_linear import Float8Linear
+
+    batch = with_positions(packed_batch())
+    plain = tiny(lora=False)
+    fp8 = copy.deepcopy(plain)
+    assert apply_fp8(fp8) == (0, 14)
+    swapped = {name for name, m in fp8.named_modules() if isinstance(m, Float8Linear)}
+    assert len(swapped) == 14 and not any("lm_head" in s or "embed" in s for s in swapped)
+    assert fp8.state_dict().keys() == plain.state_dict().keys()  # checkpoints and export see the same weights
+    # forward, input gradient (not for the first layer's q/k/v: the embeddings' output takes one here, as the
+    # embedding trains) and weight gradient: three per layer
+    assert _scaled_matmuls(fp8, batch) == 3 * 14
+    loss_a, _, grads_a = saved_bytes_and_grads(plain, batch)
+    loss_b, _, grads_b = saved_bytes_and_grads(fp8, batch)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == len(list(plain.parameters()))
+    assert loss_b != loss_a and abs(loss_b - loss_a) < 0.01 * abs(loss_a)
+    for name in grads_a:
+        cos = torch.nn.functional.cosine_similarity(grads_a[name].flatten(), grads_b[name].flatten(), dim=0)
+        assert cos > 0.95, (name, cos)
+
+
+def test_fp8_needs_a_linear_layer_it_can_tile():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(ConfigError, match="none whose dimensions are multiples of 16"):
+        apply_fp8(AutoModelForCausalLM.from_config(cfg))
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (("peft=none",), "it runs the frozen base's matmuls, and peft=none trains every weight"),
     (("peft=qlora",), "peft.quantize=nf4 keeps the base"),
     (("peft=lora", "parallel=zero3"), "parallel.strategy=deepspeed shards the weights"),
     (("peft=lora", "parallel=fsdp"), "parallel.strategy=fsdp shards the weights"),
@@ -73,12 +99,13 @@ def test_fp8_needs_fp8_tensor_cores_on_cuda():
     check_device_combinations(cfg, cuda=True, capability=(9, 0))  # H100/H200
 
 
-def test_a_lora_run_in_fp8_learns_like_the_plain_one_and_exports(tmp_path):
-    from peft import PeftModel
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_a_run_in_fp8_learns_like_the_plain_one_and_exports_plain_weights(tmp_path, peft):
     from transformers import AutoModelForCausalLM
 
-    common = ("model=tiny_base", "peft=lora", "trainer.max_steps=20", "trainer.eval_every=20", "trainer.save_every=0",
-              "logging.sample_every=0", "logging.plot=false", "export.mode=merged")
+    common = ("model=tiny_base", f"peft={peft}", "trainer.max_steps=20", "trainer.eval_every=20",
+              "trainer.save_every=0", "logging.sample_every=0", "logging.plot=false",
+              f"export.mode={'merged' if peft == 'lora' else 'full'}") + (("optim.lr=3e-4",) if peft == "none" else ())
     plain = run_tiny(tmp_path / "plain", *common).summary
     fp8 = run_tiny(tmp_path / "fp8", *common, "model.fp8=true").summary
     assert fp8["status"] == "finished"
@@ -87,4 +114,5 @@ def test_a_lora_run_in_fp8_learns_like_the_plain_one_and_exports(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8" / "final")  # plain weights: nothing FP8 in it
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     assert not any(getattr(m, PATCHED, False) for m in merged.modules())
-    del PeftModel
+    assert {type(m).__name__ for m in merged.modules()} == {
+        type(m).__name__ for m in AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "final").modules()}
