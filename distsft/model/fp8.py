@@ -35,6 +35,7 @@ import torch
 from ..config import ConfigError
 
 PATCHED = "_distsft_fp8"  # on a patched linear layer: True
+AO = types.SimpleNamespace()  # torchao's pieces, filled by apply_fp8 (read as globals: torch.compile traces them)
 
 
 @functools.cache
@@ -56,17 +57,19 @@ def _torchao():
         _patch_inductor_min_max_codegen()
     except ImportError:  # older torchao: nothing to patch
         pass
-    return types.SimpleNamespace(cast=hp_tensor_to_float8_dynamic, roles=GemmInputRole, e4m3=e4m3_dtype,
-                                 e5m2=e5m2_dtype, mm=reference.linear_mm_config, convert=convert_to_float8_training,
-                                 config=Float8LinearConfig, linear=Float8Linear)
+    AO.__dict__.update(cast=hp_tensor_to_float8_dynamic, roles=GemmInputRole, e4m3=e4m3_dtype, e5m2=e5m2_dtype,
+                       mm=reference.linear_mm_config, convert=convert_to_float8_training, config=Float8LinearConfig,
+                       linear=Float8Linear)
+    return AO
 
 
+@torch._dynamo.allow_in_graph  # as torchao's own matmul: compiled whole (AOT autograd traces its casts), not inlined
 class _FrozenFp8Matmul(torch.autograd.Function):
     """x [..., in] @ weight[out, in]^T in FP8, for a weight that takes no gradient: two matmuls, not three."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ao = _torchao()
+        ao = AO
         weight = weight.to(x.dtype)  # fp32 weights under bf16 autocast: one dtype for torchao's scaled matmul
         ctx.save_for_backward(weight)
         x2 = x.reshape(-1, x.shape[-1])
@@ -78,7 +81,7 @@ class _FrozenFp8Matmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        ao = _torchao()
+        ao = AO
         (weight,) = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         g8 = ao.cast(g2, ao.e5m2, ao.mm, gemm_input_role=ao.roles.GRAD_OUTPUT)

@@ -116,3 +116,27 @@ def test_a_run_in_fp8_learns_like_the_plain_one_and_exports_plain_weights(tmp_pa
     assert not any(getattr(m, PATCHED, False) for m in merged.modules())
     assert {type(m).__name__ for m in merged.modules()} == {
         type(m).__name__ for m in AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "final").modules()}
+
+
+@pytest.mark.slow
+def test_fp8_layers_compile_whole_and_match_eager():
+    """model.compile with model.fp8 (what the GPU wants: torchao's casts fused): the FP8 base matmul is one op in
+    the layer's graph (no graph break: the function is allowed in the graph whole, as torchao's own), and the
+    compiled loss and adapter gradients equal eager FP8's."""
+    from torch._dynamo.utils import counters
+
+    from distsft.model.kernels import compile_layers, compile_stats
+
+    torch._dynamo.reset()
+    counters.clear()
+    batch = with_positions(packed_batch())
+    eager = tiny(lora=True)
+    apply_fp8(eager)
+    compiled = copy.deepcopy(eager)
+    compile_layers(compiled)
+    loss_a, _, grads_a = saved_bytes_and_grads(eager, batch)
+    loss_b, _, grads_b = saved_bytes_and_grads(compiled, batch)
+    assert compile_stats()["graph_breaks"] == 0 and compile_stats()["graphs"] >= 1
+    assert abs(loss_b - loss_a) <= 1e-5 * abs(loss_a)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6), name
