@@ -210,8 +210,8 @@ def check_combinations(cfg: Config) -> None:
     if cfg.model.fp8:
         why = (f"peft.quantize={pe.quantize} keeps the base in bitsandbytes' own format and matmuls"
                if pe.quantize != "none" else
-               f"parallel.strategy={par.strategy} shards the weights it casts (not supported yet): use parallel=ddp, "
-               "zero1 or zero2" if par.shards_parameters else None)
+               "parallel=fsdp shards the weights into DTensors, which its casts do not take (not supported yet): use "
+               "parallel=ddp or zero1|zero2|zero3" if par.strategy == "fsdp" else None)
         if why:
             raise ConfigError(f"model.fp8=true: {why}; or drop model.fp8")
     if opt.name == "adafactor" and ds:

@@ -82,8 +82,7 @@ def test_fp8_needs_a_linear_layer_it_can_tile():
 
 @pytest.mark.parametrize("overrides, match", [
     (("peft=qlora",), "peft.quantize=nf4 keeps the base"),
-    (("peft=lora", "parallel=zero3"), "parallel.strategy=deepspeed shards the weights"),
-    (("peft=lora", "parallel=fsdp"), "parallel.strategy=fsdp shards the weights"),
+    (("peft=lora", "parallel=fsdp"), "parallel=fsdp shards the weights into DTensors"),
 ])
 def test_fp8_refuses_what_it_cannot_run(overrides, match):
     with pytest.raises(ConfigError, match=f"model.fp8=true: {match}"):
