@@ -267,8 +267,17 @@ class Counting:
         return out
 
 
-def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float) -> dict:
+def peer_dataset(columns: dict):
+    """The peers' datasets.Dataset with a fixed fingerprint: Dataset.from_dict would hash the whole Arrow table through
+    dill, which on the GPU image (Python 3.12, dill 0.4.1) failed on pyarrow's MonthDayNano and kept the TRL rows from
+    running. Later transforms that cannot be hashed get random fingerprints (datasets' own fallback)."""
     from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    return Dataset(InMemoryTable.from_pydict(columns), fingerprint="distsft-bench-" + "-".join(sorted(columns)))
+
+
+def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float) -> dict:
     from transformers import TrainerCallback, TrainingArguments
 
     s, cuda = setup(a), a.device == "cuda"
@@ -299,13 +308,13 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
         from transformers import DataCollatorForSeq2Seq, Trainer
 
         collator = Counting(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE))
-        ds = Dataset.from_dict({"input_ids": ids, "labels": labels})
+        ds = peer_dataset({"input_ids": ids, "labels": labels})
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ds, data_collator=collator,
                           callbacks=[Timer()])
     else:
         from trl import SFTConfig, SFTTrainer
 
-        ds = Dataset.from_dict({"input_ids": ids, "completion_mask": [[int(y != IGNORE) for y in row] for row in labels]})
+        ds = peer_dataset({"input_ids": ids, "completion_mask": [[int(y != IGNORE) for y in row] for row in labels]})
         # documents are already shorter than the row length; padding-free refuses a max_length without packing
         args = SFTConfig(**common, max_length=None if padfree and not packing else s["seq"], padding_free=padfree,
                          packing=packing, packing_strategy="bfd", completion_only_loss=True,
