@@ -208,6 +208,7 @@ def test_fp8_runs_fp8_matmuls_on_the_gpu_and_tracks_bf16(tmp_path, peft):
     torch's scaled (FP8) matmul on CUDA."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores (sm_89+)")
+    pytest.importorskip("torchao.float8", reason="pip install 'distsft[fp8]'")
     from torch.profiler import ProfilerActivity, profile
 
     steps = ["model=tiny_base", f"peft={peft}", "trainer.max_steps=8", "trainer.eval_every=0", "trainer.save_every=0",
