@@ -207,13 +207,9 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError("model.compile=true with parallel=fsdp is not supported yet (FSDP2 shards the layers that "
                           "would be compiled, and it is untested here); use parallel=ddp or zero1|zero2|zero3, or "
                           "model.compile=false")
-    if cfg.model.fp8:
-        why = (f"peft.quantize={pe.quantize} keeps the base in bitsandbytes' own format and matmuls"
-               if pe.quantize != "none" else
-               "parallel=fsdp shards the weights into DTensors, which its casts do not take (not supported yet): use "
-               "parallel=ddp or zero1|zero2|zero3" if par.strategy == "fsdp" else None)
-        if why:
-            raise ConfigError(f"model.fp8=true: {why}; or drop model.fp8")
+    if cfg.model.fp8 and pe.quantize != "none":
+        raise ConfigError(f"model.fp8=true: peft.quantize={pe.quantize} keeps the base in bitsandbytes' own format and "
+                          "matmuls; use peft=lora (an unquantised base), or drop model.fp8")
     if opt.name == "adafactor" and ds:
         raise ConfigError("optim.name=adafactor under DeepSpeed ZeRO sees flattened 1-D shards and cannot factor its "
                           "second moment; use optim=adamw_8bit (or adamw) with ZeRO, or adafactor with parallel=ddp")

@@ -50,7 +50,7 @@ class ModelConfig:
     kernels: str = "auto"
     #: torch.compile each decoder layer in place (regional: one compiled graph serves every layer, dynamic shapes so packed row widths do not recompile); the first step pays the compile. Not with parallel=fsdp yet.
     compile: bool = False
-    #: FP8 matmuls in the decoder's linear layers (torchao float8 training: e4m3 inputs and weights with dynamic tensor-wise scales, e5m2 gradients) on FP8 tensor cores (CUDA sm_89+: H100/H200): trainable layers as torchao's Float8Linear (fp32 masters cast on the fly), a frozen LoRA/DoRA base with no weight-gradient matmul; weights stored as before. A precision mode of its own (the loss moves by FP8 rounding); pair with model.compile=true. Not with a quantised base or FSDP yet.
+    #: FP8 matmuls in the decoder's linear layers (torchao float8 training: e4m3 inputs and weights with dynamic tensor-wise scales, e5m2 gradients) on FP8 tensor cores (CUDA sm_89+: H100/H200): trainable layers as torchao's Float8Linear (fp32 masters cast on the fly), a frozen LoRA/DoRA base with no weight-gradient matmul; weights stored as before. A precision mode of its own (the loss moves by FP8 rounding); pair with model.compile=true. Not with a quantised base (peft.quantize).
     fp8: bool = False
 
 

@@ -16,8 +16,8 @@ and no weight-gradient matmul. torchao's ``Float8Linear`` computes that third ma
 lets autograd drop it for a frozen weight (a third more matmul work than needed), so this stage calls
 torchao's casts and its scaled matmul (``hp_tensor_to_float8_dynamic``, ``torch.mm`` on its float8 tensors)
 from its own two-matmul autograd function. The weights are stored as before (the checkpoint, the merge and
-the export do not change); the layer's ``forward`` is patched on the instance, so ZeRO-3's hooks still gather
-the weight around it (and again for backward, where the function reads the weight it saved).
+the export do not change); the layer's ``forward`` is patched on the instance, so ZeRO-3's and FSDP2's hooks
+still gather the weight around it (and again for backward, where the function reads the weight it saved).
 
 Left in the compute dtype, either way: the adapters (small, and trained), the output head and embeddings (the loss is
 sensitive to them), MoE routers, and layers whose dimensions are not multiples of 16 (the FP8 matmul's

@@ -1,5 +1,5 @@
 """PEFT under DeepSpeed with 2 CPU processes: LoRA + ZeRO-2/3 train, checkpoint, resume exactly and
-export an adapter; QLoRA + ZeRO-2 and 8-bit AdamW + ZeRO-2 train; LoRA + FP8 under ZeRO-3."""
+export an adapter; QLoRA + ZeRO-2 and 8-bit AdamW + ZeRO-2 train; LoRA + FP8 under ZeRO-3 and FSDP2."""
 
 from __future__ import annotations
 
@@ -70,21 +70,29 @@ def test_lora_zero3_supervised_head_equals_full_logits(tmp_path):
         assert float((wa[k] - wb[k]).norm() / wb[k].norm()) <= 1e-5, k
 
 
-def test_lora_fp8_under_zero3_computes_on_gathered_weights(tmp_path):
-    """model.fp8 under ZeRO-3 (2 processes): the FP8 matmuls read the weights ZeRO-3 gathers around each layer,
+@pytest.fixture(scope="module")
+def fp8_references(tmp_path_factory):
+    """First-step losses of one process with LoRA in FP8 and without (in this process)."""
+    from tests.conftest import run_tiny
+
+    out = tmp_path_factory.mktemp("fp8_refs")
+    return {name: run_tiny(out / name, "peft=lora", *extra, *STEPS).summary["train_loss_history"]
+            for name, extra in (("fp8", ["model.fp8=true"]), ("plain", []))}
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+def test_lora_fp8_computes_on_gathered_weights(tmp_path, fp8_references, strategy):
+    """model.fp8 under ZeRO-3 and FSDP2 (2 processes): the FP8 matmuls read the weights each gathers around a layer,
     forward and backward. The first step's loss equals one process's FP8 run on the same micro-batches (the same
     inputs, so the same scales) and differs from the plain run's (FP8 ran); later steps stay within FP8 rounding;
     the merged export is a plain model."""
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import run_tiny
-
-    z3 = launch(2, tmp_path / "z3", "peft=lora", "model.fp8=true", "parallel=zero3", "export.mode=merged", *STEPS)
-    one = run_tiny(tmp_path / "one", "peft=lora", "model.fp8=true", *STEPS).summary
-    plain = run_tiny(tmp_path / "plain", "peft=lora", *STEPS).summary
-    (_, first), (_, ref), (_, unquantised) = (s["train_loss_history"][0] for s in (z3, one, plain))
-    assert first == pytest.approx(ref, rel=1e-6) and first != pytest.approx(unquantised, rel=1e-6)
-    for (_, a), (_, b) in zip(z3["train_loss_history"], one["train_loss_history"], strict=True):
+    run = launch(2, tmp_path, "peft=lora", "model.fp8=true", f"parallel={strategy}", "export.mode=merged", *STEPS)
+    history = run["train_loss_history"]
+    assert history[0][1] == pytest.approx(fp8_references["fp8"][0][1], rel=1e-6)
+    assert history[0][1] != pytest.approx(fp8_references["plain"][0][1], rel=1e-6)
+    for (_, a), (_, b) in zip(history, fp8_references["fp8"], strict=True):
         assert a == pytest.approx(b, rel=1e-2)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "z3" / "final")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert all(p.numel() > 0 for p in merged.parameters())
