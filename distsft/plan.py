@@ -113,6 +113,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "flops_per_token": shape.flops_per_token,
         "kernels": kernels,
         "attention": planned_attention(cfg),
+        "fp8": cfg.model.fp8,
         "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger"),
         "checkpointing": options,
         "gpu_memory_bytes": gpu,
@@ -165,7 +166,8 @@ def render(p: dict) -> str:
                      f"sp_size {b.get('sp_size', 1)}; step time at {ASSUMED_MFU:.0%} MFU of "
                      f"{p['peak_flops'] / 1e12:.0f} TFLOP/s" + (
                          f"; offload within {HEADROOM:.0%} of {p['host_memory_bytes'] / GIB:.3g} GiB host memory"
-                         if p.get("host_memory_bytes") else "") + "):")
+                         if p.get("host_memory_bytes") else "") + (
+                         "; at the bf16 rate: model.fp8's FP8 matmuls may run faster" if p.get("fp8") else "") + "):")
         for o in p["longest"]:
             lines.append(f"  {o['option']:<28} " + (
                 f"{o['max_seq_len']:>10,} tokens  {o['memory'] / GIB:.3g} GiB  +{o['extra_compute']:.0%} compute  "
