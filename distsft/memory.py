@@ -119,16 +119,6 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     return out
 
 
-def planned_attention(cfg: Config) -> str:
-    """The attention kernel a CUDA run of this config loads (model.attn_implementation; auto resolved as on
-    CUDA, where packing and precision decide it, as run.build_model does)."""
-    from .model.attention import auto_attention
-    from .model.precision import half_compute
-
-    impl = cfg.model.attn_implementation
-    return auto_attention(True, cfg.data.mode == "pack", half_compute(cfg)) if impl == "auto" else impl
-
-
 QUADRATIC = ("sdpa", "eager")  # attention kernels whose memory grows with the square of the row
 
 
@@ -136,7 +126,9 @@ def attention_bytes(cfg: Config, shape: ModelShape, rows: int, a: int) -> float:
     """Bytes of attention's [T, T] tensors (see the module docstring): masks of packed or padded rows under
     sdpa, and eager's scores. A sequence-parallel rank attends over whole rows with H/S heads after the
     all-to-all."""
-    impl = planned_attention(cfg)
+    from .model.attention import configured_attention
+
+    impl = configured_attention(cfg, cuda=True)  # the plan is for a GPU
     if impl not in QUADRATIC:
         return 0.0
     square = float(rows) * cfg.data.max_seq_len ** 2

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from .batch import BatchPlan, resolve_batch
 from .config import Config, register_configs
 from .memory import (ASSUMED_MFU, GIB, HEADROOM, QUADRATIC, ModelShape, checkpointing_options, longest_sequences,
-                     memory_estimate, planned_attention, suggest_checkpointing)
+                     memory_estimate, suggest_checkpointing)
 from .train import CONF_DIR, with_user_errors
 
 register_configs()
@@ -98,6 +98,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     total = loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
     epochs = total / per_epoch
     shape = model_shape(cfg)
+    from .model.attention import configured_attention
     from .model.kernels import resolve_kernels
 
     kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=cfg.parallel.shards_parameters,
@@ -112,7 +113,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "parameters": {"total": shape.params, "trainable": shape.trainable, "active": shape.active},
         "flops_per_token": shape.flops_per_token,
         "kernels": kernels,
-        "attention": planned_attention(cfg),
+        "attention": configured_attention(cfg, cuda=True),
         "fp8": cfg.model.fp8,
         "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger"),
         "checkpointing": options,

@@ -21,7 +21,7 @@ from .data.templates import end_of_turn_id
 from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
-from .model.attention import auto_attention, describe_attention
+from .model.attention import configured_attention, describe_attention
 from .model import sequence
 from .model.head import install as install_head
 from .model.kernels import apply_kernels, compile_layers, compile_stats, fused_loss, resolve_kernels
@@ -32,7 +32,7 @@ from .model.fp8 import apply_fp8
 from .model.peft import apply_peft, quantization_config
 from .model.tiling import apply_tiled_mlp
 from .model.offload import apply_checkpoint_offload
-from .model.precision import check_master_weights, half_compute, load_dtype
+from .model.precision import check_master_weights, load_dtype
 from .model.precision import describe as describe_precision
 from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
@@ -177,9 +177,7 @@ def build_model(cfg: Config, acc):
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
     model_cfg = replace(cfg.model, dtype=load_dtype(cfg))  # trainable weights are fp32 masters
-    if model_cfg.attn_implementation == "auto":  # decided here, where packing and precision are known
-        model_cfg = replace(model_cfg, attn_implementation=auto_attention(cuda, cfg.data.mode == "pack",
-                                                                          half_compute(cfg)))
+    model_cfg = replace(model_cfg, attn_implementation=configured_attention(cfg, cuda))
     if cfg.parallel.sequence_parallel:  # the attention behind DeepSpeed's all-to-all gets no mask
         model_cfg = replace(model_cfg, attn_implementation=sequence.attention(model_cfg.attn_implementation))
     with whole_model(acc, cfg.model.init == "config"):

@@ -41,6 +41,15 @@ def auto_attention(cuda: bool, packed: bool, half: bool) -> str:
     return "sdpa"
 
 
+def configured_attention(cfg, cuda: bool) -> str:
+    """model.attn_implementation of a training config, ``auto`` decided where packing and precision are known
+    (run.build_model on its device; distsft.plan as on CUDA)."""
+    from .precision import half_compute
+
+    impl = cfg.model.attn_implementation
+    return auto_attention(cuda, cfg.data.mode == "pack", half_compute(cfg)) if impl == "auto" else impl
+
+
 def resolve_attention(impl: str, cuda: bool) -> str:
     """The attn_implementation given to transformers."""
     if impl == "auto":

@@ -115,18 +115,11 @@ def apply_fp8(model: torch.nn.Module) -> tuple[int, int]:
             module.forward = types.MethodType(_fp8_forward, module)
             setattr(module, PATCHED, True)
             frozen += 1
-    trainable = []
-
-    def swap(module: torch.nn.Module, name: str) -> bool:
-        if _eligible(name, module) and module.weight.requires_grad:
-            trainable.append(name)
-            return True
-        return False
-
-    ao.convert(model, module_filter_fn=swap, config=ao.config())
-    for name, module in model.named_modules():
-        if isinstance(module, ao.linear):
-            setattr(module, PATCHED, True)
+    ao.convert(model, module_filter_fn=lambda m, name: _eligible(name, m) and m.weight.requires_grad,
+               config=ao.config())
+    trainable = [m for m in model.modules() if isinstance(m, ao.linear)]
+    for module in trainable:
+        setattr(module, PATCHED, True)
     if not frozen + len(trainable):
         raise ConfigError("model.fp8=true: no linear layer in the decoder can run in FP8 (none whose dimensions "
                           "are multiples of 16); drop model.fp8")
