@@ -118,6 +118,8 @@ class PeftConfig:
     double_quant: bool = True
     #: Dtype of the matmuls on quantised weights (and of their storage under ZeRO-3).
     compute_dtype: str = "bfloat16"
+    #: LoRA: add each adapter's output into its layer's output inside the adapter's second matmul (one in-place addmm, the scale as its alpha) instead of PEFT's separate scale and add passes over the layer's output; the same function with one rounding fewer. DoRA and quantised bases keep PEFT's forward.
+    fused_add: bool = True
 
 
 @dataclass

@@ -196,7 +196,7 @@ def build_model(cfg: Config, acc):
     log.info("kernels: %s (model.kernels=%s: %s)", kernels, cfg.model.kernels, why)
     model = apply_kernels(model, kernels)  # before adapters: Liger patches the base's layers
     model = apply_peft(model, cfg.peft, cfg.model.gradient_checkpointing, cfg.model.checkpoint_every,
-                       bf16_autocast=cfg.trainer.precision == "bf16")
+                       bf16_autocast=cfg.trainer.precision == "bf16", zero3=cfg.parallel.zero3)
     if cfg.model.fp8:  # after the adapters: they mark what is frozen
         frozen, trainable = apply_fp8(model)
         log.info("fp8: %d frozen and %d trainable linear layers of the decoder run FP8 matmuls (model.fp8; %s)",

@@ -66,17 +66,17 @@ def _torchao():
 
 @torch._dynamo.allow_in_graph  # as torchao's own matmul: compiled whole (AOT autograd traces its casts), not inlined
 class _FrozenFp8Matmul(torch.autograd.Function):
-    """x [..., in] @ weight[out, in]^T in FP8, for a weight that takes no gradient: two matmuls, not three."""
+    """x [tokens, in] @ weight[out, in]^T in FP8, for a weight that takes no gradient: two matmuls, not three.
+    2-D in and out: a view made inside an autograd function could not be added to in place (peft.fused_add)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ao = AO
         weight = weight.to(x.dtype)  # fp32 weights under bf16 autocast: one dtype for torchao's scaled matmul
         ctx.save_for_backward(weight)
-        x2 = x.reshape(-1, x.shape[-1])
-        x8 = ao.cast(x2, ao.e4m3, ao.mm, gemm_input_role=ao.roles.INPUT)
+        x8 = ao.cast(x, ao.e4m3, ao.mm, gemm_input_role=ao.roles.INPUT)
         w8 = ao.cast(weight.t(), ao.e4m3, ao.mm, gemm_input_role=ao.roles.WEIGHT)
-        return torch.mm(x8, w8).reshape(*x.shape[:-1], weight.shape[0])
+        return torch.mm(x8, w8)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -84,10 +84,9 @@ class _FrozenFp8Matmul(torch.autograd.Function):
             return None, None
         ao = AO
         (weight,) = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        g8 = ao.cast(g2, ao.e5m2, ao.mm, gemm_input_role=ao.roles.GRAD_OUTPUT)
+        g8 = ao.cast(grad, ao.e5m2, ao.mm, gemm_input_role=ao.roles.GRAD_OUTPUT)
         w8 = ao.cast(weight, ao.e4m3, ao.mm, gemm_input_role=ao.roles.WEIGHT)  # [out, in]: dx = dy @ W
-        return torch.mm(g8, w8).reshape(*grad.shape[:-1], weight.shape[1]), None
+        return torch.mm(g8, w8), None
 
 
 def _fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ def _fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(device):  # as F.linear would: compute in the autocast dtype
         x = x.to(torch.get_autocast_dtype(device))
     with torch.autocast(device, enabled=False):
-        out = _FrozenFp8Matmul.apply(x, self.weight)
+        out = _FrozenFp8Matmul.apply(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.out_features)
     return out if self.bias is None else out + self.bias.to(out.dtype)
 
 

@@ -11,6 +11,7 @@ Full fine-tuning and PEFT share one training loop: these are the only difference
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 
@@ -35,9 +36,10 @@ def quantization_config(cfg: PeftConfig, zero3: bool = False):
 
 
 def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_every: int = 1,
-               bf16_autocast: bool = False):
+               bf16_autocast: bool = False, zero3: bool = False):
     """The transformations after loading, in the documented order. ``bf16_autocast``: training runs
-    under bf16 autocast (trainer.precision=bf16), so adapters need no fp32 copy of their inputs."""
+    under bf16 autocast (trainer.precision=bf16), so adapters need no fp32 copy of their inputs. ``zero3``:
+    DeepSpeed ZeRO-3 will shard the parameters (the fused add reads an adapter weight outside its module)."""
     if cfg.quantize != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -62,6 +64,9 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_
         log.info("adapters: %s", describe_adapters(model))
         if bf16_autocast:
             adapters_under_autocast(model)
+        if cfg.fused_add:
+            log.info("adapters: %d LoRA layers add their output inside the adapter matmul (peft.fused_add)",
+                     fuse_adapter_add(model, zero3))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if checkpoint_every > 1:
@@ -104,6 +109,51 @@ def adapters_under_autocast(model) -> int:
     for m in layers:
         m.cast_input_dtype_enabled = False
     return len(layers)
+
+
+def fuse_adapter_add(model, zero3: bool = False) -> int:
+    """Patch plain LoRA layers (PEFT's ``lora.Linear``) so each adds its adapter's output into the base layer's
+    output inside the adapter's second matmul: ``y.addmm_(A(x), B^T, alpha=scale)`` in place, where PEFT writes
+    ``B(A(x))``, scales it and adds it to ``y`` (three elementwise passes over ``[tokens, out_features]``, and
+    one more in backward for the scale). A layer with ``out_features`` outputs reads and writes its output
+    twice instead of six times; backward passes the output gradient through unchanged. Nothing else moves:
+    the adapters, their dropout and its random draws, the weights that are saved and merged. DoRA (a LoRA
+    variant) and the quantised bases' LoRA classes (not ``lora.Linear``) keep PEFT's forward, as does any call
+    PEFT's forward handles specially (disabled, merged or mixed adapters). Under ZeRO-3 each B weight is
+    registered as an external parameter of its layer, so DeepSpeed gathers it around the layer, where it is
+    read outside ``lora_B``'s own forward. Returns the layers patched."""
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]  # DoRA is a variant
+    for m in layers:
+        m.forward = types.MethodType(_fused_add_forward, m)
+        if zero3:
+            import deepspeed
+
+            for b in m.lora_B.values():
+                deepspeed.zero.register_external_parameter(m, b.weight)
+    return len(layers)
+
+
+def _fused_add_forward(self, x, *args, **kwargs):
+    """PEFT's ``lora.Linear.forward`` for one active plain adapter, its scaled output added by ``addmm_``."""
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] in self.lora_variant
+            or self.lora_B[active[0]].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    result = self.base_layer(x)
+    a = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+    if a.dtype != result.dtype:  # fp32 adapters on a bf16 base outside autocast: PEFT adds in fp32, then casts
+        return (result + lora_b(a) * self.scaling[name]).to(result.dtype)
+    out, a, b = result.reshape(-1, result.shape[-1]), a.reshape(-1, a.shape[-1]), lora_b.weight.to(result.dtype).t()
+    # a base layer's autograd function that returns a view: autograd forbids adding to it in place (the check is
+    # a graph break under compile, where the layers are torch's or model.fp8's, whose outputs are not views)
+    if not torch.compiler.is_compiling() and result._is_view():
+        return torch.addmm(out, a, b, alpha=self.scaling[name]).view(result.shape)
+    # a linear layer's output is not saved for its backward: it may be added to in place (autograd checks)
+    return out.addmm_(a, b, alpha=self.scaling[name]).view(result.shape)
 
 
 def checkpoint_only_every(model, n: int) -> int:
