@@ -115,7 +115,10 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
         from distsft.config import PeftConfig
         from distsft.model.peft import apply_peft
 
-        model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0), gradient_checkpointing=True,
+        # peft.fused_add is distsft's own forward: the peers run PEFT's (and distsft too with --no-fused-add)
+        fused_add = distsft and not a.no_fused_add
+        model = apply_peft(model, PeftConfig(method="lora", r=16, alpha=32, dropout=0.0, fused_add=fused_add),
+                           gradient_checkpointing=True,
                            checkpoint_every=a.checkpoint_every if distsft else 1,
                            # the peers get distsft's PEFT setting under autocast (no fp32 copy of adapter inputs)
                            # unless --peers-peft-default asks for PEFT's own (the row is then labelled)
@@ -457,6 +460,8 @@ def parse(argv=None):
     p.add_argument("--rows", type=int, default=0, help="distsft rows per micro-batch (rows x accumulation kept)")
     p.add_argument("--compile", action="store_true", help="distsft: torch.compile the decoder layers (model.compile)")
     p.add_argument("--fp8", action="store_true", help="distsft: the decoder's matmuls in FP8 (model.fp8; a frozen LoRA base without weight gradients)")
+    p.add_argument("--no-fused-add", action="store_true",
+                   help="distsft LoRA: PEFT's own adapter forward (peft.fused_add=false), to measure the lever")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"],
                    help="distsft: the parallel config group (world size 1: what sharding costs on one GPU)")
     p.add_argument("--profile", action="store_true", help="distsft: write a torch.profiler table of one step")
@@ -494,7 +499,8 @@ def main(argv=None) -> list[dict]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = (f"_ckpt{a.checkpoint_every}" if a.checkpoint_every > 1 else "") + (f"_rows{a.rows}" if a.rows else "") \
-        + ("_compile" if a.compile else "") + ("_fp8" if a.fp8 else "") + ("_peers_peft_default" if a.peers_peft_default else "") \
+        + ("_compile" if a.compile else "") + ("_fp8" if a.fp8 else "") + ("_no_fused_add" if a.no_fused_add else "") \
+        + ("_peers_peft_default" if a.peers_peft_default else "") \
         + (f"_{a.strategy}" if a.strategy != "ddp" else "")  # one file per variant
     tag = f"{a.model}_{a.data}{'_lora' if a.lora else ''}{variant}"
     for system in a.systems.split(","):
@@ -503,7 +509,7 @@ def main(argv=None) -> list[dict]:
                "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
             (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
             ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else []) + \
-            (["--fp8"] if a.fp8 else []) + \
+            (["--fp8"] if a.fp8 else []) + (["--no-fused-add"] if a.no_fused_add else []) + \
             (["--peers-peft-default"] if a.peers_peft_default else []) + ["--strategy", a.strategy]
         r = run_child(cmd, a.timeout, {"system": system})
         results.append(r)

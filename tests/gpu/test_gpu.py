@@ -220,3 +220,21 @@ def test_fp8_runs_fp8_matmuls_on_the_gpu_and_tracks_bf16(tmp_path, peft):
     assert sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_mm") > 0
     for (_, a), (_, b) in zip(plain, fp8, strict=True):
         assert abs(a - b) <= 0.03 * a
+
+
+def test_fused_lora_add_tracks_pefts_forward_on_the_gpu(tmp_path):
+    """peft.fused_add in bf16 on CUDA: the adapters' output is added by addmm_ (in cuBLAS's epilogue), and the
+    per-step losses stay within bf16 rounding of PEFT's own forward (peft.fused_add=false)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = ["model=tiny_base", "peft=lora", "trainer.max_steps=8", "trainer.eval_every=0", "trainer.save_every=0",
+             "logging.log_every=1", "data.val_fraction=0", "logging.sample_every=0", "trainer.use_cuda=true",
+             "trainer.precision=bf16", "model.dtype=bfloat16"]
+    runs, addmm = {}, {}
+    for fused in (False, True):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            runs[fused] = run_tiny(tmp_path / str(fused), *steps, f"peft.fused_add={str(fused).lower()}").summary
+        addmm[fused] = sum(e.count for e in prof.key_averages() if e.key == "aten::addmm_")
+    assert addmm[False] == 0 < addmm[True]
+    for (_, a), (_, b) in zip(runs[False]["train_loss_history"], runs[True]["train_loss_history"], strict=True):
+        assert abs(a - b) <= 0.01 * a
