@@ -165,8 +165,8 @@ def check_compatible(ckpt: Path, current: dict, world_size: int, data_fingerprin
         diffs.append(f"training data: fingerprint was {was_data}, now {data_fingerprint} (files or data options changed)")
     if diffs and not force:
         raise ConfigError(f"cannot resume from {ckpt}: what it was trained with differs:\n  " + "\n  ".join(diffs)
-                          + "\n(use a new output_dir, trainer.resume=never, or trainer.resume_force=true to resume "
-                          "anyway)")
+                          + "\n(a new run: run_name=<name> or output_dir=<dir>; trainer.resume=never starts over in "
+                          "this directory; trainer.resume_force=true resumes anyway)")
     if diffs:
         log.warning("resuming from %s despite differences (trainer.resume_force): %s", ckpt, "; ".join(diffs))
 
