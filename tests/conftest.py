@@ -70,13 +70,20 @@ def launch_cmd(num_processes: int, out: Path, *overrides: str, port: int | None 
             "-m", module, f"output_dir={out}", "logging.progress_bar=false", *overrides]
 
 
+# DeepSpeed keeps parameters under 1e5 elements (stage3_param_persistence_threshold) whole on every rank after
+# their first gather: all of the tiny model's. This override shards them all, as a real model's large weights are,
+# so ZeRO-3 tests exercise the gathering around every use.
+SHARD_ALL = ROOT / "tests" / "assets" / "ds_shard_all.json"
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 600, expect_ok: bool = True,
            env: dict | None = None, module: str = "distsft.train"):
     """`accelerate launch` num_processes CPU processes (gloo; ``env`` may give GPUs back); returns
-    summary.json (or the process)."""
+    summary.json (or the process). ZeRO-3 runs partition every parameter (SHARD_ALL) unless a test gives its own
+    DeepSpeed config."""
+    if any(o.startswith("parallel=zero3") for o in overrides) and not any(o.startswith("parallel.deepspeed_config=") for o in overrides):
+        overrides = (*overrides, f"parallel.deepspeed_config={SHARD_ALL}")
     proc = subprocess.run(launch_cmd(num_processes, out, *overrides, module=module), cwd=ROOT, env={**CPU_ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if not expect_ok:

@@ -85,15 +85,6 @@ def fp8_references(tmp_path_factory):
             for name, extra in (("fp8", ["model.fp8=true"]), ("plain", []))}
 
 
-def shard_everything(tmp_path) -> str:
-    """A DeepSpeed config override that partitions every parameter: by default ZeRO-3 keeps parameters under 1e5
-    elements (all of the tiny model's) whole on every rank after their first gather, which hides reads of a
-    parameter outside the hooks that gather it."""
-    path = tmp_path / "ds_shard_all.json"
-    path.write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
-    return f"parallel.deepspeed_config={path}"
-
-
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
 def test_lora_fp8_computes_on_gathered_weights(tmp_path, fp8_references, strategy):
     """model.fp8 under ZeRO-3 and FSDP2 (2 processes): the FP8 matmuls read the weights each gathers around a layer,
@@ -104,9 +95,7 @@ def test_lora_fp8_computes_on_gathered_weights(tmp_path, fp8_references, strateg
 
     # model=tiny_base loads with from_pretrained: under ZeRO-3 the weights are shard-on-load placeholders when the
     # layers are patched, so nothing may read their shapes then
-    sharded = [shard_everything(tmp_path)] if strategy == "zero3" else []
-    run = launch(2, tmp_path, *FP8_BASE, "model.fp8=true", f"parallel={strategy}", "export.mode=merged", *STEPS,
-                 *sharded)
+    run = launch(2, tmp_path, *FP8_BASE, "model.fp8=true", f"parallel={strategy}", "export.mode=merged", *STEPS)
     history = run["train_loss_history"]
     assert history[0][1] == pytest.approx(fp8_references["fp8"][0][1], rel=1e-6)
     assert history[0][1] != pytest.approx(fp8_references["plain"][0][1], rel=1e-6)
@@ -119,9 +108,9 @@ def test_lora_fp8_computes_on_gathered_weights(tmp_path, fp8_references, strateg
 def test_compiled_fused_lora_under_zero3_reads_gathered_adapters(tmp_path, fp8_references):
     """peft.fused_add reads each adapter's B weight outside lora_B's forward. In eager mode DeepSpeed gathers a
     parameter read that way on access; in a compiled layer it cannot, so the layer registers B as an external
-    parameter (without it the compiled layer reads ZeRO-3's empty placeholder). With every parameter sharded, the
-    compiled ZeRO-3 run on 2 processes gives one eager process's losses."""
-    run = launch(2, tmp_path, *FP8_BASE, "parallel=zero3", "model.compile=true", shard_everything(tmp_path), *STEPS)
+    parameter (without it the compiled layer reads ZeRO-3's empty placeholder; launch shards every parameter).
+    The compiled ZeRO-3 run on 2 processes gives one eager process's losses."""
+    run = launch(2, tmp_path, *FP8_BASE, "parallel=zero3", "model.compile=true", *STEPS)
     assert run["compile"]["graphs"] >= 1
     for (s, a), (t, b) in zip(run["train_loss_history"], fp8_references["plain"], strict=True):
         assert s == t and a == pytest.approx(b, rel=1e-5)
