@@ -82,7 +82,8 @@ def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 600, e
     """`accelerate launch` num_processes CPU processes (gloo; ``env`` may give GPUs back); returns
     summary.json (or the process). ZeRO-3 runs partition every parameter (SHARD_ALL) unless a test gives its own
     DeepSpeed config."""
-    if any(o.startswith("parallel=zero3") for o in overrides) and not any(o.startswith("parallel.deepspeed_config=") for o in overrides):
+    if (any(o.startswith("parallel=zero3") for o in overrides)
+            and not any(o.startswith("parallel.deepspeed_config=") for o in overrides)):
         overrides = (*overrides, f"parallel.deepspeed_config={SHARD_ALL}")
     proc = subprocess.run(launch_cmd(num_processes, out, *overrides, module=module), cwd=ROOT, env={**CPU_ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)

@@ -127,9 +127,10 @@ def fuse_adapter_add(model, zero3: bool = False) -> int:
     layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]  # DoRA is a variant
     for m in layers:
         m.forward = types.MethodType(_fused_add_forward, m)
-        if zero3:
-            import deepspeed
+    if zero3:
+        import deepspeed
 
+        for m in layers:
             for b in m.lora_B.values():
                 deepspeed.zero.register_external_parameter(m, b.weight)
     return len(layers)
