@@ -100,16 +100,23 @@ def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     spec = moe.router(model)
     if spec is not None:
         inputs["output_router_logits"] = True
+    out = ce = None
     if fused_loss(model):  # Liger: the loss straight from the hidden states, no logits (sum: 1 item)
         out = model(**inputs, labels=batch["labels"], num_items_in_batch=1, use_cache=False)
         ce = out.loss.float() - (spec.coef * out.aux_loss.float() if spec is not None else 0)  # ours is per row
     elif head.installed(model):  # the head returns the CE sum of the supervised positions (model.head)
         if "sup_index" not in batch:
             batch = {**batch, **dict(zip(("sup_index", "sup_targets"), supervised_positions(batch["labels"])))}
-        with head.supervised(model, batch["sup_index"], batch["sup_targets"]):
+        with head.supervised(model, batch["sup_index"], batch["sup_targets"]) as returned:
             out = model(**inputs, use_cache=False)
-        ce = out.logits
-    else:
+        # the loss only if the model returned its head's sum unchanged (checked on the host, no sync); if it
+        # changed it after the head (a logit multiplier, soft-capping), the head is now uninstalled and this
+        # micro-batch reruns below on the plain path, the first forward's graph dropped unused (eval alike).
+        # The check reads the model's code, not the data: every rank fails it on the same first micro-batch,
+        # so under ZeRO-3 all take the same extra forward and their parameter gathers still match
+        ce = out.logits if head.confirm(model, returned, out.logits) else None
+    if ce is None:  # the plain path: full logits, cross-entropy here
+        out = None  # a rerun: the first forward's activations go before the second's are made
         out = model(**inputs, use_cache=False)
         ce = target_ce_sum(out.logits, batch["targets"]) if "targets" in batch else token_ce_sum(out.logits,
                                                                                                    batch["labels"])
