@@ -2,8 +2,10 @@
 tokenize + mask -> filter -> store -> pack.
 
 The result is a token cache entry (see ``store.py``: shards of plain arrays plus ``index.json``)
-under a key made of the data files' content hashes, the tokenizer, the chat template and every data
-option that changes tokens, so a restart, or another rank, maps it instead of tokenizing again::
+under a key made of the data files' content hashes (a hub dataset: the commit its revision points at),
+the tokenizer, the chat template, every data option that changes tokens, and the versions of the code
+that renders and tokenizes (``token_versions``: this cache format, distsft, transformers, tokenizers,
+jinja2), so a restart, or another rank, maps it instead of tokenizing again::
 
     <cache>/tokenized/<key>/index.json                  splits, shards, byte sizes, statistics, bad rows
     <cache>/tokenized/<key>/train-00000.tokens.npy ...  one shard per data.shard_size conversations
@@ -33,6 +35,7 @@ import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import datasets
@@ -42,13 +45,14 @@ import pyarrow.compute as pc
 from ..config import DataConfig
 from .multiturn import split_per_turn
 from .packing import Rows, best_fit_decreasing
-from .sources import DataError, Skipped, apply_weight, dedup, load_source
+from .sources import DataError, Skipped, apply_weight, dedup, hub_commit, hub_dataset, load_source, log_mixing
 from .store import LENGTH, SUPERVISED, TokenStore, token_dtype, write_shard
 from .templates import resolve_template
 from .tokenize import encode_conversations
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # the format of an entry (3: the index records the rows per train file and the versions)
+SHAPES_TOKENS = ("distsft", "transformers", "tokenizers", "jinja2")  # packages whose versions are in the key
 ENCODE_BATCH = 64  # conversations rendered and encoded together inside a shard
 datasets.disable_progress_bars()  # one line of statistics per split is logged instead
 
@@ -86,7 +90,8 @@ class Prepared:
     skipped: Skipped = field(default_factory=Skipped)
     template: str = ""
     cache_hit: bool = False
-    fingerprint: str = ""  # hash of the data files' content and every option that changes tokens
+    fingerprint: str = ""  # hash of the data files' content and every option (and version) that changes tokens
+    sources: list[dict] = field(default_factory=list)  # per train file: rows read, duplicates, eval, weight, kept
     seconds: float = 0.0  # wall time of preparation (reading a cache entry included)
 
 
@@ -99,14 +104,40 @@ def _digest_file(path: Path, h) -> None:
 NOT_IN_KEY = ("num_workers", "num_proc", "shard_size", "prepare_timeout", "cache_dir", "mode")
 
 
+def token_versions() -> dict[str, str]:
+    """The cache format and the versions of the packages that render and tokenize: another version of any of
+    them may give other tokens for the same rows, so each is part of the cache key."""
+    out = {"cache_format": str(CACHE_VERSION)}
+    for pkg in SHAPES_TOKENS:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # distsft run from a checkout that is not installed
+            out[pkg] = "not installed"
+    return out
+
+
+def _hub_key(path: str, repo: str, revision: str | None) -> str:
+    commit, why_not = hub_commit(repo, revision)
+    if commit is None:
+        log.warning("hub dataset %s: could not ask the Hub which commit %s is (%s), so the token cache keys it by "
+                    "name and revision only and may serve the tokens of an older version of it; pin a commit "
+                    "(%s@<commit>) for a key that cannot go stale", path, revision or "its default branch",
+                    why_not, repo)
+        return json.dumps({"hub": repo, "revision": revision, "commit": None})
+    return json.dumps({"hub": repo, "commit": commit})
+
+
 def cache_key(cfg: DataConfig, tokenizer, template: str) -> str:
     h = hashlib.sha256()
     opts = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    h.update(json.dumps({"v": CACHE_VERSION, "cfg": opts, "template": template,
+    h.update(json.dumps({"v": token_versions(), "cfg": opts, "template": template,
                          "special": tokenizer.special_tokens_map}, sort_keys=True, default=str).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer")
              else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     for f in [*cfg.train_files, *cfg.val_files]:
+        if (hub := hub_dataset(f)) is not None:
+            h.update(_hub_key(f, *hub).encode())
+            continue
         p = Path(f)
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.is_file() else []
         h.update(f.encode())
@@ -122,16 +153,20 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def _load_splits(cfg: DataConfig, skipped: Skipped):
-    """(train Dataset, eval Dataset | None, duplicates removed)."""
+    """(train Dataset, eval Dataset | None, duplicates removed, per train file: its rows read, duplicates
+    dropped, rows held out for eval, weight (None without data.train_weights) and rows kept)."""
     if cfg.train_weights and len(cfg.train_weights) != len(cfg.train_files):
         raise DataError(f"data.train_weights has {len(cfg.train_weights)} entries for {len(cfg.train_files)} "
                         "data.train_files", reason="config")
     if not cfg.train_files:
         raise DataError("data.train_files is empty: give at least one file", reason="config")
     parts = [load_source(f, cfg.format, cfg.bad_rows, skipped) for f in cfg.train_files]
+    counts = [{"file": f, "read": len(p)} for f, p in zip(cfg.train_files, parts)]
     dups = 0
     if cfg.dedup:
         parts, dups = dedup(parts)
+    for c, p in zip(counts, parts):
+        c["duplicates"] = c["read"] - len(p)
     evals = [load_source(f, cfg.format, cfg.bad_rows, skipped) for f in cfg.val_files]
     if not cfg.val_files and cfg.val_fraction > 0:
         split = [p.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed) if len(p) > 1 else None
@@ -139,9 +174,13 @@ def _load_splits(cfg: DataConfig, skipped: Skipped):
         parts = [s["train"] if s else p for s, p in zip(split, parts)]
         evals = [s["test"] for s in split if s]
     weights = cfg.train_weights or [1.0] * len(parts)
+    for c, p, w in zip(counts, parts, weights):
+        c.update(eval=c["read"] - c["duplicates"] - len(p), weight=w if cfg.train_weights else None)
     parts = [apply_weight(p, w, cfg.seed + i, f"data.train_weights[{i}]") for i, (p, w) in enumerate(zip(parts, weights))]
+    for c, p in zip(counts, parts):
+        c["kept"] = len(p)
     eval_ds = datasets.concatenate_datasets(evals) if evals else None
-    return datasets.concatenate_datasets(parts), eval_ds, dups
+    return datasets.concatenate_datasets(parts), eval_ds, dups, counts
 
 
 # ---- one shard: render, tokenize, mask, filter, write (in a worker process or in this one) ----------
@@ -249,11 +288,12 @@ def _pack_plan(store: TokenStore, cfg: DataConfig, directory: Path, split: str) 
 def _build(cfg: DataConfig, tokenizer, template: str, template_name: str, directory: Path) -> dict:
     """Write a complete entry into ``directory``; -> its index."""
     skipped = Skipped()
-    train_ds, eval_ds, dups = _load_splits(cfg, skipped)
+    train_ds, eval_ds, dups, counts = _load_splits(cfg, skipped)
     files = [*cfg.train_files, *cfg.val_files]
     names = sorted({*files, *(str(Path(f)) for f in files)})  # rows name their file as given or normalised
     sources = {n: i for i, n in enumerate(names)}
-    index = {"version": CACHE_VERSION, "source_names": names, "splits": {}}
+    index = {"version": CACHE_VERSION, "versions": token_versions(), "source_names": names, "sources": counts,
+             "splits": {}}
     for split, ds in (("train", train_ds), ("eval", eval_ds)):
         if ds is None or (split == "eval" and not len(ds)):
             continue
@@ -296,7 +336,7 @@ def _open(directory: Path, index: dict, template: str, cache_hit: bool) -> Prepa
         split[name] = (store, SplitStats(**entry["stats"]))
     ev = split.get("eval", (None, None))
     return Prepared(split["train"][0], split["train"][1], ev[0], ev[1], Skipped(index["skipped"]), template,
-                    cache_hit=cache_hit)
+                    cache_hit=cache_hit, sources=index["sources"])
 
 
 def _read_entry(path: Path) -> dict | None:
@@ -368,6 +408,11 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", b
     template_name = f"data.chat_template={cfg.chat_template}" if cfg.chat_template else \
         f"the chat template of {tokenizer_name}"
     template = resolve_template(cfg.chat_template, tokenizer, tokenizer_name)
+    if builder and "strftime_now" in template:  # the node's first process speaks for it
+        log.warning("%s reads today's date (strftime_now): its tokens depend on the day they are built, and the "
+                    "token cache, whose key has no date, serves the tokens of the day its entry was built, which "
+                    "may be another day's; for tokens that do not depend on the date, use a copy of the template "
+                    "with the date written in (data.chat_template=<file>.jinja)", template_name)
     key = cache_key(cfg, tokenizer, template)
     if not cfg.cache:  # an entry of our own in a temporary directory, removed once mapped
         tmp = Path(tempfile.mkdtemp(prefix="distsft-tokens-"))
@@ -386,5 +431,7 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", b
             log.info("tokenized data from cache %s", path)
         prep = _open(path, index, template, cache_hit=hit)
     prep.fingerprint = key
+    if builder:  # read from the entry, so a cache hit says it too
+        log_mixing(prep.sources)
     prep.seconds = time.perf_counter() - start
     return prep

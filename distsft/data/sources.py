@@ -4,17 +4,26 @@ messages, deal with bad rows, deduplicate, split off eval, and mix sources by we
 Every row keeps where it came from (``_source`` file, ``_row`` = line number for .jsonl, 1-based
 row index otherwise), so anything that goes wrong later names its file and row.
 
+A hub dataset is named ``owner/name`` (or ``name``), optionally pinned as ``owner/name@revision`` (a
+branch, tag or commit). Its revision is resolved to the commit it points at once per process
+(``hub_commit``), and that commit is both what the token cache key records and what is loaded, so
+the cache cannot serve the tokens of an older version of the dataset.
+
 Mixing (``data.train_weights``, one per train file, the open-instruct convention): a weight <= 1 takes
 that fraction of the file's rows, a whole number > 1 takes that many rows (repeating the file when it
-is larger than the file). Eval rows are split off each file *before* weighting, so repeated rows
-never leak into eval.
+is larger than the file): a row count, not a multiplier, whether written 2 or 2.0 (the config holds
+floats). Eval rows are split off each file *before* weighting, so repeated rows never leak into eval.
+The rows read and kept per file are logged (``log_mixing``), with a warning where a whole-number weight
+keeps fewer rows than the file has.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
+import re
+from functools import lru_cache
 from pathlib import Path
 
 import datasets
@@ -26,6 +35,40 @@ from .formats import detect, to_messages
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 KEEP = ("messages", "_source", "_row")
+# "owner/name" or "name" on the Hugging Face Hub, optionally "@revision" (a branch, tag or commit)
+HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)(?:@(?P<revision>[\w./-]+))?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+log = logging.getLogger(__name__)
+
+
+def hub_dataset(path: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when ``path`` names a hub dataset rather than a local file or directory."""
+    p = Path(path)
+    if p.exists() or p.suffix in BUILDERS:
+        return None
+    m = HUB_NAME.fullmatch(path)
+    return (m["repo"], m["revision"]) if m else None
+
+
+@lru_cache(maxsize=None)  # once per process: the cache key and the rows loaded name the same commit
+def _ask_hub(repo: str, revision: str | None) -> str:
+    from huggingface_hub import HfApi
+
+    sha = HfApi().dataset_info(repo, revision=revision, timeout=30).sha
+    if not sha:
+        raise LookupError("the Hub named no commit")
+    return sha
+
+
+def hub_commit(repo: str, revision: str | None) -> tuple[str | None, str]:
+    """(the commit ``revision`` of hub dataset ``repo`` points at (None: its default branch), or None when
+    the Hub cannot be asked, e.g. offline; why not, or "")."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision, ""  # pinned: nothing to ask
+    try:
+        return _ask_hub(repo, revision), ""
+    except Exception as e:  # offline (HF_HUB_OFFLINE), no network, no such repo: the load says which
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _jsonl_lines(path: Path) -> tuple[list[int], bool]:
@@ -96,11 +139,17 @@ def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | li
                                 f"rewrite it one object per line, e.g. `jq -c . {path} > fixed.jsonl`",
                                 reason="multiline_json")
             return ds.add_column("_source", [str(p)] * len(ds)).add_column("_row", lines)
-    elif os.sep in path or p.suffix:
-        raise DataError(f"{path}: not found or unsupported suffix (expected one of {', '.join(BUILDERS)} "
-                        "or a saved dataset directory)", reason="missing_file")
-    else:  # a hub dataset name; needs a network
-        ds = datasets.load_dataset(path, split="train")
+    elif (hub := hub_dataset(path)) is None:
+        raise DataError(f"{path}: not found or unsupported suffix (expected one of {', '.join(BUILDERS)}, "
+                        "a saved dataset directory, or a hub dataset name owner/name[@revision])",
+                        reason="missing_file")
+    else:  # a hub dataset; needs a network (or the datasets cache with HF_DATASETS_OFFLINE=1)
+        repo, revision = hub
+        try:
+            ds = datasets.load_dataset(repo, revision=hub_commit(repo, revision)[0] or revision, split="train")
+        except Exception as e:
+            raise DataError(f"{path}: not a local file or directory, and it could not be loaded as a hub dataset "
+                            f"({type(e).__name__}: {e})", reason="missing_file") from e
     return ds.add_column("_source", [str(path)] * len(ds)).add_column("_row", list(range(1, len(ds) + 1)))
 
 
@@ -160,6 +209,24 @@ def dedup(parts: list[datasets.Dataset]) -> tuple[list[datasets.Dataset], int]:
         dropped += len(ds) - len(mine)
         out.append(ds.select(mine) if len(mine) < len(ds) else ds)
     return out, dropped
+
+
+def log_mixing(counts: list[dict]) -> None:
+    """One info line per train file (rows read -> rows kept), and a warning where a whole-number weight keeps
+    fewer rows than the file has (a row count read as a multiplier). ``counts``: per train file, its
+    ``file``, ``weight`` (None: no weights), rows ``read``, ``duplicates`` dropped, held out for ``eval``, ``kept``."""
+    for i, c in enumerate(counts):
+        w, train = c["weight"], c["read"] - c["duplicates"] - c["eval"]
+        why = [f"{c['duplicates']:,} duplicates dropped" if c["duplicates"] else "",
+               f"{c['eval']:,} held out for eval" if c["eval"] else "",
+               f"data.train_weights[{i}]={w:g}" if w is not None else ""]
+        log.info("data.train_files[%d] %s: %s rows read -> %s kept%s", i, c["file"], f"{c['read']:,}",
+                 f"{c['kept']:,}", f" ({'; '.join(x for x in why if x)})" if any(why) else "")
+        if w is not None and w > 1 and w == int(w) and w < train:
+            log.warning("data.train_weights[%d]=%g keeps %s of the %s training rows of %s: a whole number > 1 is a "
+                        "row count, not a multiplier (2 and 2.0 alike: the config holds floats); a fraction in "
+                        "(0, 1] takes that share of the rows, and N copies of the file are N times its row count "
+                        "(%s for two)", i, w, f"{int(w):,}", f"{train:,}", c["file"], f"{2 * train:,}")
 
 
 def apply_weight(ds: datasets.Dataset, weight: float, seed: int, key: str) -> datasets.Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -104,3 +105,135 @@ def test_cache_hit_and_invalidation(tmp_path, tokenizer, monkeypatch):
     cfg.chat_template = "llama3"
     assert not prepare(cfg, tokenizer).cache_hit and calls["n"] == 120
     assert len(list((tmp_path / "cache").iterdir())) == 3 and not list((tmp_path / "cache").glob("*.tmp*"))
+
+
+def test_cache_key_records_the_versions_that_shape_tokens(tmp_path, tokenizer, monkeypatch):
+    p = write(tmp_path / "d.jsonl", GOOD[:12])
+    cfg = DataConfig(train_files=[str(p)], val_fraction=0, cache_dir=str(tmp_path / "cache"), num_proc=1)
+    first = prepare(cfg, tokenizer)
+    assert prepare(cfg, tokenizer).cache_hit
+    index = json.loads((prepare_mod.cache_root(cfg) / first.fingerprint / "index.json").read_text())
+    assert index["versions"] == prepare_mod.token_versions()
+    assert set(index["versions"]) == {"cache_format", "distsft", "transformers", "tokenizers", "jinja2"}
+    real = prepare_mod.version
+    for pkg in ("distsft", "transformers", "tokenizers", "jinja2"):  # another version of any of them: a miss
+        monkeypatch.setattr(prepare_mod, "version", lambda name, pkg=pkg: "999.0" if name == pkg else real(name))
+        assert not prepare(cfg, tokenizer).cache_hit, pkg
+        assert prepare(cfg, tokenizer).cache_hit
+    monkeypatch.setattr(prepare_mod, "version", real)
+    assert prepare(cfg, tokenizer).fingerprint == first.fingerprint  # the installed versions: the first entry
+    monkeypatch.setattr(prepare_mod, "CACHE_VERSION", prepare_mod.CACHE_VERSION + 1)
+    assert not prepare(cfg, tokenizer).cache_hit
+
+
+def test_hub_names_and_revisions():
+    from distsft.data.sources import hub_dataset
+
+    assert hub_dataset("owner/chat") == ("owner/chat", None)
+    assert hub_dataset("owner/chat.v2@refs/pr/3") == ("owner/chat.v2", "refs/pr/3")
+    assert hub_dataset("squad@main") == ("squad", "main")
+    for local in ("data/train.jsonl", "./data/train", "/data/train", "a/b/c", "x.parquet"):
+        assert hub_dataset(local) is None, local  # local paths, found or not, never go to the Hub
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A hub dataset ``owner/chat`` whose branches point at commits the test moves; records the loads."""
+    import datasets
+
+    import distsft.data.sources as sources
+
+    hub = {"commits": {None: "a" * 40}, "asked": [], "loaded": []}
+
+    def ask(repo, revision):
+        hub["asked"].append((repo, revision))
+        if hub["commits"] is None:
+            raise ConnectionError("offline")
+        return hub["commits"][revision]
+
+    real = datasets.load_dataset
+
+    def load(path, *a, revision=None, **k):
+        if path == "owner/missing":
+            raise FileNotFoundError("Dataset 'owner/missing' doesn't exist on the Hub")
+        if path != "owner/chat":
+            return real(path, *a, revision=revision, **k)
+        hub["loaded"].append(revision)
+        return datasets.Dataset.from_list(GOOD[:12])
+
+    monkeypatch.setattr(sources, "_ask_hub", ask)
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    return hub
+
+
+def test_a_hub_dataset_is_keyed_and_loaded_by_its_commit(tmp_path, tokenizer, fake_hub, caplog):
+    cfg = DataConfig(train_files=["owner/chat"], val_fraction=0, cache_dir=str(tmp_path / "cache"), num_proc=1)
+    first = prepare(cfg, tokenizer)
+    assert not first.cache_hit and fake_hub["loaded"] == ["a" * 40]  # loaded at the commit the key records
+    assert first.train.origin(0) == "owner/chat row 1"
+    assert prepare(cfg, tokenizer).cache_hit
+    fake_hub["commits"][None] = "b" * 40  # a new commit on the default branch: the cache must not serve the old
+    assert not prepare(cfg, tokenizer).cache_hit and fake_hub["loaded"][-1] == "b" * 40
+    fake_hub["asked"].clear()
+    cfg.train_files = [f"owner/chat@{'c' * 40}"]  # pinned to a commit: nothing to ask
+    assert not prepare(cfg, tokenizer).cache_hit and fake_hub["loaded"][-1] == "c" * 40 and not fake_hub["asked"]
+    fake_hub["commits"] = None  # offline: keyed by name and revision, loaded as named, and said so
+    cfg.train_files = ["owner/chat@v1"]
+    assert not prepare(cfg, tokenizer).cache_hit and fake_hub["loaded"][-1] == "v1"
+    assert "hub dataset owner/chat@v1: could not ask the Hub which commit v1 is (ConnectionError: offline)" \
+        in caplog.text and "owner/chat@<commit>" in caplog.text
+    with pytest.raises(DataError, match=r"owner/missing: not a local file or directory, and it could not be loaded as "
+                                        r"a hub dataset \(FileNotFoundError: Dataset 'owner/missing' doesn't exist"):
+        prepare(DataConfig(train_files=["owner/missing"], cache=False), tokenizer)
+    with pytest.raises(DataError, match=r"a/b/c: not found or unsupported suffix .*hub dataset name owner/name"):
+        prepare(DataConfig(train_files=["a/b/c"], cache=False), tokenizer)
+
+
+def test_a_template_that_reads_the_date_is_warned_about(tmp_path, tokenizer, caplog):
+    p = write(tmp_path / "d.jsonl", GOOD[:6])
+    dated = tmp_path / "dated.jinja"
+    dated.write_text("{{ 'Today: ' + strftime_now('%d %b %Y') + '\\n' }}{% for m in messages %}{{ m['role'] }}: "
+                     "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    plain = tmp_path / "plain.jinja"
+    plain.write_text(dated.read_text().replace("strftime_now('%d %b %Y')", "'01 Jan 2025'"))
+    cfg = DataConfig(train_files=[str(p)], val_fraction=0, cache=False, num_proc=1, chat_template=str(plain))
+    prepare(cfg, tokenizer)
+    assert "strftime_now" not in caplog.text
+    cfg.chat_template = str(dated)
+    prepare(cfg, tokenizer)
+    warned = [r for r in caplog.records if "strftime_now" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"  # once, not per conversation
+    assert f"data.chat_template={dated} reads today's date" in warned[0].getMessage()
+    assert "serves the tokens of the day its entry was built" in warned[0].getMessage()
+
+
+def test_rows_kept_per_file_are_logged_and_a_row_count_weight_is_warned_about(tmp_path, tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="distsft.data.sources")
+    a = write(tmp_path / "a.jsonl", GOOD[:20])
+    b = write(tmp_path / "b.jsonl", GOOD[20:])
+    cfg = DataConfig(train_files=[str(a), str(b)], train_weights=[2, 0.5], val_fraction=0.1, num_proc=1,
+                     cache_dir=str(tmp_path / "cache"))
+    for hit in (False, True):  # a cache hit says it too
+        caplog.clear()
+        prep = prepare(cfg, tokenizer)
+        assert prep.cache_hit == hit
+        info = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "rows read" in r.getMessage()]
+        assert info == [f"data.train_files[0] {a}: 20 rows read -> 2 kept (2 held out for eval; "
+                        "data.train_weights[0]=2)",
+                        f"data.train_files[1] {b}: 20 rows read -> 9 kept (2 held out for eval; "
+                        "data.train_weights[1]=0.5)"]
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warned == [f"data.train_weights[0]=2 keeps 2 of the 18 training rows of {a}: a whole number > 1 is a "
+                          "row count, not a multiplier (2 and 2.0 alike: the config holds floats); a fraction in "
+                          "(0, 1] takes that share of the rows, and N copies of the file are N times its row count "
+                          "(36 for two)"]
+    assert [(s["read"], s["eval"], s["kept"]) for s in prep.sources] == [(20, 2, 2), (20, 2, 9)]
+    caplog.clear()  # fractions, 1.0, and counts of at least the file's rows: nothing to warn about
+    prepare(DataConfig(train_files=[str(a), str(b)], train_weights=[0.25, 1.0], val_fraction=0, cache=False,
+                       num_proc=1), tokenizer)
+    prepare(DataConfig(train_files=[str(a), str(b)], train_weights=[20.0, 50], val_fraction=0, cache=False,
+                       num_proc=1), tokenizer)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    caplog.clear()  # without weights: rows read -> kept, and duplicates are counted per file
+    prepare(DataConfig(train_files=[str(a), str(a)], val_fraction=0, dedup=True, cache=False, num_proc=1), tokenizer)
+    assert f"data.train_files[1] {a}: 20 rows read -> 0 kept (20 duplicates dropped)" in caplog.text
