@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.strategy": ("ddp", "deepspeed", "fsdp"),
     "parallel.zero_stage": (1, 2, 3),
     "trainer.precision": ("fp32", "bf16", "bf16_pure"),
+    "trainer.grad_dtype": ("float32", "bfloat16"),
     "trainer.loss_head": ("supervised", "full"),
 }
 
@@ -203,6 +204,10 @@ def check_combinations(cfg: Config) -> None:
                           f"full fine-tuning with optim=adamw under parallel=ddp (got parallel.strategy={par.strategy}, "
                           f"optim.name={opt.name}, peft.method={pe.method}); use trainer.precision=bf16 (fp32 masters) "
                           "otherwise: DeepSpeed and FSDP keep fp32 masters themselves, adapters are small")
+    if cfg.trainer.grad_dtype == "bfloat16" and cfg.trainer.precision != "bf16":
+        raise ConfigError(f"trainer.grad_dtype=bfloat16 rounds the accumulated and reduced gradients of a bf16 run; "
+                          f"with trainer.precision={cfg.trainer.precision} there is no bf16 gradient to trade: drop "
+                          "trainer.grad_dtype, or set trainer.precision=bf16")
     if cfg.model.compile and par.strategy == "fsdp":
         raise ConfigError("model.compile=true with parallel=fsdp is not supported yet (FSDP2 shards the layers that "
                           "would be compiled, and it is untested here); use parallel=ddp or zero1|zero2|zero3, or "
@@ -279,6 +284,9 @@ def check_device_combinations(cfg: Config, cuda: bool, capability: tuple[int, in
     pe, par = cfg.peft, cfg.parallel
     from .model.precision import half_compute
 
+    if not cuda and par.strategy == "ddp" and cfg.trainer.grad_dtype == "bfloat16":
+        raise ConfigError("trainer.grad_dtype=bfloat16 under parallel=ddp compresses the all-reduce with torch's "
+                          "bf16 hook, which needs CUDA (NCCL); on CPU use trainer.grad_dtype=float32 (or ZeRO/FSDP)")
     if cuda and cfg.model.fp8:
         import torch
 

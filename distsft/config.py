@@ -56,9 +56,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    #: Training data: .jsonl/.json/.parquet/.csv/.arrow files, saved dataset dirs, or hub dataset names.
+    #: Training data: .jsonl/.json/.parquet/.csv/.arrow files, saved dataset dirs, or hub dataset names (owner/name, pinned as owner/name@revision).
     train_files: list[str] = field(default_factory=lambda: [str(ASSETS / "data" / "tiny_sft.jsonl")])
-    #: Mixing weight per train file: <= 1 takes that fraction of its rows, a whole number > 1 that many rows (repeating); empty = all rows.
+    #: Mixing weight per train file: <= 1 takes that fraction of its rows, a whole number > 1 that many rows (a row count, not a multiplier: 2 and 2.0 both keep 2 rows; more than the file has repeats it); empty = all rows.
     train_weights: list[float] = field(default_factory=list)
     #: Validation files; when empty, val_fraction of every training file is held out.
     val_files: list[str] = field(default_factory=list)
@@ -86,7 +86,7 @@ class DataConfig:
     overlong: str = "drop"
     #: Seed of the split, the mixing, the shuffling and the packing order (epoch e uses seed + e).
     seed: int = 1234
-    #: Cache tokenized data (keyed by file contents, tokenizer, template and data options).
+    #: Cache tokenized data (keyed by file contents or a hub dataset's commit, tokenizer, template, data options, and the distsft/transformers/tokenizers/jinja2 versions).
     cache: bool = True
     #: Cache directory; null means $DISTSFT_CACHE or ~/.cache/distsft, plus /tokenized.
     cache_dir: Optional[str] = None
@@ -199,6 +199,8 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     #: fp32; bf16 (bf16 compute, fp32 master weights and optimizer state whatever model.dtype stores); or bf16_pure (bf16 weights and AdamW state, updates stochastically rounded by torchao: half the memory, ddp full fine-tuning only).
     precision: str = "fp32"
+    #: Under precision=bf16, the dtype gradients are accumulated over micro-batches and reduced across ranks in: float32 (the precision contract: the same numerics on ddp, ZeRO and FSDP2) or bfloat16 (half the gradient traffic and ZeRO/FSDP2 gradient buffers, but every micro-batch's sum is rounded to bf16: a trade, not the default).
+    grad_dtype: str = "float32"
     #: Output head and loss: supervised (the head runs only at supervised positions, in chunks of loss_chunk) or full (logits of every position, cross-entropy in the trainer; more memory and head FLOPs).
     loss_head: str = "supervised"
     #: Supervised positions per chunk of the output head + cross-entropy (only supervised positions reach the head; more than this many are recomputed chunk by chunk in backward so one chunk's logits exist at a time; 0: all at once).

@@ -6,11 +6,15 @@ Memory per GPU, in bytes (P parameters, T trainable, N ranks, w bytes per weight
 
     weights      (P-T)*w + T*4: trainable weights are fp32 masters under every precision (frozen 4-bit linear
                  weights: ~0.52 bytes with double quantisation, 0.56 without)
-    gradients    T*4
+    gradients    T*4 (under bf16 they are summed over micro-batches and reduced in fp32 on every strategy;
+                 trainer.grad_dtype=bfloat16: T*2 where the engine keeps them, ZeRO's and FSDP2's buffers)
     optimizer    T*8 for AdamW (two fp32 moments); T*2 for 8-bit; ~0 Adafactor
-    DeepSpeed    bf16 keeps fp32 master weights + moments in the optimizer: 12*T, weights/grads in 2 -> the
-                 ZeRO paper's 16*P for full fine-tuning; ZeRO-1 shards the optimizer (/N), ZeRO-2 also
-                 gradients, ZeRO-3 also weights; offload moves the optimizer (and ZeRO-3 weights) to CPU
+    DeepSpeed    bf16 keeps fp32 master weights + moments in the optimizer: 12*T, weights in 2, gradient sums in
+                 4 (2 with trainer.grad_dtype=bfloat16: the ZeRO paper's 16*P); ZeRO-1 shards the optimizer (/N)
+                 and its bf16 optimizer adds the micro-batch's bf16 gradients (2*T), ZeRO-2 also shards gradients,
+                 ZeRO-3 also weights; offload moves the optimizer (and ZeRO-3 weights) to CPU
+    FSDP2        weights, gradients and optimizer /N, plus the unsharded gradient sums (T*4) between the
+                 micro-batches of a step when it accumulates (no reduce-scatter until the last)
     activations  per token per layer (7h + 2*kv + 4i) * a bytes for a Llama block with SDPA (a: 2 in bf16,
                  4 in fp32); with gradient checkpointing only the layer input h*a is kept, plus one layer;
                  with model.offload_checkpoints those inputs live in host memory (two in flight on the GPU)
@@ -67,9 +71,10 @@ class ModelShape:
 
 
 def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,
-                    fused_loss: bool = False) -> dict[str, float]:
+                    fused_loss: bool = False, grad_accum: int = 1) -> dict[str, float]:
     """Bytes per GPU by component (see the module docstring). ``fused_loss``: Liger's fused linear
-    cross-entropy (model.kernels=liger) never holds the logits."""
+    cross-entropy (model.kernels=liger) never holds the logits. ``grad_accum``: micro-batches per step (FSDP2 holds
+    unsharded gradients between them)."""
     from .model.precision import half_compute
 
     p, t, n = shape.params, shape.trainable, world_size
@@ -89,16 +94,21 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
     opt = float(t * per_state)
     if cfg.trainer.precision == "bf16_pure":  # bf16 weights, gradients and AdamW moments (ddp only)
         weights, grads, opt = float(frozen * w + t * 2), float(t * 2), float(t * per_state / 2)
+    g = 2 if cfg.trainer.precision == "bf16" and cfg.trainer.grad_dtype == "bfloat16" else 4  # summed, reduced in
     if par.strategy == "deepspeed":
-        if ds_bf16:  # bf16 weights/grads of the trainable part in the engine, fp32 masters + moments in its optimizer
-            weights, grads, opt = weights - t * 2, float(t * 2), float(t * (4 + per_state))
         stage = par.zero_stage
+        if ds_bf16:  # bf16 weights/grads of the trainable part in the engine, fp32 masters + moments in its optimizer
+            weights, grads, opt = weights - t * 2, float(t * g), float(t * (4 + per_state))
+            if stage == 1 and g == 4:  # ZeRO-1's bf16 optimizer: the micro-batch's bf16 grads + fp32 sums, whole
+                grads = float(t * (2 + 4))
         opt = 0.0 if par.offload_optimizer else opt / n
         grads = grads / n if stage >= 2 else grads
         if stage == 3:
             weights = 0.0 if par.offload_params else weights / n
     elif par.strategy == "fsdp":
         weights, grads, opt = weights / n, grads / n, opt / n
+        if grad_accum > 1:  # between micro-batches (no sync) FSDP2 keeps the unsharded gradients, in its reduce dtype
+            grads += t * g
     tokens = micro_batch * cfg.data.max_seq_len / par.sp_size  # a sequence-parallel rank holds a slice of each row
     # model.tiled_mlp_shards: the MLP's intermediates exist for one chunk of the sequence at a time
     per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate / max(1, cfg.model.tiled_mlp_shards)) * a

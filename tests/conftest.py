@@ -120,3 +120,29 @@ def peak_allocated(fn) -> tuple[int, object]:
         live += e.nbytes()  # + allocation, - free
         peak = max(peak, live)
     return peak, result
+
+
+def checkpoint_masters(ckpt: Path) -> dict:
+    """The fp32 master weights in a checkpoint directory written by any strategy, by parameter name (as
+    ``model.named_parameters()`` names them): DeepSpeed's fp32 optimizer partitions (zero_to_fp32), FSDP2's
+    DCP shards, or the model file of ddp."""
+    import torch
+
+    if (ckpt / "pytorch_model" / "latest").exists() or (ckpt / "latest").exists():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return {k: v.float() for k, v in
+                get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model").items()}
+    dcp = ckpt / "pytorch_model_fsdp_0"
+    if dcp.is_dir():
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(dcp), f"{tmp}/model.pt")
+            state = torch.load(f"{tmp}/model.pt", weights_only=True)["model"]  # Accelerate's key
+        return {k: v.float() for k, v in state.items() if torch.is_tensor(v)}
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))

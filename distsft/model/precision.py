@@ -1,8 +1,10 @@
 """Model stage 1a (precision): one precision contract under every strategy.
 
     trainer.precision=fp32   fp32 compute, fp32 trainable weights and optimizer state
-    trainer.precision=bf16   bf16 compute (autocast; DeepSpeed: its bf16 engine), fp32 master weights
-                             and fp32 optimizer state
+    trainer.precision=bf16   bf16 compute (autocast; DeepSpeed: its bf16 engine), gradients accumulated over
+                             the micro-batches and reduced across ranks in fp32, fp32 master weights and fp32
+                             optimizer state (trainer.grad_dtype=bfloat16 trades the gradients' precision for
+                             half their traffic and buffers)
     trainer.precision=bf16_pure  bf16 weights, bf16 AdamW moments, and every update stochastically rounded
                              to bf16 (torchao's AdamW): 8 bytes per parameter instead of 16; small updates
                              survive in expectation rather than exactly (ddp full fine-tuning only)
@@ -14,9 +16,14 @@ lr 1e-5, so most small updates would round away (and the numerics would depend o
 DeepSpeed and FSDP keep fp32 masters on their own).
 
 How each strategy meets it:
-    ddp / fsdp   full fine-tuning loads the weights in fp32; bf16 is autocast over fp32 weights
+    ddp          full fine-tuning loads the weights in fp32; bf16 is autocast over fp32 weights, whose
+                 gradients are fp32 (accumulated in .grad, all-reduced in fp32)
+    fsdp         as ddp, with FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): gradients
+                 accumulated without sync and reduce-scattered in fp32 (Accelerate's default is bf16 for both)
     deepspeed    the weights load in fp32 (ZeRO-3: straight into shards of the engine's dtype); under
-                 bf16 the engine computes in bf16 and its optimizer keeps fp32 masters and moments
+                 bf16 the engine computes in bf16 and its optimizer keeps fp32 masters and moments;
+                 data_types.grad_accum_dtype and communication_data_type are fp32 (DeepSpeed's default is
+                 the model dtype, bf16: each micro-batch's gradients would be summed and reduced in bf16)
     PEFT         the base is frozen in model.dtype; PEFT keeps the adapters in fp32
 """
 
@@ -25,6 +32,11 @@ from __future__ import annotations
 import torch
 
 from ..config import Config, ConfigError
+
+
+# what trainer.grad_dtype=bfloat16 rounds on each strategy
+BF16_GRADS = {"ddp": "reduced (accumulated in fp32)", "deepspeed": "accumulated and reduced",
+              "fsdp": "accumulated and reduced"}
 
 
 def load_dtype(cfg: Config) -> str:
@@ -47,6 +59,11 @@ def describe(cfg: Config) -> str:
     compute = "bf16 compute (autocast)" if cfg.trainer.precision == "bf16" else "fp32 compute"
     if cfg.parallel.strategy == "deepspeed" and cfg.trainer.precision == "bf16":
         compute = "bf16 compute (DeepSpeed's bf16 engine)"
+    grads = "fp32 gradients"
+    if cfg.trainer.precision == "bf16":
+        grads = ("gradients accumulated and reduced in fp32" if cfg.trainer.grad_dtype == "float32" else
+                 f"gradients {BF16_GRADS[cfg.parallel.strategy]} in bf16 (trainer.grad_dtype=bfloat16)")
+    compute = f"{compute}, {grads}"
     frozen = f"; frozen base in {cfg.model.dtype}" if cfg.peft.method != "none" else \
         f"; exported in {cfg.model.dtype}"
     if cfg.model.fp8:

@@ -18,7 +18,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from ..batch import BatchPlan
 from ..config import ConfigError, ParallelConfig, TrainerConfig
-from .strategy import PRECISION, check_launcher, plugins
+from .strategy import PRECISION, check_launcher, ddp_kwargs, plugins
 
 
 def launched_world_size() -> int:
@@ -35,6 +35,8 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
     kwargs = [InitProcessGroupKwargs(backend="nccl" if cuda else parallel.cpu_backend,
                                      timeout=timedelta(minutes=30))] if launched or parallel.strategy != "ddp" else []
     extra = plugins(parallel, trainer, plan, cuda)
+    if parallel.strategy == "ddp":
+        kwargs += ddp_kwargs(trainer)
     if "deepspeed_plugin" in extra and not cuda:
         announce_op_build()
     if parallel.sequence_parallel:

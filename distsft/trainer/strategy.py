@@ -93,6 +93,8 @@ OWNED = {
     "zero_optimization.offload_optimizer": "parallel.offload_optimizer",
     "zero_optimization.offload_param": "parallel.offload_params",
     "sequence_parallel_size": "parallel.sp_size",
+    "data_types.grad_accum_dtype": "trainer.grad_dtype",
+    "communication_data_type": "trainer.grad_dtype",
     "optimizer": "optim.*",
     "scheduler": "schedule.*",
 }
@@ -113,8 +115,12 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, plan: Bat
         if not path.is_file():
             raise ConfigError(f"parallel.deepspeed_config={path}: file not found")
         user = json.loads(path.read_text())
+        ours = grad_dtypes(trainer)
         for key, owner in OWNED.items():
             value = _get(user, key)
+            if key in ("data_types.grad_accum_dtype", "communication_data_type") and \
+                    SHORT_DTYPE.get(value, value) == _get(ours, key):
+                continue  # the value distsft sets anyway
             if value is not None and value != "auto":
                 raise ConfigError(f"{path} sets {key}={json.dumps(value)}, but {owner} owns it in distsft: set it "
                                   f'to "auto" (or remove it) and use {owner}')
@@ -133,6 +139,7 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, plan: Bat
         "gradient_clipping": trainer.max_grad_norm,
         "bf16": {"enabled": trainer.precision == "bf16"},
         "zero_optimization": zero,
+        **grad_dtypes(trainer),
         # ZeRO-3's zero.Init (the weights loaded into shards) reads it to size the data-parallel world
         **({"sequence_parallel_size": parallel.sp_size} if parallel.sequence_parallel else {}),
         "steps_per_print": 10**9,  # distsft logs; keep DeepSpeed quiet
@@ -143,6 +150,38 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, plan: Bat
         # compiling DeepSpeed's CPUAdam (which is what runs on GPUs)
         cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
+
+
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}  # DeepSpeed's spelling
+
+
+def grad_dtypes(trainer: TrainerConfig) -> dict:
+    """DeepSpeed's gradient dtypes under bf16. Unset, DeepSpeed 0.19 accumulates the micro-batches' gradients and
+    reduces them in the model's dtype (``engine.get_data_types``, ``communication_data_type``): bf16, where ddp
+    accumulates and reduces fp32 gradients. ``trainer.grad_dtype`` decides both, on every strategy."""
+    short = SHORT_DTYPE[trainer.grad_dtype] if trainer.precision == "bf16" else "fp32"
+    return {"data_types": {"grad_accum_dtype": short}, "communication_data_type": short}
+
+
+def fsdp_mixed_precision(trainer: TrainerConfig):
+    """FSDP2's policy under bf16: bf16 compute copies of the (fp32) sharded weights; gradients accumulated without
+    sync and reduce-scattered in ``trainer.grad_dtype``. Left to Accelerate, both dtypes would be bf16."""
+    if trainer.precision != "bf16":
+        return None
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=getattr(torch, trainer.grad_dtype))
+
+
+def ddp_kwargs(trainer: TrainerConfig) -> list:
+    """DDP reduces the fp32 gradients of autocast in fp32; trainer.grad_dtype=bfloat16 compresses the all-reduce to
+    bf16 (torch's bf16_compress_hook; the accumulation over micro-batches stays fp32 in ``.grad``)."""
+    if trainer.precision != "bf16" or trainer.grad_dtype != "bfloat16":
+        return []
+    from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.BF16)]
 
 
 def plugins(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan, cuda: bool) -> dict:
@@ -163,7 +202,7 @@ def plugins(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan, c
         return {"fsdp_plugin": FullyShardedDataParallelPlugin(
             fsdp_version=2, reshard_after_forward=parallel.fsdp_reshard_after_forward,
             auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT",
-            cpu_ram_efficient_loading=False)}
+            cpu_ram_efficient_loading=False, mixed_precision_policy=fsdp_mixed_precision(trainer))}
     return {}
 
 

@@ -21,10 +21,26 @@ SHAPE = ModelShape(params=P, trainable=P, quantizable=int(0.9 * P), layers=32, h
     ("zero3_offload", 2 * P / 8),  # weights and optimizer in CPU RAM; gradient partitions pass through the GPU
 ])
 def test_memory_formulas_match_the_zero_paper(parallel, expect):
+    """The paper's accounting has 2-byte gradients: trainer.grad_dtype=bfloat16 (DeepSpeed's own default)."""
     precision = "fp32" if parallel == "ddp" else "bf16"
-    cfg = typed_cfg(f"parallel={parallel}", f"trainer.precision={precision}")
+    extra = () if parallel == "ddp" else ("trainer.grad_dtype=bfloat16",)
+    cfg = typed_cfg(f"parallel={parallel}", f"trainer.precision={precision}", *extra)
     m = memory_estimate(cfg, SHAPE, world_size=8, micro_batch=1)
     assert m["weights"] + m["gradients"] + m["optimizer"] == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("parallel,grads", [
+    ("zero1", 6 * P),  # the bf16 optimizer: bf16 gradients of the micro-batch + fp32 sums, unsharded
+    ("zero2", 4 * P / 8),  # fp32 gradient partitions
+    ("zero3", 4 * P / 8),
+    ("fsdp", 4 * P / 8 + 4 * P),  # + the unsharded fp32 sums between the micro-batches of a step
+])
+def test_fp32_gradient_sums_under_bf16_are_counted(parallel, grads):
+    cfg = typed_cfg(f"parallel={parallel}", "trainer.precision=bf16")
+    m = memory_estimate(cfg, SHAPE, world_size=8, micro_batch=1, grad_accum=4)
+    assert m["gradients"] == pytest.approx(grads)
+    if parallel == "fsdp":  # no accumulation: reduce-scattered at once
+        assert memory_estimate(cfg, SHAPE, world_size=8, micro_batch=1)["gradients"] == pytest.approx(4 * P / 8)
 
 
 def test_full_fine_tuning_keeps_fp32_masters_whatever_the_storage_dtype():

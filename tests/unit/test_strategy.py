@@ -27,6 +27,43 @@ def test_deepspeed_config_is_filled_from_hydra():
     assert deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)["zero_force_ds_cpu_optimizer"] is False
 
 
+def test_bf16_gradients_are_accumulated_and_reduced_in_fp32_unless_traded(tmp_path):
+    """DeepSpeed and FSDP2 would sum and reduce bf16 gradients by default; distsft sets fp32 (trainer.grad_dtype)."""
+    import torch
+
+    from distsft.trainer.strategy import ddp_kwargs
+
+    cfg = typed_cfg("parallel=zero2", "trainer.precision=bf16")
+    ds = deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    policy = plugins(typed_cfg("parallel=fsdp").parallel, cfg.trainer, PLAN, cuda=False)["fsdp_plugin"] \
+        .mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert ddp_kwargs(cfg.trainer) == []  # autocast over fp32 weights: fp32 gradients already
+
+    traded = typed_cfg("parallel=zero2", "trainer.precision=bf16", "trainer.grad_dtype=bfloat16")
+    ds = deepspeed_config(traded.parallel, traded.trainer, PLAN, cuda=False)
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["communication_data_type"] == "bf16"
+    policy = plugins(typed_cfg("parallel=fsdp").parallel, traded.trainer, PLAN, cuda=False)["fsdp_plugin"] \
+        .mixed_precision_policy
+    assert policy.reduce_dtype == torch.bfloat16
+    assert ddp_kwargs(traded.trainer)[0].comm_hook.value == "bf16"
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}}))
+    cfg = typed_cfg("parallel=zero2", "trainer.precision=bf16", f"parallel.deepspeed_config={user}")
+    with pytest.raises(ConfigError, match=r"sets data_types.grad_accum_dtype=\"bf16\", but trainer.grad_dtype owns it"):
+        deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)
+    with pytest.raises(ConfigError, match="trainer.grad_dtype=bfloat16 rounds .* trainer.precision=fp32"):
+        typed_cfg("trainer.grad_dtype=bfloat16")
+    from distsft.checks import check_device_combinations
+
+    with pytest.raises(ConfigError, match="bf16 hook, which needs CUDA"):
+        check_device_combinations(traded_ddp := typed_cfg("trainer.precision=bf16", "trainer.grad_dtype=bfloat16"),
+                                  cuda=False)
+    check_device_combinations(traded_ddp, cuda=True)
+
+
 def test_user_deepspeed_json_auto_fields_merge_and_owned_fields_conflict(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"gradient_accumulation_steps": "auto", "zero_optimization": {"overlap_comm": True},
