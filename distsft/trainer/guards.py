@@ -1,7 +1,8 @@
 """Trainer stage 9: guards — non-finite steps, loss spikes, early stopping.
 
-Non-finite loss or gradient norm: the gradient norm is computed from gradients already reduced
-over ranks, so every rank sees the same verdict without another collective; the update is
+Non-finite loss or gradient norm: the verdict is the gradient norm's, computed from gradients already
+reduced over ranks, so every rank sees the same verdict without another collective (a rank whose own loss
+is not finite turns its gradients NaN before the reduction: step._poison); the update is
 skipped everywhere (the data moves on, the LR schedule follows the step count), the samples of
 the step are named (file and row, from every rank), and after ``trainer.max_bad_steps``
 consecutive bad steps the run stops with a clear message. Under DeepSpeed the engine steps inside

@@ -4,8 +4,10 @@
     count supervised tokens (and rows) of all the step's micro-batches, all-reduce    -> N (R)
     for each micro-batch (no gradient sync but on the last):
         loss share = sum token CE / N  (+ MoE router term: coef x sum of row terms / R)
-        backward(share x data-parallel size x accumulation)   (undoes DDP's/ZeRO's averaging and Accelerate's)
-    clip, optimizer step (a non-finite one skipped, on the device with fused AdamW), scheduler step
+        backward(share x data-parallel size x accumulation)   (undoes DDP's/ZeRO's averaging and Accelerate's;
+                                                              a non-finite share makes this rank's gradients NaN)
+    clip, optimizer step (skipped when the reduced gradient norm is not finite: the same verdict on every rank;
+                          on the device with fused AdamW), scheduler step
 """
 
 from __future__ import annotations
@@ -170,10 +172,17 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
                 share = share + aux
                 stats = RouterStats(aux.detach(), balance[1])
                 router = stats if router is None else router + stats
-            accelerator.backward(share * undo)
+            accelerator.backward(share * undo * _poison(share))
             total += share.detach()
     assert accelerator.sync_gradients, "micro-batches per step must equal the accumulation steps"
     return total, counts, router
+
+
+def _poison(share: torch.Tensor) -> torch.Tensor:
+    """1, or NaN when this rank's loss share is not finite: its gradients then turn NaN, and the gradient reduction
+    carries the verdict to every rank (an infinite loss can have finite gradients: a -inf logit on a target gives
+    softmax's finite p - 1). On the device: no sync, no extra collective."""
+    return torch.where(torch.isfinite(share.detach()), 1.0, math.nan)
 
 
 def train_step(model, micro_batches: list[dict], accelerator, optimizer, scheduler,
@@ -182,8 +191,9 @@ def train_step(model, micro_batches: list[dict], accelerator, optimizer, schedul
     # under DeepSpeed the engine has already clipped and stepped; this returns its global norm
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else math.nan, device=accelerator.device)
-    # the norm comes from gradients reduced over ranks: the same verdict everywhere
-    finite = torch.isfinite(grad_norm) & torch.isfinite(loss_share)
+    # the verdict comes from reduced quantities only, so every rank takes it: the norm of gradients reduced over
+    # ranks, which a rank's non-finite loss has made NaN (_poison); this rank's own loss share is not asked
+    finite = torch.isfinite(grad_norm)
     skip, applied = skip_flag(optimizer), False
     if skip is not None:  # fused AdamW skips a non-finite update itself: no host sync in the step
         skip.copy_(~finite)

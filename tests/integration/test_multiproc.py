@@ -3,6 +3,7 @@ doubled accumulation: the loss contract holds across ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,18 @@ def test_plain_num_processes_on_cpu_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "started a single process" in proc.stderr and "--multi_gpu" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_one_ranks_infinite_loss_is_skipped_by_every_rank(tmp_path):
+    """Rank 1's loss alone is infinite on its 3rd micro-batch, with finite gradients (only the loss says so):
+    the verdict must come from reduced quantities, so both ranks skip step 3 (fused AdamW decides on each rank's
+    device: a rank-local verdict would let rank 0 step while rank 1 skips, and the replicas part)."""
+    proc = launch(2, tmp_path, "trainer.max_steps=4", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
+                  "trainer.eval_every=0", "trainer.save_every=0", "logging.log_every=1", "logging.sample_every=0",
+                  "export.enabled=false", module="tests.integration.nan_entry", expect_ok=False,
+                  env={"DISTSFT_TEST_NAN_CALLS": "3", "DISTSFT_TEST_NAN_RANK": "1", "DISTSFT_TEST_NAN_KIND": "inf"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "finished" and s["skipped_steps"] == [3]
+    for rank in (0, 1):  # each rank names the step it skipped
+        assert f"rank {rank}: step 3 has a non-finite loss or gradient norm" in proc.stderr + proc.stdout
