@@ -5,6 +5,7 @@ forward passes gather parameters collectively)."""
 from __future__ import annotations
 
 import torch
+from accelerate.utils import DistributedType
 
 from ..model.attention import VARLEN
 from ..model.load import base_model
@@ -26,8 +27,11 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     inner = accelerator.unwrap_model(model)
     was_training = inner.training
     inner.eval()
+    # ZeRO-3 and FSDP2 gather parameters collectively in every forward: a rank whose reply ends first must keep
+    # stepping with the others until every rank's has ended (synced_gpus), or the longer ones hang in a gather
     plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.zero_stage == 3
+    synced = accelerator.num_processes > 1 and (plugin is not None and plugin.zero_stage == 3
+                                                or accelerator.distributed_type == DistributedType.FSDP)
     # distsft's varlen kernel has no KV-cache path: recompute instead (a few tokens only)
     use_cache = base_model(inner).config._attn_implementation != VARLEN
     out = []
@@ -35,7 +39,7 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         # compiled layers (model.compile) would recompile for every cache length and layer index: eager here
         with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             out.append((prompt, greedy_reply(inner, tokenizer, prompt, max_new_tokens, accelerator.device,
-                                             use_cache=use_cache, synced_gpus=zero3)))
+                                             use_cache=use_cache, synced_gpus=synced)))
     inner.train(was_training)
     return out
 

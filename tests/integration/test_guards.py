@@ -219,10 +219,16 @@ def test_sample_generations_in_tensorboard(tmp_path):
 
 
 @pytest.mark.multiproc
-def test_sample_generations_under_zero3(tmp_path):
-    """Every rank generates (ZeRO-3 gathers parameters collectively); rank 0 writes."""
-    launch(2, tmp_path, "parallel=zero3", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
-           "logging.sample_every=2", "logging.sample_max_new_tokens=4")
+@pytest.mark.parametrize("parallel", ["zero3", "fsdp"])
+def test_sample_generations_under_sharded_parameters_with_replies_of_different_lengths(tmp_path, parallel):
+    """Every rank generates (ZeRO-3 and FSDP2 gather parameters collectively in each forward); rank 0 writes.
+    Rank 1's replies run to the token limit while rank 0's end at once (the random tiny model's first token is
+    its eos): the rank that finishes first keeps stepping with the other (synced_gpus), where it would leave
+    the other waiting in a gather (a hang, caught by the timeout)."""
+    launch(2, tmp_path, f"parallel={parallel}", "trainer.max_steps=2", "trainer.eval_every=0",
+           "trainer.save_every=0", "logging.sample_every=2", "logging.sample_max_new_tokens=6", "export.enabled=false",
+           module="tests.integration.fault_entry", env={"DISTSFT_TEST_FAULT": "uneven_samples",
+                                                        "DISTSFT_TEST_FAULT_RANK": "1"}, timeout=240)
     tags, _ = _text_tags(tmp_path)
     assert "samples/text_summary" in tags
 

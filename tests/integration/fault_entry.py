@@ -1,0 +1,34 @@
+"""``accelerate launch -m tests.integration.fault_entry key=value ...``: distsft.train with a real fault injected
+on one rank, for the failure tests (a monkeypatch cannot reach launched processes).
+
+    DISTSFT_TEST_FAULT=save_oserror   checkpoint.manifest raises ENOSPC on rank DISTSFT_TEST_FAULT_RANK (default 0),
+                                      as a full disk would while the main process finishes a checkpoint
+    DISTSFT_TEST_FAULT=uneven_samples this rank's sample replies run to logging.sample_max_new_tokens (no early eos):
+                                      the ranks' greedy replies end at different lengths
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+if __name__ == "__main__":
+    import distsft.trainer.checkpoint as checkpoint
+    from distsft.train import main
+
+    if os.environ.get("RANK") == os.environ.get("DISTSFT_TEST_FAULT_RANK", "0"):
+        if os.environ.get("DISTSFT_TEST_FAULT") == "save_oserror":
+            def manifest(directory, *args, **kwargs):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+            checkpoint.manifest = manifest
+        if os.environ.get("DISTSFT_TEST_FAULT") == "uneven_samples":
+            import distsft.trainer.samples as samples
+
+            reply = samples.greedy_reply
+
+            def longer(model, tokenizer, prompt, max_new_tokens, device=None, **kwargs):
+                return reply(model, tokenizer, prompt, max_new_tokens, device, min_new_tokens=max_new_tokens, **kwargs)
+
+            samples.greedy_reply = longer
+    main()
