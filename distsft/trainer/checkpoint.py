@@ -5,12 +5,15 @@
                                          history), config.yaml, COMPLETE
 
 Every rank writes into ``.step_<N>.tmp``; after a barrier the main process records the size and
-CRC-32 of every file in a manifest, fsyncs the files and the directory, renames it and only then
-writes ``COMPLETE`` (holding the manifest; itself written to a temp file, fsynced and renamed). A
-directory without ``COMPLETE`` (a crash mid-save) is never resumed from and is removed by the next
-save. On resume every file is checked against the manifest: ``trainer.resume=auto`` skips a damaged
-checkpoint (truncated, emptied, altered, missing files), naming it and what is wrong, and resumes from
-the newest intact one; an explicit ``trainer.resume=<dir>`` that is damaged is refused.
+CRC-32 of every file in a manifest (each rank checksums its share of the files), fsyncs the files and the
+directory, renames it and only then writes ``COMPLETE`` (holding the manifest; itself written to a temp file,
+fsynced and renamed). A directory without ``COMPLETE`` (a crash mid-save, before or after the rename) is never
+resumed from and is removed by the next save or at the start of the next run. The main process's parts run
+under ``collective.main_decides``: a failure there (a full disk) stops every rank at once, in one line. On
+resume every file is checked against the manifest (the checksums shared among the ranks):
+``trainer.resume=auto`` skips a damaged checkpoint (truncated, emptied, altered, missing files), naming it
+and what is wrong, and resumes from the newest intact one; an explicit ``trainer.resume=<dir>`` that is
+damaged is refused.
 """
 
 from __future__ import annotations
@@ -64,54 +67,87 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resume(resume: str, root: Path) -> Path | None:
+def find_resume(resume: str, root: Path, acc=None) -> Path | None:
+    """The checkpoint to resume from: ``auto`` the newest intact one (a damaged one is named and skipped),
+    ``never`` none, else the path given (refused if it is not complete and intact). With ``acc``, every rank
+    takes part and returns the same answer: the files' checksums are shared among the ranks (``damage``)."""
     if resume == "never":
         return None
     if resume == "auto":
         for _, ckpt in reversed(complete_checkpoints(root)):  # newest first: the newest intact one
-            problems = damage(ckpt)
+            problems = damage(ckpt, acc)
             if not problems:
                 return ckpt
-            log.warning("not resuming from %s: it is damaged (%s); trying an older checkpoint", ckpt,
-                        "; ".join(problems))
+            if acc is None or acc.is_main_process:
+                    log.warning("not resuming from %s: it is damaged (%s); trying an older checkpoint", ckpt,
+                            "; ".join(problems))
         return None
     path = Path(resume)
     if not (path / MARKER).exists():
         raise ConfigError(f"trainer.resume={resume}: not a complete checkpoint (no {MARKER} marker)")
-    problems = damage(path)
+    problems = damage(path, acc)
     if problems:
         raise ConfigError(f"trainer.resume={resume}: the checkpoint is damaged ({'; '.join(problems)}); resume from "
                           "another one, or trainer.resume=auto to take the newest intact one")
     return path
 
 
-def manifest(directory: Path) -> dict[str, list[int]]:
-    """{relative path: [size, CRC-32]} of every file under ``directory`` (CRC in threads: zlib frees the GIL)."""
+def manifest(directory: Path, acc=None) -> dict[str, list[int]]:
+    """{relative path: [size, CRC-32]} of every file under ``directory``; with ``acc`` the files are shared among
+    the ranks (collective: every rank calls it and gets the whole manifest). An unreadable file raises its
+    OSError."""
     files = sorted(p for p in directory.rglob("*") if p.is_file())
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        crcs = list(pool.map(_crc32, files))
-    return {str(p.relative_to(directory)): [p.stat().st_size, c] for p, c in zip(files, crcs)}
+    out = {}
+    for p, crc in zip(files, _crcs(files, acc)):
+        if isinstance(crc, BaseException):
+            raise crc
+        out[str(p.relative_to(directory))] = [p.stat().st_size, crc]
+    return out
 
 
-def damage(ckpt: Path) -> list[str]:
+def damage(ckpt: Path, acc=None) -> list[str]:
     """What is wrong with a checkpoint's files against its manifest (empty: intact). A checkpoint written
-    before manifests existed is trusted as it is."""
+    before manifests existed is trusted as it is. With ``acc`` the checksums are shared among the ranks
+    (collective: every rank calls it and gets the same answer)."""
     try:
         expected = json.loads((ckpt / MARKER).read_text()).get("files")
     except (OSError, ValueError) as e:
         return [f"unreadable {MARKER} marker: {e}"]
     if expected is None:
         return []
-    problems = []
-    for rel, (size, crc) in expected.items():
+    problems, present = [], []
+    for rel, (size, _) in expected.items():
         f = ckpt / rel
         if not f.is_file():
             problems.append(f"{rel} is missing")
         elif f.stat().st_size != size:
             problems.append(f"{rel} has {f.stat().st_size} bytes, {size} were written")
-        elif _crc32(f) != crc:
+        else:
+            present.append(rel)
+    for rel, crc in zip(present, _crcs([ckpt / rel for rel in present], acc)):
+        if isinstance(crc, BaseException):
+            problems.append(f"{rel} cannot be read ({crc})")
+        elif crc != expected[rel][1]:
             problems.append(f"{rel} differs from what was written (checksum)")
     return problems
+
+
+def _crcs(files: list[Path], acc) -> list:
+    """CRC-32 of each file (or the OSError reading it): shared among the ranks with ``acc``, else in threads on
+    this process (zlib frees the GIL)."""
+    if acc is not None and acc.num_processes > 1:
+        from .collective import share_files
+
+        return share_files(acc, files, _crc32)
+
+    def crc_or_error(path: Path):
+        try:
+            return _crc32(path)
+        except OSError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(crc_or_error, files))
 
 
 def _crc32(path: Path) -> int:
@@ -173,20 +209,31 @@ def check_compatible(ckpt: Path, current: dict, world_size: int, data_fingerprin
 
 def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: str | None = None,
          provenance: dict | None = None) -> Path:
-    """checkpoints/step_<N> (or checkpoints/<name>, e.g. best, which is never pruned nor resumed from)."""
+    """checkpoints/step_<N> (or checkpoints/<name>, e.g. best, which is never pruned nor resumed from). The main
+    process's parts run under ``main_decides``: a failure there (a full disk) stops every rank at once."""
+    from .collective import main_decides
+
     name = name or f"step_{step}"
     final, tmp = root / name, root / f".{name}.tmp"
-    if accelerator.is_main_process:
+    what = f"saving checkpoint {name}"
+
+    def start():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+
+    main_decides(accelerator, start, what)  # (its broadcast is the barrier before every rank writes)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def describe():
         OmegaConf.save(OmegaConf.create(resolved), tmp / "config.yaml")
         if provenance is not None:
             (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        files = manifest(tmp)
+
+    main_decides(accelerator, describe, what)
+    files = manifest(tmp, accelerator)  # every rank checksums its share of the files
+
+    def finish():
         _fsync_tree(tmp)  # the data on the disk before anything says it is complete
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -194,13 +241,28 @@ def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: st
         _write_durably(final / MARKER, json.dumps({"step": step, "world_size": accelerator.num_processes,
                                                    "files": files}) + "\n")
         prune(root, keep)
-    accelerator.wait_for_everyone()
+
+    main_decides(accelerator, finish, what)
     return final
 
 
 def prune(root: Path, keep: int) -> None:
-    for p in root.glob(".step_*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove what no run may trust (temporary directories of an interrupted save, checkpoints renamed into place
+    without their COMPLETE marker: a crash between the two) and all but the newest ``keep`` complete ones."""
+    remove_incomplete(root)
     if keep > 0:
         for _, p in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_incomplete(root: Path) -> list[Path]:
+    """Remove ``.step_*.tmp`` (and ``.best.tmp``) directories and ``step_<N>`` / ``best`` directories without a
+    COMPLETE marker; returns what was removed. Only with the run lock held (no other save in flight)."""
+    if not root.is_dir():
+        return []
+    gone = [p for p in root.iterdir() if p.is_dir() and (
+        p.name.startswith(".") and p.name.endswith(".tmp")
+        or (STEP_DIR.match(p.name) or p.name == "best") and not (p / MARKER).exists())]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone

@@ -72,3 +72,32 @@ def test_an_explicit_resume_from_a_damaged_checkpoint_is_refused_by_name(tmp_pat
     with pytest.raises(ConfigError, match=r"step_2: the checkpoint is damaged \(optimizer.bin has 0 bytes, \d+ were"):
         run_tiny(tmp_path / "b", *COMMON, f"trainer.resume={ckpt}")
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_a_checkpoint_renamed_without_its_marker_is_removed_and_never_resumed(tmp_path, straight, caplog):
+    """A crash between the rename into step_<N> and the COMPLETE marker leaves a whole-looking directory: the next
+    run resumes from the newest complete one, removes it (and an interrupted save's temporary directory) at start,
+    and a save removes one that appears later."""
+    import shutil
+
+    from distsft.trainer.checkpoint import prune
+
+    caplog.set_level(logging.INFO)
+    run_tiny(tmp_path, *COMMON, "trainer.stop_after=4")  # checkpoints at steps 2 and 4
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(ckpts / "step_4", ckpts / "step_6")
+    (ckpts / "step_6" / "COMPLETE").unlink()  # renamed into place, the marker never written
+    shutil.copytree(ckpts / "step_2", ckpts / ".step_8.tmp")
+    res = run_tiny(tmp_path, *COMMON)
+    assert "resumed from" in caplog.text and "step_4 at step 4" in caplog.text
+    assert "removed" in caplog.text and "step_6: an unfinished checkpoint (no COMPLETE marker)" in caplog.text
+    assert res.summary["status"] == "finished" and not (ckpts / ".step_8.tmp").exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_2", "step_4", "step_6", "step_8"]  # step_6 anew
+    assert all((ckpts / f"step_{n}" / "COMPLETE").exists() for n in (2, 4, 6, 8))
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.equal(final[k], straight[k]) for k in straight)
+
+    shutil.copytree(ckpts / "step_8", ckpts / "step_10")  # at a save: pruned with the temporary directories
+    (ckpts / "step_10" / "COMPLETE").unlink()
+    prune(ckpts, keep=0)
+    assert not (ckpts / "step_10").exists() and (ckpts / "step_8" / "COMPLETE").exists()

@@ -61,3 +61,24 @@ def test_one_ranks_infinite_loss_is_skipped_by_every_rank(tmp_path):
     assert s["status"] == "finished" and s["skipped_steps"] == [3]
     for rank in (0, 1):  # each rank names the step it skipped
         assert f"rank {rank}: step 3 has a non-finite loss or gradient norm" in proc.stderr + proc.stdout
+
+
+def test_a_failure_on_the_main_process_during_a_save_stops_every_rank_at_once_in_one_line(tmp_path):
+    """The disk fills while the main process finishes checkpoint step_2 (its flush raises ENOSPC) and rank 1 waits
+    for it in a collective. The failure is broadcast: both ranks stop at once (not after the collective timeout),
+    the user reads one line naming the checkpoint and the OS error, and nothing half-written is trusted."""
+    import time
+
+    t0 = time.monotonic()
+    proc = launch(2, tmp_path, "trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=0",
+                  "logging.sample_every=0", module="tests.integration.fault_entry", expect_ok=False, timeout=300,
+                  env={"DISTSFT_TEST_FAULT": "save_oserror"})
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distsft: error:")]
+    assert len(errors) == 1 and "saving checkpoint step_2 failed on the main process" in errors[0] \
+        and "No space left on device" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("distsft: error:")[0], proc.stderr[-3000:]  # the ranks' own output
+    assert elapsed < 120, elapsed
+    ckpts = tmp_path / "checkpoints"
+    assert not (ckpts / "step_2").exists() and not list(ckpts.glob("step_*/COMPLETE"))

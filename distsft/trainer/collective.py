@@ -1,0 +1,80 @@
+"""Trainer (collectives): work the main process does alone while the other ranks wait, and work every rank shares.
+
+``main_decides`` runs a block on the main process only and hands every rank its result, or its failure: a rank
+waiting in a collective for a main process that raised would otherwise wait for the collective timeout (under
+``srun`` nothing kills it sooner; under torchrun the agent does, with a page of tracebacks). The failure reaches
+every rank as one error:
+
+    ConfigError (a bad config, a taken lock)   the same ConfigError on every rank
+    OSError (disk full, permission, I/O)       TrainingError naming what failed: one line, exit code 2
+    anything else (a bug)                      the main process re-raises it (its traceback); the others stop
+
+``share_files`` splits work over files (a checkpoint's CRCs) among the ranks and gathers the results, so
+verifying a checkpoint takes 1/N of the time it takes one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from ..config import ConfigError
+from .guards import TrainingError
+
+T = TypeVar("T")
+
+
+def main_decides(acc, decide: Callable[[], T], what: str) -> T:
+    """``decide()`` on the main process; every rank returns its result or raises its failure (see the module
+    docstring). ``what`` names the work in the error ('saving checkpoint step_4')."""
+    from accelerate.utils import broadcast_object_list
+
+    box: list = [("ok", None)]
+    failure = None
+    if acc.is_main_process:
+        try:
+            box = [("ok", decide())]
+        except ConfigError as e:
+            box = [("config", str(e))]
+        except (OSError, TrainingError) as e:
+            box = [("error", f"{what} failed on the main process: {e}")]
+        except Exception as e:  # a bug: the main process keeps its traceback, the others must not wait for it
+            failure = e
+            box = [("bug", f"{what} failed on the main process ({type(e).__name__}: {e}); see its traceback")]
+    if acc.num_processes > 1:
+        broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    if kind == "config":
+        raise ConfigError(value)
+    if failure is not None:
+        raise failure
+    raise TrainingError(value)
+
+
+def share_files(acc, files: list[Path], work: Callable[[Path], T]) -> list[T | BaseException]:
+    """``work(f)`` for every file, each rank taking every N-th of them (largest first, so the shares are even); the
+    results, in the order of ``files``, on every rank. A file whose work raised an OSError gives that error."""
+    from accelerate.utils import gather_object
+
+    order = sorted(range(len(files)), key=lambda i: -_size(files[i]))
+    mine = order[acc.process_index::acc.num_processes]
+    done = []
+    for i in mine:
+        try:
+            done.append((i, work(files[i])))
+        except OSError as e:
+            done.append((i, e))
+    gathered = gather_object(done) if acc.num_processes > 1 else done  # all_gather: every rank has every pair
+    results: list = [None] * len(files)
+    for i, result in gathered:
+        results[i] = result
+    return results
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
