@@ -21,6 +21,7 @@ from .data.templates import end_of_turn_id
 from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
+from .export_check import check_merged
 from .model.attention import configured_attention, describe_attention
 from .model import sequence
 from .model.head import install as install_head
@@ -38,6 +39,7 @@ from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
+from .trainer.collective import main_decides
 from .trainer.lock import RunLock
 from .trainer.loop import LoopOutcome, LoopParts, train
 from .trainer.metrics import model_flops, peak_flops
@@ -99,7 +101,7 @@ def _logging_for(cfg: Config):
 def _locked(acc, out: Path):
     """Hold output_dir's run lock (taken by the main process; every rank stops if another run holds it)."""
     lock = RunLock(out) if acc.is_main_process else None
-    _main_decides(acc, lambda: lock.acquire())
+    main_decides(acc, lambda: lock.acquire(), f"taking the run lock of {out}")
     try:
         yield
     finally:
@@ -135,10 +137,12 @@ def _finish(cfg: Config, acc, plan, d, parts: LoopParts, outcome: LoopOutcome, c
         log.log(logging.WARNING if breaks else logging.INFO, "compile: %d graphs, %d graph breaks%s", c["graphs"],
                 breaks, " (parts of the layers ran eagerly; TORCH_LOGS=graph_breaks shows where)" if breaks else "")
     if outcome.status in ("finished", "early_stopped") and cfg.export.enabled:
-        summary.update(_export(cfg, acc, model, tokenizer, out, parts.resolved_config, outcome, prov))
+        summary.update(_export(cfg, acc, model, tokenizer, out, parts.resolved_config, outcome, prov,
+                               parts.eval_batches))
     summary["wall_time_s"] = time.time() - t0
+    main_decides(acc, lambda: (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n"),
+                 f"writing {out / 'summary.json'}")
     if acc.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.info("done: %s after %d steps, train loss %s, eval loss %s, %.1fs", summary["status"],
                  state.step, summary["final_train_loss"], summary["final_eval_loss"], summary["wall_time_s"])
         log.info(describe_diagnosis(summary["diagnosis"]))
@@ -259,23 +263,33 @@ def _summary(cfg: Config, plan, d: DataParts, parts: LoopParts, outcome: LoopOut
                      "prepare_seconds": round(data.seconds, 3)}}
 
 
-def _export(cfg: Config, acc, model, tokenizer, out: Path, resolved: dict, outcome: LoopOutcome, prov: dict) -> dict:
+def _export(cfg: Config, acc, model, tokenizer, out: Path, resolved: dict, outcome: LoopOutcome, prov: dict,
+            eval_batches=None) -> dict:
+    """final/ (the fp32 masters of the last step, or of the best eval); a merged export is scored again on the
+    eval split against the trained model's eval loss at that step (export_check)."""
     extra = {}
+    evals = outcome.history.get("eval_loss") or []
+    trained_loss = evals[-1][1] if evals else None  # the loop evaluates the last step (or stops early at an eval)
     if cfg.trainer.export_best and outcome.best_eval:
         acc.load_state(str(out / "checkpoints" / "best"))  # export the best eval, not the last step
         extra["exported_step"] = outcome.best_eval["step"]
+        trained_loss = outcome.best_eval["loss"]
 
     def base_loader():  # the un-quantised base, for export.mode=merged (rank 0 only: no zero.Init)
         with whole_model(acc):
             return load_model(cfg.model, cfg.trainer.seed)
 
-    extra["final_dir"] = str(export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader, prov,
-                                           dtype=cfg.model.dtype))
+    final = export_final(acc, model, tokenizer, out, resolved, cfg.export.mode, base_loader, prov,
+                         dtype=cfg.model.dtype)
+    extra["final_dir"] = str(final)
+    if cfg.export.mode == "merged":
+        extra["export_check"] = check_merged(cfg, acc, final, eval_batches, trained_loss)
     return extra
 
 
 def use_template(tokenizer, template: str, name: str | None) -> None:
-    """Train and export with the same template; a built-in template's end-of-turn also stops generation."""
+    """Train and export with the same template. A built-in template's end-of-turn becomes the tokenizer's eos,
+    which the export adds to the base's eos ids (generation_config.json): generate() stops at the end of a turn."""
     tokenizer.chat_template = template
     eot = end_of_turn_id(name, tokenizer)
     if eot is not None and eot != tokenizer.eos_token_id:
@@ -305,41 +319,28 @@ def _close_run_log() -> None:
 
 
 def _setup_run_dir(acc, out: Path, resolved: dict) -> None:
-    if acc.is_main_process:
+    def setup():
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(resolved), out / "config.yaml")
         _close_run_log()
         handler = _RunLog(out / "train.log")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
         logging.getLogger().addHandler(handler)
+        # a save that crashed (before or after its rename, without COMPLETE): nothing may trust it
+        for gone in checkpoint.remove_incomplete(out / "checkpoints"):
+            log.warning("removed %s: an unfinished checkpoint (no %s marker) of an earlier run", gone,
+                        checkpoint.MARKER)
+
+    main_decides(acc, setup, f"setting up {out}")  # (its broadcast is the barrier: the run directory exists)
     # Accelerate logs every file of every checkpoint at INFO; keep the run log readable
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    acc.wait_for_everyone()
-
-
-def _main_decides(acc, decide):
-    """``decide()`` on the main process only (it reads every checkpoint file once, not once per rank); every
-    rank gets its result, or raises its ConfigError."""
-    from accelerate.utils import broadcast_object_list
-
-    box = [None]
-    if acc.is_main_process:
-        try:
-            box = [("ok", decide())]
-        except ConfigError as e:
-            box = [("error", str(e))]
-    if acc.num_processes > 1:
-        broadcast_object_list(box)
-    kind, value = box[0]
-    if kind == "error":
-        raise ConfigError(value)
-    return value
 
 
 def _resume_target(acc, cfg: Config, out: Path, resolved: dict, fingerprint: str) -> Path | None:
     """The intact checkpoint to resume from (None: start fresh), checked for compatibility."""
-    ckpt = _main_decides(acc, lambda: checkpoint.find_resume(cfg.trainer.resume, out / "checkpoints"))
+    # every rank checks its share of the checkpoints' files and all reach the same answer
+    ckpt = checkpoint.find_resume(cfg.trainer.resume, out / "checkpoints", acc)
     if ckpt is not None:
         checkpoint.check_compatible(ckpt, resolved, acc.num_processes, fingerprint, cfg.trainer.resume_force)
     return ckpt

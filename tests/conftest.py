@@ -124,10 +124,13 @@ def peak_allocated(fn) -> tuple[int, object]:
 
 def checkpoint_masters(ckpt: Path) -> dict:
     """The fp32 master weights in a checkpoint directory written by any strategy, by parameter name (as
-    ``model.named_parameters()`` names them): DeepSpeed's fp32 optimizer partitions (zero_to_fp32), FSDP2's
+    ``model.named_parameters()`` names them): DeepSpeed's fp32 optimizer partitions (zero_to_fp32; ZeRO-1 under
+    bf16 runs DeepSpeed's BF16_Optimizer, whose files zero_to_fp32 refuses: bf16_optimizer_masters), FSDP2's
     DCP shards, or the model file of ddp."""
     import torch
 
+    if is_bf16_optimizer_checkpoint(ckpt / "pytorch_model"):
+        return bf16_optimizer_masters(ckpt / "pytorch_model")
     if (ckpt / "pytorch_model" / "latest").exists() or (ckpt / "latest").exists():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -146,3 +149,36 @@ def checkpoint_masters(ckpt: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(ckpt / "model.safetensors"))
+
+
+def is_bf16_optimizer_checkpoint(ds_dir: Path) -> bool:
+    """DeepSpeed names every optimizer file of a bf16 run bf16_zero_pp_rank_*; the ZeRO-1/2 optimizer's states
+    carry zero_stage, the BF16_Optimizer's do not."""
+    import torch
+
+    files = sorted(ds_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    return bool(files) and "zero_stage" not in torch.load(files[0], map_location="cpu",
+                                                          weights_only=False)["optimizer_state_dict"]
+
+
+def bf16_optimizer_masters(ds_dir: Path) -> dict:
+    """The fp32 masters of a checkpoint written by DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 and
+    ``data_types.grad_accum_dtype: fp32``): each rank's file holds its slice of every group's flat fp32 partition
+    (``single_partition_of_fp32_groups``) and, per parameter name, the (numel, start) of the fragment of that
+    parameter in it (``param_slice_mappings``). A parameter split between ranks has its fragments in rank order.
+    Frozen parameters and buffers (no masters) come from the module's weights as saved, cast to fp32."""
+    import torch
+
+    model = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    files = sorted(ds_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"), key=lambda f: int(f.name.split("_")[4]))
+    optim = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    assert len(files) == max(optim[0]["partition_count"]), f"{len(files)} optimizer files in {ds_dir}"
+    out = {k: v.float() for k, v in model["module"].items()}
+    for g, shapes in enumerate(model["param_shapes"]):
+        for name, shape in shapes.items():
+            parts = [o["single_partition_of_fp32_groups"][g].narrow(0, a.start, a.numel)
+                     for o in optim if (a := o["param_slice_mappings"][g].get(name)) is not None]
+            out[name] = torch.cat(parts).view(shape).clone()
+    for alias, name in model["shared_params"].items():
+        out[alias] = out[name]
+    return out

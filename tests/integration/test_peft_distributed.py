@@ -1,6 +1,6 @@
-"""PEFT under DeepSpeed with 2 CPU processes: LoRA + ZeRO-2/3 train, checkpoint, resume exactly and
-export an adapter; QLoRA + ZeRO-2 and 8-bit AdamW + ZeRO-2 train; LoRA + FP8 under ZeRO-3 and FSDP2; compiled
-LoRA layers (peft.fused_add) under ZeRO-3."""
+"""PEFT under DeepSpeed and FSDP2 with 2 CPU processes: LoRA + ZeRO-2/3 train, checkpoint, resume exactly and
+export an adapter; LoRA + FSDP2 gives one process's losses and adapter; QLoRA + ZeRO-2 and 8-bit AdamW + ZeRO-2
+train; LoRA + FP8 under ZeRO-3 and FSDP2; compiled LoRA layers (peft.fused_add) under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import launch
+from tests.conftest import checkpoint_masters, launch
 
 pytestmark = pytest.mark.multiproc
 STEPS = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=6", "logging.log_every=1",
@@ -49,6 +49,8 @@ def test_lora_zero3_merged_export(tmp_path):
 
     s = launch(2, tmp_path, "peft=lora", "parallel=zero3", "export.mode=merged", *STEPS)
     assert s["status"] == "finished"
+    # final/ scored again by both ranks (each its eval share, reduced): an fp32 merge is lossless
+    assert abs(s["export_check"]["relative_gap"]) < 1e-6, s["export_check"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
@@ -77,12 +79,49 @@ FP8_BASE = ["model=tiny_base", "peft=lora", "peft.dropout=0.0"]
 
 @pytest.fixture(scope="module")
 def fp8_references(tmp_path_factory):
-    """First-step losses of one process with LoRA in FP8 and without (in this process)."""
+    """Per-step losses of one process (in this process) with LoRA in FP8 and without; the plain run's output
+    directory (its final/ adapter) is kept under "plain_dir"."""
     from tests.conftest import run_tiny
 
     out = tmp_path_factory.mktemp("fp8_refs")
-    return {name: run_tiny(out / name, *FP8_BASE, *extra, *STEPS).summary["train_loss_history"]
+    refs = {name: run_tiny(out / name, *FP8_BASE, *extra, *STEPS).summary["train_loss_history"]
             for name, extra in (("fp8", ["model.fp8=true"]), ("plain", []))}
+    return {**refs, "plain_dir": out / "plain"}
+
+
+def test_lora_under_fsdp2_matches_one_process(tmp_path, fp8_references):
+    """FSDP2 + LoRA on the pretrained base, 2 processes, against one process (ddp, accumulation 2: the same global
+    batches; the reference run is the FP8 tests' plain one). fp32 on CPU: per-step losses and the final adapter
+    agree to float rounding (1e-5), as every other strategy's do; the adapters moved far further than that from
+    the reference's step-3 checkpoint, so the comparison can see a wrong update."""
+    run = launch(2, tmp_path, *FP8_BASE, "parallel=fsdp", *STEPS)
+    assert run["strategy"].startswith("FSDP2") and run["batch"]["world_size"] == 2
+    for (s, a), (t, b) in zip(run["train_loss_history"], fp8_references["plain"], strict=True):
+        assert s == t and a == pytest.approx(b, rel=1e-5), s
+    ref_dir = fp8_references["plain_dir"]
+    assert run["final_eval_loss"] == pytest.approx(read_summary(ref_dir)["final_eval_loss"], rel=1e-5)
+    ref = load_file(ref_dir / "final" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert ref and got.keys() == ref.keys()
+    rel = {k: float((got[k] - ref[k]).norm() / ref[k].norm()) for k in ref}
+    assert max(rel.values()) <= 1e-5, max(rel.items(), key=lambda kv: kv[1])  # measured: 1e-7
+    # the exported adapter is FSDP2's sharded masters (the last checkpoint), bitwise
+    masters = adapter_of(checkpoint_masters(tmp_path / "checkpoints" / "step_6"))
+    assert masters.keys() == got.keys() and all(torch.equal(masters[k], got[k]) for k in got)
+    mid = adapter_of(checkpoint_masters(ref_dir / "checkpoints" / "step_3"))
+    assert min(float((ref[k] - mid[k]).norm() / ref[k].norm()) for k in ref) > 100 * 1e-5  # measured: 0.056
+
+
+def adapter_of(weights: dict) -> dict:
+    """The LoRA tensors of a model's state, named as in the adapter file (PEFT names the adapter "default" in the
+    model, not in the file)."""
+    return {k.replace(".default.", "."): v for k, v in weights.items() if "lora_" in k}
+
+
+def read_summary(out) -> dict:
+    import json
+
+    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
