@@ -194,7 +194,7 @@ def child_trl(a) -> dict:
 def child_train(a) -> dict:
     """A training rank on the cached entry: peak RSS of ``python -m distsft.train`` (2 steps)."""
     out = Path(a.cache) / "run"
-    cmd = [sys.executable, "-m", "distsft.train", f"output_dir={out}", "experiment=none", "trainer.max_steps=2",
+    cmd = [sys.executable, "-m", "distsft.train", f"output_dir={out}", "recipe=none", "trainer.max_steps=2",
            "trainer.micro_batch_size=1", "trainer.grad_accum=1", "trainer.global_batch_size=1",
            f"data.train_files=[{a.file}]", "data.val_fraction=0", "data.max_seq_len=2048",
            f"data.cache_dir={a.cache}", f"data.num_proc={a.num_proc}", "trainer.save_every=0", "export.enabled=false"]

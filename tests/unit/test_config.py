@@ -13,7 +13,7 @@ from distsft.batch import resolve_batch
 from distsft.config import ConfigError
 from tests.conftest import CONF, ROOT, compose_cfg, typed_cfg
 
-GROUPS = ["model", "data", "optim", "schedule", "parallel", "trainer", "logging", "experiment"]
+GROUPS = ["model", "data", "optim", "schedule", "parallel", "trainer", "logging", "experiment", "recipe"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -130,8 +130,25 @@ def test_speed_switches_may_change_at_a_resume_but_training_keys_may_not():
     assert training_differences(base, resolved("optim.lr=1e-3")) == ["optim.lr: was 0.003, now 0.001"]
 
 
-def test_experiment_none_leaves_the_tiny_recipe_out():
-    """Your own data starts from the generic defaults: not the tiny recipe's LR, epochs or outputs/tiny."""
-    tiny, none = typed_cfg(), typed_cfg("experiment=none")
-    assert (tiny.run_name, tiny.optim.lr, tiny.trainer.epochs) == ("tiny", 3e-3, 4)
-    assert (none.run_name, none.output_dir, none.optim.lr, none.trainer.epochs) == ("run", "outputs/run", 2e-5, 1.0)
+def test_the_embedded_recipe_applies_only_to_the_embedded_model_and_data():
+    """The tiny recipe (LR 3e-3, 4 epochs, samples, outputs/tiny) is chosen by composition for model=tiny (or
+    tiny_base) with data=tiny; any other model preset or data=jsonl starts from the generic defaults, without
+    naming an experiment (it would wreck a pretrained model's weights at 3e-3)."""
+    generic = typed_cfg("recipe=none")
+    assert (generic.run_name, generic.output_dir, generic.optim.lr, generic.trainer.epochs,
+            generic.logging.sample_every) == ("run", "outputs/run", 2e-5, 1.0, 0)
+    recipe = ("run_name", "optim.lr", "trainer.epochs", "trainer.eval_every", "trainer.save_every",
+              "logging.sample_every")
+    from omegaconf import OmegaConf
+
+    def values(*over):
+        cfg = OmegaConf.structured(typed_cfg(*over))
+        return {k: OmegaConf.select(cfg, k) for k in recipe}
+
+    tiny = values()
+    assert (tiny["run_name"], tiny["optim.lr"], tiny["trainer.epochs"]) == ("tiny", 3e-3, 4)
+    assert values("model=tiny_base") == tiny == values("experiment=tiny", "model=llama3_1b")
+    plain = values("recipe=none")
+    models = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("tiny"))
+    for over in [(f"model={m}",) for m in models] + [("data=jsonl",), ("model=tiny_base", "data=jsonl")]:
+        assert values(*over) == plain, over
