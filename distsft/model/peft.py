@@ -62,6 +62,8 @@ def apply_peft(model, cfg: PeftConfig, gradient_checkpointing: bool, checkpoint_
                               "peft.target_modules=[q_proj,k_proj,v_proj,o_proj] to leave the experts and the router "
                               "alone") from None
         log.info("adapters: %s", describe_adapters(model))
+        if zero3 and bf16_autocast:
+            adapters_in_engine_dtype(model)
         if bf16_autocast:
             adapters_under_autocast(model)
         if cfg.fused_add:
@@ -96,6 +98,16 @@ def describe_adapters(model) -> str:
     if not kinds:
         return "none"
     return f"{sum(kinds.values())} modules: " + ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items()))
+
+
+def adapters_in_engine_dtype(model) -> None:
+    """ZeRO-3 under bf16: the base was loaded into bf16 shards (zero.Init), but the adapters are made afterwards,
+    in fp32, and the engine shards them as they are (ZeRO-1/2 cast the whole module to bf16 themselves). Cast them
+    to bf16 as well: the engine's optimizer keeps their fp32 masters, as for every other trainable weight, and an
+    adapter's bf16 input meets a bf16 weight (fp32 ones failed: 'expected m1 and m2 to have the same dtype')."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
 
 
 def adapters_under_autocast(model) -> int:
