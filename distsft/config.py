@@ -233,6 +233,10 @@ class TrainerConfig:
     early_stop_min_delta: float = 0.0
     #: Keep a checkpoint of the best eval loss (checkpoints/best) and export it instead of the last step.
     export_best: bool = False
+    #: Seconds a rank may go without a heartbeat (stopped, frozen), or without progress while another rank waits for it, before the job ends naming it, with stack dumps in output_dir/hang (0: no watchdog; several processes only).
+    hang_timeout: float = 600.0
+    #: Seconds a collective (all-reduce, gather, barrier) may wait before torch.distributed fails it; the bound for ranks that are all equally stuck.
+    collective_timeout: float = 1800.0
 
 
 @dataclass

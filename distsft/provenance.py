@@ -48,7 +48,8 @@ SAFE_TO_CHANGE = ("output_dir", "run_name", "logging.", "trainer.resume", "train
                   "model.revision", "trainer.micro_batch_size", "trainer.grad_accum",
                   # the same function computed another way (speed or memory): switch them on at a resume after an OOM
                   "model.compile", "model.gradient_checkpointing", "model.checkpoint_every", "model.tiled_mlp_shards",
-                  "model.offload_checkpoints", "trainer.loss_chunk")
+                  "model.offload_checkpoints", "trainer.loss_chunk",
+                  "trainer.hang_timeout", "trainer.collective_timeout")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

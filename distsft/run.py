@@ -40,6 +40,7 @@ from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
 from .trainer.collective import main_decides
+from .trainer.watchdog import Watchdog
 from .trainer.lock import RunLock
 from .trainer.loop import LoopOutcome, LoopParts, train
 from .trainer.metrics import model_flops, peak_flops
@@ -82,7 +83,12 @@ def run(cfg: Config) -> RunResult:
         parts = LoopParts(acc, model, optimizer, scheduler, d.loader, d.eval_batches, state, d.total, out, resolved,
                           flops=model_flops(acc.unwrap_model(model), trainable, n_params),
                           peak_flops=peak_flops(cfg.logging.peak_flops), provenance=prov, tokenizer=tokenizer)
-        outcome = train(parts, cfg.trainer, _logging_for(cfg))
+        dog = Watchdog.for_run(acc, cfg.trainer.hang_timeout, out)  # a silent or stuck rank ends the job
+        try:
+            outcome = train(parts, cfg.trainer, _logging_for(cfg))
+        finally:
+            if dog is not None:
+                dog.stop()
         summary = _finish(cfg, acc, plan, d, parts, outcome, (trainable, n_params), t0)
         acc.wait_for_everyone()  # every rank leaves together: no rank tears down a group another still uses
         acc.end_training()

@@ -90,8 +90,10 @@ def main(cfg: DictConfig) -> None:
     import os
 
     from .run import run
+    from .trainer.watchdog import die_with_launcher
 
     quiet_third_parties()
+    die_with_launcher()  # no rank outlives its launcher (and writes on into output_dir)
     with_user_errors(run, cfg, typed=lambda c: to_object(with_launcher_settings(c)))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _in_sweep():
         # Everything is written and the process group is gone. Native extensions of the CPU collectives

@@ -33,7 +33,7 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         single_process_group()
     # a single process gets no process group unless DeepSpeed/FSDP needs one
     kwargs = [InitProcessGroupKwargs(backend="nccl" if cuda else parallel.cpu_backend,
-                                     timeout=timedelta(minutes=30))] if launched or parallel.strategy != "ddp" else []
+                                     timeout=timedelta(seconds=trainer.collective_timeout))] if launched or parallel.strategy != "ddp" else []
     extra = plugins(parallel, trainer, plan, cuda)
     if parallel.strategy == "ddp":
         kwargs += ddp_kwargs(trainer)

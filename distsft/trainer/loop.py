@@ -24,6 +24,7 @@ from .metrics import Reporter, Window
 from .preempt import StopRequest
 from .samples import as_markdown, generate_samples
 from .step import evaluate, train_step
+from .watchdog import progress
 
 
 @dataclass
@@ -65,6 +66,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> LoopOutcome:
         while st.step < stop_at:
             epoch, in_epoch = divmod(st.step, p.loader.steps_per_epoch)
             fetched = time.perf_counter()
+            progress("data", st.step)
             for micro_batches in p.loader.steps(epoch, in_epoch):
                 loop.window.data_time += time.perf_counter() - fetched  # the host waiting for its batches
                 ended = loop.step(micro_batches, stop_at)
@@ -73,6 +75,7 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> LoopOutcome:
                 if st.step >= stop_at:
                     break
                 fetched = time.perf_counter()
+                progress("data", st.step)
     finally:
         loop.close()
     loop.judge(0)  # a step still pending (an early stop between log steps): skipped_steps is complete
@@ -104,6 +107,7 @@ class _Loop:
         """One optimizer step and what follows it; why to stop now, if so."""
         p, st = self.p, self.p.state
         lr = p.scheduler.get_last_lr()[0]
+        progress("forward/backward", st.step + 1)
         res = train_step(p.model, micro_batches, p.accelerator, p.optimizer, p.scheduler, self.cfg.max_grad_norm,
                          self.stop_request.local())
         st.step += 1
@@ -132,6 +136,7 @@ class _Loop:
         """Eval and sample generation when due; True when early stopping says stop."""
         p, step, early = self.p, self.p.state.step, False
         if p.eval_batches and self.cfg.eval_every and step % self.cfg.eval_every == 0:
+            progress("eval")
             self.eval()
             early = self.guards.early.should_stop(p.accelerator)
             if early:
@@ -140,6 +145,7 @@ class _Loop:
                               f"(best {best.best:.4f} at step {best.best_step})")
         every = self.log_cfg.sample_every
         if every and (step % every == 0 or step == p.total_steps):
+            progress("samples")
             samples = generate_samples(p.model, p.tokenizer, self.log_cfg.sample_prompts,
                                        self.log_cfg.sample_max_new_tokens, p.accelerator)
             self.rep.text(step, "samples", as_markdown(samples))
@@ -178,6 +184,7 @@ class _Loop:
 
     def save(self, keep: int, name: str | None = None) -> None:
         p = self.p
+        progress("checkpoint")
         p.state.guards = self.guards.state_dict()
         p.state.history = self.history
         checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, keep, name=name,

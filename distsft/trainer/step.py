@@ -23,6 +23,7 @@ from ..model.attention import VARLEN
 from ..model.kernels import fused_loss
 from .loss import target_ce_sum, token_ce_sum
 from .optim import skip_flag
+from .watchdog import progress
 
 
 class StepCounts:
@@ -188,6 +189,7 @@ def _poison(share: torch.Tensor) -> torch.Tensor:
 def train_step(model, micro_batches: list[dict], accelerator, optimizer, scheduler,
                max_grad_norm: float, stop: float = 0.0) -> StepResult:
     loss_share, counts, router = accumulate_gradients(model, micro_batches, accelerator, stop)
+    progress("optimizer")
     # under DeepSpeed the engine has already clipped and stepped; this returns its global norm
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
     grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else math.nan, device=accelerator.device)

@@ -3,6 +3,7 @@ on one rank, for the failure tests (a monkeypatch cannot reach launched processe
 
     DISTSFT_TEST_FAULT=save_oserror   the main process's flush of a checkpoint raises ENOSPC (rank 0), as a full disk
                                       would while it finishes a checkpoint and the other ranks wait for it
+    DISTSFT_TEST_FAULT=stop_self      the rank SIGSTOPs itself in its DISTSFT_TEST_FAULT_CALL-th forward, 3 s in (a frozen node)
     DISTSFT_TEST_FAULT=uneven_samples this rank's sample replies run to logging.sample_max_new_tokens (no early eos):
                                       the ranks' greedy replies end at different lengths
 """
@@ -22,6 +23,23 @@ if __name__ == "__main__":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
 
             checkpoint._fsync_tree = full_disk
+        if os.environ.get("DISTSFT_TEST_FAULT") == "stop_self":
+            import signal
+
+            import distsft.trainer.step as step
+
+            forward, calls, at = step.forward_losses, [0], int(os.environ.get("DISTSFT_TEST_FAULT_CALL", "3"))
+
+            def freeze(model, batch):
+                calls[0] += 1
+                if calls[0] == at:
+                    import time
+
+                    time.sleep(3)  # a beat (every 2 s at hang_timeout=10) publishes where it is: steps are faster here
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                return forward(model, batch)
+
+            step.forward_losses = freeze
         if os.environ.get("DISTSFT_TEST_FAULT") == "uneven_samples":
             import distsft.trainer.samples as samples
 

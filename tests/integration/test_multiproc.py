@@ -82,3 +82,83 @@ def test_a_failure_on_the_main_process_during_a_save_stops_every_rank_at_once_in
     assert elapsed < 120, elapsed
     ckpts = tmp_path / "checkpoints"
     assert not (ckpts / "step_2").exists() and not list(ckpts.glob("step_*/COMPLETE"))
+
+
+def test_a_stopped_rank_ends_the_job_fast_naming_it_and_a_relaunch_resumes(tmp_path):
+    """Rank 1 freezes (SIGSTOP) in the forward of step 5, after checkpoints at steps 2 and 4; rank 0 waits for it in
+    a collective. With trainer.hang_timeout=10 the watchdog ends the job in seconds (not the collective timeout),
+    in one line naming rank 1, its PID, step and phase; its stack (py-spy reads a stopped process) and rank 0's
+    are in output_dir/hang; the complete checkpoints are intact and a relaunch resumes from step 4."""
+    import re
+    import time
+
+    from distsft.trainer.checkpoint import complete_checkpoints, damage
+    from distsft.trainer.watchdog import HANG_EXIT
+
+    common = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_every=0", "logging.sample_every=0",
+              "logging.log_every=1"]
+    t0 = time.monotonic()
+    proc = launch(2, tmp_path, *common, "trainer.hang_timeout=10", module="tests.integration.fault_entry",
+                  expect_ok=False, timeout=240, env={"DISTSFT_TEST_FAULT": "stop_self", "DISTSFT_TEST_FAULT_RANK": "1",
+                                                     "DISTSFT_TEST_FAULT_CALL": "5"})
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distsft: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    m = re.search(r"rank 1 \(.+, pid (\d+)\) stopped responding \(no heartbeat\) at step 5 in forward/backward, "
+                  r"silent for (\d+) s", lines[0])
+    assert m and 10 <= int(m.group(2)) <= 10 + 5, lines[0]
+    assert f"exit {HANG_EXIT}" in lines[0]
+    assert elapsed < 90, elapsed  # start-up and 5 steps, then about the timeout (was the 30-minute collective timeout)
+    hang = tmp_path / "hang"
+    assert "forward_losses" in (hang / "rank_1.txt").read_text() or "freeze" in (hang / "rank_1.txt").read_text()
+    assert "Thread" in (hang / "rank_0.txt").read_text()
+    assert (hang / "report.txt").read_text().strip() == lines[0]  # what slurm/train.sbatch requeues on
+    ckpts = complete_checkpoints(tmp_path / "checkpoints")
+    assert [n for n, _ in ckpts] == [2, 4] and all(damage(p) == [] for _, p in ckpts)
+
+    summary = launch(2, tmp_path, *common)
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    assert "resumed from" in (tmp_path / "train.log").read_text()
+
+
+def test_no_rank_outlives_its_launcher(tmp_path):
+    """SIGKILL of the launcher alone (its agent dies without ending its workers): the ranks die with it
+    (PR_SET_PDEATHSIG), instead of training on, unsupervised, into output_dir."""
+    import signal
+    import time
+
+    from tests.conftest import CPU_ENV, launch_cmd
+
+    def ranks() -> list[int]:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if d.name.isdigit() and int(d.name) != launcher.pid and b"distsft.train" in cmd \
+                    and f"output_dir={tmp_path}".encode() in cmd:
+                found.append(int(d.name))
+        return found
+
+    launcher = subprocess.Popen(launch_cmd(2, tmp_path, "trainer.max_steps=100000", "trainer.save_every=0",
+                                           "trainer.eval_every=0", "logging.sample_every=0", "logging.log_every=1"),
+                                cwd=ROOT, env=CPU_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((tmp_path / "train.log").exists() and " step 2/" in (tmp_path / "train.log").read_text()):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.5)
+        assert len(ranks()) == 2
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while ranks() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ranks() == [], "ranks outlived their launcher"
+    finally:
+        for pid in ranks():
+            os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
