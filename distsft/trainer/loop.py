@@ -120,14 +120,17 @@ class _Loop:
         if st.step % self.log_cfg.log_every == 0 or saving or stop:  # a checkpoint holds exact token counts
             stop |= self.judge(0)  # every step so far judged: exact skipped steps, and a stop seen before saving
             self.log_window(lr)
-        if stop:
-            self.rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
         paused = time.perf_counter()
+        if stop:  # preemption: the signal's grace period is for the checkpoint (no eval, no samples first)
+            self.rep.line(f"stop requested: writing a checkpoint at step {st.step} and exiting")
+            self.save(self.cfg.save_total_limit)
+            self.window.pause(time.perf_counter() - paused)
+            return "preempted"
         early = self.eval_and_samples()
-        if stop or saving or early:
+        if saving or early:
             self.save(self.cfg.save_total_limit)
         self.window.pause(time.perf_counter() - paused)
-        return "preempted" if stop else "early_stopped" if early else None
+        return "early_stopped" if early else None
 
     def judge(self, lag: int) -> bool:
         return self.guards.judge(lag, self.origins, self.p.accelerator.process_index)

@@ -285,3 +285,24 @@ def test_stop_request_is_read_one_step_late_only_when_the_device_decides(tmp_pat
                  f"optim={optim}").summary
     assert s["status"] == "preempted" and s["steps"] == stop_seen_at
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_{stop_seen_at}"]
+
+
+def test_the_stop_step_saves_first_and_skips_eval_and_samples(tmp_path, monkeypatch):
+    """Preemption's grace period is for the checkpoint: at the stop step no eval and no sample generation run
+    (both are due at every step here), the checkpoint is written and the run ends."""
+    from distsft.trainer import preempt
+
+    calls = {"n": 0}
+
+    def local(self):
+        calls["n"] += 1
+        return 1.0 if calls["n"] == 3 else 0.0
+
+    monkeypatch.setattr(preempt.StopRequest, "local", local)
+    s = run_tiny(tmp_path, "trainer.max_steps=8", "trainer.eval_every=1", "trainer.save_every=0",
+                 "logging.sample_every=1", "logging.sample_max_new_tokens=2", "optim=adafactor").summary
+    assert s["status"] == "preempted" and s["steps"] == 3
+    assert [step for step, _ in s["eval_loss_history"]] == [1, 2]  # none at the stop step
+    assert (tmp_path / "checkpoints" / "step_3" / "COMPLETE").exists()
+    _, ea = _text_tags(tmp_path)
+    assert [e.step for e in ea.Tensors("samples/text_summary")] == [1, 2]

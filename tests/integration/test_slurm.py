@@ -147,7 +147,8 @@ def test_two_nodes_one_process_each(tmp_path, jobs):
 
 @pytest.mark.timeout(900)
 def test_preempt_requeue_resume_exact(tmp_path, jobs):
-    """USR1 to the batch shell -> STOP -> checkpoint -> scontrol requeue -> resume -> same weights."""
+    """TERM (a preemption; USR1, the time limit's warning, takes the same trap) to the batch shell -> STOP ->
+    checkpoint -> scontrol requeue -> resume -> same weights."""
     import torch
     from safetensors.torch import load_file
 
@@ -158,16 +159,16 @@ def test_preempt_requeue_resume_exact(tmp_path, jobs):
     job = jobs.submit(tmp_path, f"output_dir={out}", *common)
 
     _wait_for_log(jobs, job, out / "train.log", f"step 3/{steps}", timeout=300)
-    # --batch: only the batch shell gets USR1 (as with #SBATCH --signal=B:USR1@...); the trainer
+    # --batch: only the batch shell gets the signal (as with #SBATCH --signal=B:USR1@...); the trainer
     # learns of it through output_dir/STOP
-    p = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=30)
+    p = subprocess.run(["scancel", "--signal=TERM", "--batch", job], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
 
     info = jobs.wait(job, timeout=420)  # includes the requeue delay (cred_expire: 10 s locally, 120 s default)
     log = jobs.log(job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{log[-6000:]}"
     assert int(info["Restarts"]) >= 1, f"the job was not requeued: {info}\n{log[-6000:]}"
-    assert "USR1: asking the trainer" in log and "requeueing job" in log and "restart 1" in log, log[-6000:]
+    assert "TERM: asking the trainer" in log and "requeueing job" in log and "restart 1" in log, log[-6000:]
     train_log = (out / "train.log").read_text()
     stopped_at = re.search(r"stop requested: writing a checkpoint at step (\d+)", train_log)
     assert stopped_at and int(stopped_at.group(1)) < steps, train_log[-3000:]
