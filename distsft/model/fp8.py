@@ -2,7 +2,16 @@
 
 Trainable linear layers (full fine-tuning) become torchao's ``Float8Linear``: forward, input gradient and
 weight gradient in FP8 with dynamic tensor-wise scales, the fp32 master weights cast on the fly (torchao's
-recipe, as in torchtitan). Frozen ones (the base under LoRA/DoRA) run two matmuls instead of three:
+recipe, as in torchtitan). Frozen ones (the base under LoRA/DoRA) run two matmuls instead of three (below).
+
+Both run this stage's autograd function, which saves the weight *parameter* for backward. torchao's own
+``Float8Linear.forward`` saves ``weight.t()``, a view of the weight ZeRO-3 gathered for the layer; a view keeps
+the gathered storage alive after ZeRO-3 releases the parameter (``param.data`` becomes a placeholder), so every
+layer's full weight stayed gathered until backward (full fine-tuning, 4 layers of 3 MiB, 2 processes: 15.5 MB
+held for backward after the forward, 2.9 MB without FP8; tests/integration/test_fp8_zero3_memory.py). The
+parameter follows its ``.data``: released after the layer, gathered again by ZeRO-3's pre-backward hook before
+the function's backward reads it (as DeepSpeed's own ``LinearFunctionForZeroStage3`` does); now 2.9 MB with FP8
+too. The casts and scaled matmuls are torchao's: the loss and gradients are its ``Float8Linear``'s, bit for bit.
 
 Under LoRA almost every FLOP of a step is a matmul with a frozen base weight: the forward, its recompute
 under gradient checkpointing, and the gradient with respect to the layer's input (a frozen weight has no
@@ -13,11 +22,11 @@ each frozen linear layer of the decoder runs
     backward  dx = dy_e5m2 @ W_e4m3           (the output gradient in e5m2: more range, less precision)
 
 and no weight-gradient matmul. torchao's ``Float8Linear`` computes that third matmul for every layer and
-lets autograd drop it for a frozen weight (a third more matmul work than needed), so this stage calls
+lets autograd drop it for a frozen weight (a third more matmul work than needed); this stage's function calls
 torchao's casts and its scaled matmul (``hp_tensor_to_float8_dynamic``, ``torch.mm`` on its float8 tensors)
-from its own two-matmul autograd function. The weights are stored as before (the checkpoint, the merge and
-the export do not change); the layer's ``forward`` is patched on the instance, so ZeRO-3's and FSDP2's hooks
-still gather the weight around it (and again for backward, where the function reads the weight it saved).
+and makes the weight-gradient matmul only for a weight that takes a gradient. The weights are stored as before
+(the checkpoint, the merge and the export do not change); the layer's ``forward`` is patched on the instance,
+so ZeRO-3's and FSDP2's hooks still gather the weight around it (and again for backward, as above).
 
 Left in the compute dtype, either way: the adapters (small, and trained), the output head and embeddings (the loss is
 sensitive to them), MoE routers, and layers whose dimensions are not multiples of 16 (the FP8 matmul's
@@ -65,36 +74,43 @@ def _torchao():
 
 
 @torch._dynamo.allow_in_graph  # as torchao's own matmul: compiled whole (AOT autograd traces its casts), not inlined
-class _FrozenFp8Matmul(torch.autograd.Function):
-    """x [tokens, in] @ weight[out, in]^T in FP8, for a weight that takes no gradient: two matmuls, not three.
+class _Fp8Matmul(torch.autograd.Function):
+    """x [tokens, in] @ weight[out, in]^T in FP8 (torchao's tensor-wise recipe): the weight gradient's matmul only
+    for a weight that takes one (two matmuls, not three, for a frozen base). Saves ``weight`` itself, the
+    parameter, not a view of it (ZeRO-3 releases it after the layer and gathers it again for backward).
     2-D in and out: a view made inside an autograd function could not be added to in place (peft.fused_add)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ao = AO
-        weight = weight.to(x.dtype)  # fp32 weights under bf16 autocast: one dtype for torchao's scaled matmul
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)  # x: for the weight gradient only
         x8 = ao.cast(x, ao.e4m3, ao.mm, gemm_input_role=ao.roles.INPUT)
         w8 = ao.cast(weight.t(), ao.e4m3, ao.mm, gemm_input_role=ao.roles.WEIGHT)
         return torch.mm(x8, w8)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None
         ao = AO
-        (weight,) = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # weight: gathered again by ZeRO-3 (FSDP2) before this layer's backward
         g8 = ao.cast(grad, ao.e5m2, ao.mm, gemm_input_role=ao.roles.GRAD_OUTPUT)
-        w8 = ao.cast(weight, ao.e4m3, ao.mm, gemm_input_role=ao.roles.WEIGHT)  # [out, in]: dx = dy @ W
-        return torch.mm(g8, w8), None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            w8 = ao.cast(weight, ao.e4m3, ao.mm, gemm_input_role=ao.roles.WEIGHT)  # [out, in]: dx = dy @ W
+            dx = torch.mm(g8, w8)
+        if ctx.needs_input_grad[1]:  # dW [out, in] = dy^T @ x, in the output gradient's dtype (as torchao's)
+            dw = torch.mm(g8.t(), ao.cast(x, ao.e4m3, ao.mm, gemm_input_role=ao.roles.INPUT))
+        return dx, dw
 
 
 def _fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     device = x.device.type
     if torch.is_autocast_enabled(device):  # as F.linear would: compute in the autocast dtype
         x = x.to(torch.get_autocast_dtype(device))
+    weight = self.weight
+    if not weight.requires_grad:  # a frozen fp32 base under bf16 autocast: one dtype for the scaled matmul
+        weight = weight.to(x.dtype)  # (a trainable master is cast from fp32, as torchao's Float8Linear does)
     with torch.autocast(device, enabled=False):
-        out = _FrozenFp8Matmul.apply(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.out_features)
+        out = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], self.out_features)
     return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
@@ -117,7 +133,8 @@ def apply_fp8(model: torch.nn.Module) -> tuple[int, int]:
     ao.convert(model, module_filter_fn=lambda m, name: _eligible(name, m) and m.weight.requires_grad,
                config=ao.config())
     trainable = [m for m in model.modules() if isinstance(m, ao.linear)]
-    for module in trainable:
+    for module in trainable:  # torchao's module and config, this stage's forward (which saves the parameter)
+        module.forward = types.MethodType(_fp8_forward, module)
         setattr(module, PATCHED, True)
     if not frozen + len(trainable):
         raise ConfigError("model.fp8=true: no linear layer in the decoder can run in FP8 (none whose dimensions "

@@ -71,6 +71,52 @@ def test_fp8_full_fine_tuning_uses_torchaos_float8_linear_with_a_weight_gradient
         assert cos > 0.95, (name, cos)
 
 
+def _saved_weights(model, batch) -> tuple[set, set]:
+    """(FP8 layers whose weight parameter autograd saved for backward, those of which it saved a view instead)."""
+    from distsft.trainer.step import forward_losses
+
+    weights = {id(m.weight): name for name, m in model.named_modules() if getattr(m, PATCHED, False)}
+    params, views = set(), set()
+
+    def pack(t):
+        if id(t) in weights:
+            params.add(weights[id(t)])
+        elif t._base is not None and id(t._base) in weights:
+            views.add(weights[id(t._base)])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_losses(model, batch)
+    return params, views
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fp8_layers_save_the_weight_parameter_not_a_view_and_compute_torchaos_float8_linear(lora):
+    """What ZeRO-3 needs (tests/integration/test_fp8_zero3_memory.py measures it): a saved view keeps the gathered
+    weight alive after ZeRO-3 releases the parameter; the parameter itself does not. Full fine-tuning: the loss and
+    every gradient bit for bit those of torchao's own Float8Linear.forward, which saves ``weight.t()`` (the negative
+    control). LoRA: the frozen base's weights too (not the first layer's q/k/v, which take no input gradient)."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    batch = with_positions(packed_batch())
+    fp8 = tiny(lora=lora)
+    apply_fp8(fp8)
+    params, views = _saved_weights(fp8, batch)
+    assert len(params) == (11 if lora else 14) and not views
+    if lora:
+        return
+    torchao = copy.deepcopy(fp8)
+    for module in torchao.modules():
+        if isinstance(module, Float8Linear):
+            del module.forward  # the class's own: matmul_with_hp_or_float8_args(x, weight.t())
+    params, views = _saved_weights(torchao, batch)
+    assert not params and len(views) == 14
+    loss_a, _, grads_a = saved_bytes_and_grads(fp8, batch)
+    loss_b, _, grads_b = saved_bytes_and_grads(torchao, batch)
+    assert loss_a == loss_b and grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
 def test_fp8_needs_a_linear_layer_it_can_tile():
     from transformers import AutoConfig, AutoModelForCausalLM
 
