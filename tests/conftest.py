@@ -107,6 +107,18 @@ def tiny_model():
     return load_model(typed_cfg().model, seed=0)
 
 
+def save_tiny(directory: Path, seed: int, dtype=None) -> Path:
+    """The embedded tiny model (initialised with ``seed``, cast to ``dtype``) and its tokenizer, saved where
+    from_pretrained loads them: ``directory/tiny``."""
+    from distsft.model.load import load_model, load_tokenizer
+
+    cfg = typed_cfg()
+    model = load_model(cfg.model, seed=seed)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(directory / "tiny")
+    load_tokenizer(cfg.model).save_pretrained(directory / "tiny")
+    return directory / "tiny"
+
+
 def peak_allocated(fn) -> tuple[int, object]:
     """(peak bytes of tensors allocated while ``fn()`` runs, above what was live before; its result), from
     the CPU allocator's events as torch.profiler records them (tensor bytes, not process RSS)."""

@@ -15,8 +15,9 @@ verifying a checkpoint takes 1/N of the time it takes one process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ..config import ConfigError
 from .guards import TrainingError
@@ -38,7 +39,7 @@ def main_decides(acc, decide: Callable[[], T], what: str) -> T:
             box = [("config", str(e))]
         except (OSError, TrainingError) as e:
             box = [("error", f"{what} failed on the main process: {e}")]
-        except Exception as e:  # a bug: the main process keeps its traceback, the others must not wait for it
+        except Exception as e:  # noqa: BLE001  a bug: the main process keeps its traceback, the others must not wait
             failure = e
             box = [("bug", f"{what} failed on the main process ({type(e).__name__}: {e}); see its traceback")]
     if acc.num_processes > 1:

@@ -64,7 +64,7 @@ class Watchdog:
         self.thread = threading.Thread(target=self._run, name="distsft-watchdog", daemon=True)
 
     @classmethod
-    def for_run(cls, acc, timeout: float, run_dir: Path) -> "Watchdog | None":
+    def for_run(cls, acc, timeout: float, run_dir: Path) -> Watchdog | None:
         """A started watchdog when several processes train and ``timeout`` > 0, else None."""
         if timeout <= 0 or acc.num_processes <= 1:
             return None
@@ -98,7 +98,7 @@ class Watchdog:
             try:
                 self._beat(n)
                 verdict = self.judge(self._read(), time.monotonic())
-            except Exception as e:  # the store went away: the launcher is ending the job
+            except Exception as e:  # noqa: BLE001  the store went away: the launcher is ending the job
                 log.debug("watchdog: %s", e)
                 return
             if verdict:
@@ -168,7 +168,7 @@ class Watchdog:
             return
         try:
             out = subprocess.run([spy, "dump", "--nonblocking", "--pid", str(pid)], capture_output=True, text=True,
-                                 timeout=30)
+                                 timeout=30, check=False)
             path.write_text(out.stdout + out.stderr)
         except (OSError, subprocess.SubprocessError) as e:
             path.write_text(f"py-spy dump of pid {pid} failed: {e}\n")

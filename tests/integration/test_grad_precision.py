@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import checkpoint_masters, launch, run_tiny, typed_cfg
+from tests.conftest import checkpoint_masters, launch, run_tiny, save_tiny
 
 pytestmark = pytest.mark.multiproc
 STEPS = 3
@@ -31,13 +31,7 @@ RUNS = {"ddp": ("parallel=ddp",), "zero1": ("parallel=zero1",), "zero2": ("paral
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """The tiny model stored in bfloat16: every strategy starts from the same bf16-representable weights."""
-    from distsft.model.load import load_model, load_tokenizer
-
-    cfg = typed_cfg()
-    src = tmp_path_factory.mktemp("bf16start") / "tiny"
-    load_model(cfg.model, seed=5).to(torch.bfloat16).save_pretrained(src)
-    load_tokenizer(cfg.model).save_pretrained(src)
-    return src
+    return save_tiny(tmp_path_factory.mktemp("bf16start"), seed=5, dtype=torch.bfloat16)
 
 
 def masters(out) -> dict[str, torch.Tensor]:

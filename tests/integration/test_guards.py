@@ -267,20 +267,25 @@ def test_fused_adamw_skips_a_nonfinite_step_on_the_device_bit_exactly():
     assert not any(torch.equal(a, b) for a, b in zip(after, moved))
 
 
-@pytest.mark.parametrize("optim,stop_seen_at", [("adamw", 4), ("adafactor", 3)])
-def test_stop_request_is_read_one_step_late_only_when_the_device_decides(tmp_path, monkeypatch, optim,
-                                                                           stop_seen_at):
-    """A stop requested during step 3: with fused AdamW (no host sync in the step) the host reads it
-    after step 4 is queued and checkpoints there; Adafactor's step is decided on the host, so at 3."""
+def stop_requested_at_call(monkeypatch, n: int) -> None:
+    """A stop request (SIGTERM, the STOP file) that this process sees at its n-th poll (once per step)."""
     from distsft.trainer import preempt
 
     calls = {"n": 0}
 
     def local(self):
         calls["n"] += 1
-        return 1.0 if calls["n"] == 3 else 0.0
+        return 1.0 if calls["n"] == n else 0.0
 
     monkeypatch.setattr(preempt.StopRequest, "local", local)
+
+
+@pytest.mark.parametrize("optim,stop_seen_at", [("adamw", 4), ("adafactor", 3)])
+def test_stop_request_is_read_one_step_late_only_when_the_device_decides(tmp_path, monkeypatch, optim,
+                                                                           stop_seen_at):
+    """A stop requested during step 3: with fused AdamW (no host sync in the step) the host reads it
+    after step 4 is queued and checkpoints there; Adafactor's step is decided on the host, so at 3."""
+    stop_requested_at_call(monkeypatch, 3)
     s = run_tiny(tmp_path, "trainer.max_steps=8", "trainer.eval_every=0", "trainer.save_every=0",
                  f"optim={optim}").summary
     assert s["status"] == "preempted" and s["steps"] == stop_seen_at
@@ -290,15 +295,7 @@ def test_stop_request_is_read_one_step_late_only_when_the_device_decides(tmp_pat
 def test_the_stop_step_saves_first_and_skips_eval_and_samples(tmp_path, monkeypatch):
     """Preemption's grace period is for the checkpoint: at the stop step no eval and no sample generation run
     (both are due at every step here), the checkpoint is written and the run ends."""
-    from distsft.trainer import preempt
-
-    calls = {"n": 0}
-
-    def local(self):
-        calls["n"] += 1
-        return 1.0 if calls["n"] == 3 else 0.0
-
-    monkeypatch.setattr(preempt.StopRequest, "local", local)
+    stop_requested_at_call(monkeypatch, 3)
     s = run_tiny(tmp_path, "trainer.max_steps=8", "trainer.eval_every=1", "trainer.save_every=0",
                  "logging.sample_every=1", "logging.sample_max_new_tokens=2", "optim=adafactor").summary
     assert s["status"] == "preempted" and s["steps"] == 3

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tests.conftest import run_tiny, typed_cfg
+from tests.conftest import run_tiny, save_tiny, typed_cfg
 
 pytestmark = pytest.mark.slow  # tens of seconds each: out of the fast tier
 
@@ -26,13 +26,7 @@ OVERRIDES = [f"trainer.max_steps={STEPS}", f"optim.lr={LR}", "schedule=constant"
 
 @pytest.fixture(scope="module")
 def bf16_checkpoint(tmp_path_factory):
-    from distsft.model.load import load_model, load_tokenizer
-
-    cfg = typed_cfg()
-    src = tmp_path_factory.mktemp("bf16") / "tiny"
-    load_model(cfg.model, seed=3).to(torch.bfloat16).save_pretrained(src)
-    load_tokenizer(cfg.model).save_pretrained(src)
-    return src
+    return save_tiny(tmp_path_factory.mktemp("bf16"), seed=3, dtype=torch.bfloat16)
 
 
 def deltas(weights: dict, start: dict) -> torch.Tensor:
