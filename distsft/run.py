@@ -71,6 +71,7 @@ def run(cfg: Config) -> RunResult:
         logging.getLogger().setLevel(logging.WARNING)
     tokenizer = load_tokenizer(cfg.model)
     d = build_data(cfg, acc, tokenizer, plan)
+    agree_on_data(acc, d)  # every rank trains on the same tokens in the same steps, or none starts
     model, trainable, n_params = build_model(cfg, acc)
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -179,6 +180,29 @@ def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
         ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
                           acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id, plan.sp_size)
     return DataParts(data, loader, ev or None, loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps))
+
+
+def agree_on_data(acc, d: DataParts) -> None:
+    """Every rank prepared (or mapped) the same data: the same fingerprint (files, options, versions), steps per
+    epoch and steps in all. A rank that differs (another token cache, other files on its node) is named."""
+    if acc.num_processes == 1:
+        return
+    import socket
+    from collections import Counter
+
+    from accelerate.utils import gather_object
+
+    mine = (d.data.fingerprint, d.loader.steps_per_epoch, d.total)
+    every = gather_object([(mine, socket.gethostname())])  # all-gather: every rank judges the same list
+    common = Counter(v for v, _ in every).most_common(1)[0][0]
+    odd = [(r, v, host) for r, (v, host) in enumerate(every) if v != common]
+    if odd:
+        ranks = "; ".join(f"rank {r} ({host}): data fingerprint {v[0]}, {v[1]} steps per epoch, {v[2]} in all"
+                          for r, v, host in odd)
+        raise ConfigError(f"the ranks did not prepare the same data: {ranks}; the others: data fingerprint "
+                          f"{common[0]}, {common[1]} steps per epoch, {common[2]} in all (another token cache or "
+                          "other data files on that node: every node must see the same data.train_files, and "
+                          "data.cache should be on a shared filesystem or rebuilt on each node)")
 
 
 def build_model(cfg: Config, acc):

@@ -4,6 +4,7 @@ on one rank, for the failure tests (a monkeypatch cannot reach launched processe
     DISTSFT_TEST_FAULT=save_oserror   the main process's flush of a checkpoint raises ENOSPC (rank 0), as a full disk
                                       would while it finishes a checkpoint and the other ranks wait for it
     DISTSFT_TEST_FAULT=stop_self      the rank SIGSTOPs itself in its DISTSFT_TEST_FAULT_CALL-th forward, 3 s in (a frozen node)
+    DISTSFT_TEST_FAULT=other_data     the rank's prepared data carries another fingerprint (another token cache)
     DISTSFT_TEST_FAULT=uneven_samples this rank's sample replies run to logging.sample_max_new_tokens (no early eos):
                                       the ranks' greedy replies end at different lengths
 """
@@ -40,6 +41,17 @@ if __name__ == "__main__":
                 return forward(model, batch)
 
             step.forward_losses = freeze
+        if os.environ.get("DISTSFT_TEST_FAULT") == "other_data":
+            import distsft.run as run
+
+            build = run.build_data
+
+            def other(*args, **kwargs):
+                parts = build(*args, **kwargs)
+                parts.data.fingerprint = "0" * len(parts.data.fingerprint)
+                return parts
+
+            run.build_data = other
         if os.environ.get("DISTSFT_TEST_FAULT") == "uneven_samples":
             import distsft.trainer.samples as samples
 

@@ -162,3 +162,15 @@ def test_no_rank_outlives_its_launcher(tmp_path):
             os.kill(pid, signal.SIGKILL)
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_a_rank_with_other_data_stops_every_rank_naming_it(tmp_path):
+    """Rank 1 maps another token cache (its data fingerprint differs): before any step, every rank stops with
+    one line naming rank 1, its host and both fingerprints; nothing is trained."""
+    proc = launch(2, tmp_path, "trainer.max_steps=2", module="tests.integration.fault_entry", expect_ok=False,
+                  env={"DISTSFT_TEST_FAULT": "other_data", "DISTSFT_TEST_FAULT_RANK": "1"})
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distsft: error:")]
+    assert len(lines) == 1 and "the ranks did not prepare the same data: rank 1 (" in lines[0], proc.stderr[-3000:]
+    assert "data fingerprint 000000" in lines[0] and "Traceback" not in proc.stderr.split("distsft: error:")[0]
+    assert not (tmp_path / "checkpoints").exists()
