@@ -40,6 +40,7 @@ from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
 from .trainer.collective import main_decides
+from .trainer.reshape import load_reshaped, written_by
 from .trainer.watchdog import Watchdog
 from .trainer.lock import RunLock
 from .trainer.loop import LoopOutcome, LoopParts, train
@@ -126,7 +127,16 @@ def _training_objects(cfg: Config, acc, model, total_steps: int, resume_from: Pa
     state = checkpoint.TrainState()
     acc.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
-        acc.load_state(str(resume_from))
+        was = written_by(resume_from)
+        if cfg.parallel.strategy == "deepspeed" and was not in (None, acc.num_processes):
+            load_reshaped(acc, model, resume_from, was)  # the engine's universal checkpoint, converted here
+        else:
+            acc.load_state(str(resume_from))
+        # the micro-batch counter that decides the accumulation boundary is the writer's: another world size may
+        # accumulate another number of micro-batches per step (Accelerate's, and the DeepSpeed engine's own)
+        acc.step = state.step * acc.gradient_accumulation_steps
+        if hasattr(model, "micro_steps"):
+            model.micro_steps = acc.step
         log.info("resumed from %s at step %d", resume_from, int(resume_from.name.split("_")[1]))
     return model, optimizer, scheduler, state
 

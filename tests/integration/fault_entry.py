@@ -3,8 +3,10 @@ on one rank, for the failure tests (a monkeypatch cannot reach launched processe
 
     DISTSFT_TEST_FAULT=save_oserror   the main process's flush of a checkpoint raises ENOSPC (rank 0), as a full disk
                                       would while it finishes a checkpoint and the other ranks wait for it
-    DISTSFT_TEST_FAULT=stop_self      the rank SIGSTOPs itself in its DISTSFT_TEST_FAULT_CALL-th forward, 3 s in (a frozen node)
+    DISTSFT_TEST_FAULT=stop_self      the rank SIGSTOPs itself in its DISTSFT_TEST_FAULT_CALL-th forward, 3 s in
+                                      (a frozen node)
     DISTSFT_TEST_FAULT=other_data     the rank's prepared data carries another fingerprint (another token cache)
+    DISTSFT_TEST_FAULT=drop_moments   a resharded resume loads zero Adam moments (one process; a negative control)
     DISTSFT_TEST_FAULT=uneven_samples this rank's sample replies run to logging.sample_max_new_tokens (no early eos):
                                       the ranks' greedy replies end at different lengths
 """
@@ -52,6 +54,22 @@ if __name__ == "__main__":
                 return parts
 
             run.build_data = other
+        if os.environ.get("DISTSFT_TEST_FAULT") == "drop_moments":
+            import torch
+
+            import distsft.trainer.reshape as reshape
+
+            view_of = reshape.universal_view
+
+            def without_moments(acc, ckpt):
+                view = view_of(acc, ckpt)
+                for f in list(view.rglob("exp_avg.pt")) + list(view.rglob("exp_avg_sq.pt")):
+                    state = torch.load(f, weights_only=False)
+                    state["param"] = torch.zeros_like(state["param"])
+                    torch.save(state, f)
+                return view
+
+            reshape.universal_view = without_moments
         if os.environ.get("DISTSFT_TEST_FAULT") == "uneven_samples":
             import distsft.trainer.samples as samples
 

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO 1/2/3 (+offload) and FSDP2 with 2 CPU processes over gloo: same losses as one process, exact
-resume, gathered ZeRO-3 export, and a clear stop when the world size changes under a sharded state.
+resume, gathered ZeRO-3 export, ZeRO-2 resumed on another number of processes, and a clear stop where the world
+size cannot change (ZeRO-3, FSDP2).
 
 Tolerance: 1e-5 relative on per-step losses. Everything is fp32 on CPU; ZeRO only changes where
 optimizer state lives and the order of the cross-rank sums (gloo all-reduce / reduce-scatter), so
@@ -76,14 +77,51 @@ def test_zero3_export_is_gathered_and_matches_zero1(runs):
         torch.testing.assert_close(m3(ids).logits, m1(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_with_other_world_size_under_zero_stops_clearly(runs, tmp_path):
+def _stopped_at_step_3(run, out):
+    """A copy of a finished run as it stood after step 3 (its step_3 checkpoint, nothing later)."""
     import shutil
 
-    out = tmp_path / "zero2"
-    shutil.copytree(runs("zero2"), out)
-    proc = launch(1, out, "parallel=zero2", "trainer.max_steps=9", expect_ok=False)
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step_6")
+    (out / "summary.json").unlink()
+    return out
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in b)
+
+
+def test_zero2_resumes_on_another_number_of_processes(runs, tmp_path):
+    """A ZeRO-2 checkpoint of 2 processes resumes on 1, and one of 1 process on 2 (DeepSpeed's universal checkpoint,
+    converted in-process): the final weights are those of the uninterrupted 2-process run (1e-5; measured equal).
+    The negative control resumes with the moments zeroed: the weights part from the uninterrupted run's."""
+    full = load_file(runs("zero2") / "final" / "model.safetensors")
+    down = _stopped_at_step_3(runs("zero2"), tmp_path / "down")
+    s = launch(1, down, "parallel=zero2", *STEPS)
+    assert s["status"] == "finished" and s["steps"] == 6
+    assert "resharded" in (down / "train.log").read_text() and "written by 2 processes, loaded by 1" in \
+        (down / "train.log").read_text()
+    assert _max_rel(load_file(down / "final" / "model.safetensors"), full) <= 1e-5
+    assert not list((down / "checkpoints").glob(".*universal*"))  # the view is gone; step_3 itself is untouched
+
+    up = tmp_path / "up"
+    launch(1, up, "parallel=zero2", *STEPS, "trainer.stop_after=3")
+    launch(2, up, "parallel=zero2", *STEPS)
+    assert "written by 1 processes, loaded by 2" in (up / "train.log").read_text()
+    assert _max_rel(load_file(up / "final" / "model.safetensors"), full) <= 1e-5
+
+    control = _stopped_at_step_3(runs("zero2"), tmp_path / "control")
+    launch(1, control, "parallel=zero2", *STEPS, module="tests.integration.fault_entry",
+           env={"DISTSFT_TEST_FAULT": "drop_moments"})
+    assert _max_rel(load_file(control / "final" / "model.safetensors"), full) > 1e-3
+
+
+def test_resume_with_other_world_size_under_zero3_stops_clearly(runs, tmp_path):
+    out = _stopped_at_step_3(runs("zero3"), tmp_path / "zero3")
+    proc = launch(1, out, "parallel=zero3", *STEPS, expect_ok=False)
     assert proc.returncode != 0
-    assert "written by 2 processes under deepspeed" in proc.stderr and "ds_to_universal" in proc.stderr
+    assert "written by 2 processes under ZeRO-3" in proc.stderr and "resume with 2 processes" in proc.stderr
 
 
 @pytest.mark.multiproc
