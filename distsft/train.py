@@ -57,6 +57,7 @@ def with_user_errors(task, cfg: DictConfig, typed=to_object) -> None:
 
     from .data.sources import DataError
     from .trainer.guards import TrainingError
+    from .trainer.watchdog import tell_the_launcher
 
     try:
         task(typed(cfg))
@@ -65,23 +66,9 @@ def with_user_errors(task, cfg: DictConfig, typed=to_object) -> None:
             raise
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"distsft: error: {e}", file=sys.stderr)
-            _tell_the_launcher(f"distsft: error: {e}")
+            tell_the_launcher(f"distsft: error: {e}")
         sys.stderr.flush()
         sys.exit(2)
-
-
-def _tell_the_launcher(message: str) -> None:
-    """Under torchrun / accelerate launch, the launcher's failure summary shows the child's error file
-    (torch.distributed.elastic's format): put the one line there instead of a pointer to tracebacks."""
-    import json
-    import os
-    import time
-
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path and not os.path.exists(path):
-        with open(path, "w") as f:
-            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
-                                                                     "timestamp": str(int(time.time()))}}}, f)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -148,9 +148,7 @@ class Watchdog:
                        f"in {self.dir}; ending the job (exit {HANG_EXIT}): resume from the last complete checkpoint")
             print(message, file=sys.stderr, flush=True)
             (self.dir / REPORT).write_text(message + "\n")  # slurm/train.sbatch requeues the job on it
-            from ..train import _tell_the_launcher
-
-            _tell_the_launcher(message)
+            tell_the_launcher(message)
             for r in lost:  # hung for good: nothing of theirs may write on
                 if seen[r]["host"] == self.host:
                     _kill(seen[r]["pid"])
@@ -199,3 +197,17 @@ def die_with_launcher() -> None:
         return
     if os.getppid() == 1:  # the launcher died before we asked
         os._exit(HANG_EXIT)
+
+
+def tell_the_launcher(message: str) -> None:
+    """Under torchrun / accelerate launch, the launcher's failure summary shows the child's error file
+    (torch.distributed.elastic's format): put the one line there instead of a pointer to tracebacks."""
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and not os.path.exists(path):
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                                     "timestamp": str(int(time.time()))}}}, f)
