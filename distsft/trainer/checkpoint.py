@@ -188,12 +188,11 @@ def check_compatible(ckpt: Path, current: dict, world_size: int, data_fingerprin
     meta = json.loads((ckpt / MARKER).read_text())
     was = meta.get("world_size", world_size)
     par = current["parallel"]
-    if was != world_size and (par["strategy"] == "fsdp" or par["strategy"] == "deepspeed" and par["zero_stage"] == 3):
-        what = "fsdp" if par["strategy"] == "fsdp" else "ZeRO-3"
+    if was != world_size and par["strategy"] == "fsdp":
         raise ConfigError(
-            f"cannot resume from {ckpt}: it was written by {was} processes under {what}, whose state is sharded per "
-            f"rank, and this run has {world_size}: resume with {was} processes (ddp, ZeRO-1 and ZeRO-2 checkpoints "
-            "resume on any number; ZeRO-3's universal loader does not yet restore the optimizer exactly)")
+            f"cannot resume from {ckpt}: it was written by {was} processes under fsdp, whose state is sharded per "
+            f"rank, and this run has {world_size}: resume with {was} processes (ddp and DeepSpeed ZeRO checkpoints "
+            "resume on any number)")
     diffs = training_differences(saved, current)
     prov = ckpt / "provenance.json"
     was_data = json.loads(prov.read_text()).get("data_fingerprint") if prov.exists() else data_fingerprint

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO 1/2/3 (+offload) and FSDP2 with 2 CPU processes over gloo: same losses as one process, exact
-resume, gathered ZeRO-3 export, ZeRO-2 resumed on another number of processes, and a clear stop where the world
-size cannot change (ZeRO-3, FSDP2).
+resume, gathered ZeRO-3 export, ZeRO-2 and ZeRO-3 resumed on another number of processes, and a clear stop where the
+world size cannot change (FSDP2).
 
 Tolerance: 1e-5 relative on per-step losses. Everything is fp32 on CPU; ZeRO only changes where
 optimizer state lives and the order of the cross-rank sums (gloo all-reduce / reduce-scatter), so
@@ -117,11 +117,20 @@ def test_zero2_resumes_on_another_number_of_processes(runs, tmp_path):
     assert _max_rel(load_file(control / "final" / "model.safetensors"), full) > 1e-3
 
 
-def test_resume_with_other_world_size_under_zero3_stops_clearly(runs, tmp_path):
-    out = _stopped_at_step_3(runs("zero3"), tmp_path / "zero3")
-    proc = launch(1, out, "parallel=zero3", *STEPS, expect_ok=False)
+def test_zero3_resumes_on_another_number_of_processes_and_fsdp_stops_clearly(runs, tmp_path):
+    """ZeRO-3 2 -> 1 process through the universal checkpoint equals the uninterrupted run (its loader shares one
+    `step` tensor among the parameter groups, which AdamW would count up once per group: un-shared on load).
+    An FSDP2 checkpoint is refused on another world size, in one line."""
+    full = load_file(runs("zero3") / "final" / "model.safetensors")
+    down = _stopped_at_step_3(runs("zero3"), tmp_path / "zero3")
+    s = launch(1, down, "parallel=zero3", *STEPS)
+    assert s["status"] == "finished" and "written by 2 processes, loaded by 1" in (down / "train.log").read_text()
+    assert _max_rel(load_file(down / "final" / "model.safetensors"), full) <= 1e-5
+
+    out = _stopped_at_step_3(runs("fsdp"), tmp_path / "fsdp")
+    proc = launch(1, out, "parallel=fsdp", *STEPS, expect_ok=False)
     assert proc.returncode != 0
-    assert "written by 2 processes under ZeRO-3" in proc.stderr and "resume with 2 processes" in proc.stderr
+    assert "written by 2 processes under fsdp" in proc.stderr and "resume with 2 processes" in proc.stderr
 
 
 @pytest.mark.multiproc
