@@ -24,7 +24,6 @@ there (a shared filesystem); the other processes of the node wait for it (``wait
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,6 @@ import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import datasets
@@ -43,16 +41,16 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ..config import DataConfig
+from . import cachekey
+from .cachekey import cache_key, cache_root, token_versions
 from .multiturn import split_per_turn
 from .packing import Rows, best_fit_decreasing
-from .sources import DataError, Skipped, apply_weight, dedup, hub_commit, hub_dataset, load_source, log_mixing
+from .sources import DataError, Skipped, apply_weight, dedup, load_source, log_mixing
 from .store import LENGTH, SUPERVISED, TokenStore, token_dtype, write_shard
 from .templates import resolve_template
 from .tokenize import encode_conversations
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # the format of an entry (3: the index records the rows per train file and the versions)
-SHAPES_TOKENS = ("distsft", "transformers", "tokenizers", "jinja2")  # packages whose versions are in the key
 ENCODE_BATCH = 64  # conversations rendered and encoded together inside a shard
 datasets.disable_progress_bars()  # one line of statistics per split is logged instead
 
@@ -93,63 +91,6 @@ class Prepared:
     fingerprint: str = ""  # hash of the data files' content and every option (and version) that changes tokens
     sources: list[dict] = field(default_factory=list)  # per train file: rows read, duplicates, eval, weight, kept
     seconds: float = 0.0  # wall time of preparation (reading a cache entry included)
-
-
-def _digest_file(path: Path, h) -> None:
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-
-
-NOT_IN_KEY = ("num_workers", "num_proc", "shard_size", "prepare_timeout", "cache_dir", "mode")
-
-
-def token_versions() -> dict[str, str]:
-    """The cache format and the versions of the packages that render and tokenize: another version of any of
-    them may give other tokens for the same rows, so each is part of the cache key."""
-    out = {"cache_format": str(CACHE_VERSION)}
-    for pkg in SHAPES_TOKENS:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:  # distsft run from a checkout that is not installed
-            out[pkg] = "not installed"
-    return out
-
-
-def _hub_key(path: str, repo: str, revision: str | None) -> str:
-    commit, why_not = hub_commit(repo, revision)
-    if commit is None:
-        log.warning("hub dataset %s: could not ask the Hub which commit %s is (%s), so the token cache keys it by "
-                    "name and revision only and may serve the tokens of an older version of it; pin a commit "
-                    "(%s@<commit>) for a key that cannot go stale", path, revision or "its default branch",
-                    why_not, repo)
-        return json.dumps({"hub": repo, "revision": revision, "commit": None})
-    return json.dumps({"hub": repo, "commit": commit})
-
-
-def cache_key(cfg: DataConfig, tokenizer, template: str) -> str:
-    h = hashlib.sha256()
-    opts = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    h.update(json.dumps({"v": token_versions(), "cfg": opts, "template": template,
-                         "special": tokenizer.special_tokens_map}, sort_keys=True, default=str).encode())
-    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer")
-             else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    for f in [*cfg.train_files, *cfg.val_files]:
-        if (hub := hub_dataset(f)) is not None:
-            h.update(_hub_key(f, *hub).encode())
-            continue
-        p = Path(f)
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.is_file() else []
-        h.update(f.encode())
-        for x in files:
-            _digest_file(x, h)
-    return h.hexdigest()[:24]
-
-
-def cache_root(cfg: DataConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir)
-    return Path(os.environ.get("DISTSFT_CACHE", Path.home() / ".cache" / "distsft")) / "tokenized"
 
 
 def _load_splits(cfg: DataConfig, skipped: Skipped):
@@ -292,7 +233,7 @@ def _build(cfg: DataConfig, tokenizer, template: str, template_name: str, direct
     files = [*cfg.train_files, *cfg.val_files]
     names = sorted({*files, *(str(Path(f)) for f in files)})  # rows name their file as given or normalised
     sources = {n: i for i, n in enumerate(names)}
-    index = {"version": CACHE_VERSION, "versions": token_versions(), "source_names": names, "sources": counts,
+    index = {"version": cachekey.CACHE_VERSION, "versions": token_versions(), "source_names": names, "sources": counts,
              "splits": {}}
     for split, ds in (("train", train_ds), ("eval", eval_ds)):
         if ds is None or (split == "eval" and not len(ds)):
@@ -345,7 +286,7 @@ def _read_entry(path: Path) -> dict | None:
         index = json.loads((path / "index.json").read_text())
     except (OSError, ValueError):
         return None
-    problem = _intact(path, index) if index.get("version") == CACHE_VERSION else "another cache version"
+    problem = _intact(path, index) if index.get("version") == cachekey.CACHE_VERSION else "another cache version"
     if problem is None:
         return index
     log.warning("token cache entry %s is damaged (%s): rebuilding it", path, problem)

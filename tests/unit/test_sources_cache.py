@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+import distsft.data.cachekey as cachekey
 import distsft.data.prepare as prepare_mod
 from distsft.config import DataConfig
 from distsft.data.prepare import prepare
@@ -115,14 +116,14 @@ def test_cache_key_records_the_versions_that_shape_tokens(tmp_path, tokenizer, m
     index = json.loads((prepare_mod.cache_root(cfg) / first.fingerprint / "index.json").read_text())
     assert index["versions"] == prepare_mod.token_versions()
     assert set(index["versions"]) == {"cache_format", "distsft", "transformers", "tokenizers", "jinja2"}
-    real = prepare_mod.version
+    real = cachekey.version
     for pkg in ("distsft", "transformers", "tokenizers", "jinja2"):  # another version of any of them: a miss
-        monkeypatch.setattr(prepare_mod, "version", lambda name, pkg=pkg: "999.0" if name == pkg else real(name))
+        monkeypatch.setattr(cachekey, "version", lambda name, pkg=pkg: "999.0" if name == pkg else real(name))
         assert not prepare(cfg, tokenizer).cache_hit, pkg
         assert prepare(cfg, tokenizer).cache_hit
-    monkeypatch.setattr(prepare_mod, "version", real)
+    monkeypatch.setattr(cachekey, "version", real)
     assert prepare(cfg, tokenizer).fingerprint == first.fingerprint  # the installed versions: the first entry
-    monkeypatch.setattr(prepare_mod, "CACHE_VERSION", prepare_mod.CACHE_VERSION + 1)
+    monkeypatch.setattr(cachekey, "CACHE_VERSION", cachekey.CACHE_VERSION + 1)
     assert not prepare(cfg, tokenizer).cache_hit
 
 
