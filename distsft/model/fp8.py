@@ -42,6 +42,7 @@ import types
 
 import torch
 
+from ..compat import checked
 from ..config import ConfigError
 
 PATCHED = "_distsft_fp8"  # on a patched linear layer: True
@@ -124,6 +125,7 @@ def _eligible(name: str, module: torch.nn.Module) -> bool:
 def apply_fp8(model: torch.nn.Module) -> tuple[int, int]:
     """Run the decoder's linear layers in FP8: (frozen ones patched, trainable ones made torchao Float8Linear)."""
     ao = _torchao()
+    checked("torchao", ("0.17", "0.18"), "model.fp8 (Float8Linear's forward)")
     frozen = 0
     for name, module in model.named_modules():
         if _eligible(name, module) and not module.weight.requires_grad:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..compat import checked
 from .checkpoint import MARKER
 from .collective import main_decides
 
@@ -64,6 +65,7 @@ def universal_view(acc, ckpt: Path) -> Path:
 
 def load_reshaped(acc, model, ckpt: Path, was: int) -> None:
     """Load ``ckpt``, written by ``was`` processes under DeepSpeed, into this run of another world size."""
+    checked("deepspeed", ("0.19",), "a resharded resume (DeepSpeed's universal loader mended)")
     view = universal_view(acc, ckpt)
     config = model._config  # the DeepSpeed engine's: its loader reads the flag
     groups = model.optimizer.param_groups
