@@ -22,33 +22,39 @@ from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
 from .export import export_final
 from .export_check import check_merged
-from .model.attention import configured_attention, describe_attention
 from .model import sequence
+from .model.attention import configured_attention, describe_attention
+from .model.fp8 import apply_fp8
 from .model.head import install as install_head
-from .model.kernels import apply_kernels, compile_layers, compile_stats, fused_loss, resolve_kernels
+from .model.kernels import (
+    apply_kernels,
+    compile_layers,
+    compile_stats,
+    fused_loss,
+    resolve_kernels,
+)
 from .model.load import load_model, load_tokenizer, whole_model
 from .model.moe import mark_z3_leaf_modules
-from .model.params import count_parameters
-from .model.fp8 import apply_fp8
-from .model.peft import apply_peft, quantization_config
-from .model.tiling import apply_tiled_mlp
 from .model.offload import apply_checkpoint_offload
+from .model.params import count_parameters
+from .model.peft import apply_peft, quantization_config
 from .model.precision import check_master_weights, load_dtype
 from .model.precision import describe as describe_precision
+from .model.tiling import apply_tiled_mlp
 from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
 from .trainer.collective import main_decides
-from .trainer.reshape import load_reshaped, written_by
-from .trainer.watchdog import Watchdog
 from .trainer.lock import RunLock
 from .trainer.loop import LoopOutcome, LoopParts, train
 from .trainer.metrics import model_flops, peak_flops
 from .trainer.optim import build_optimizer
 from .trainer.optim import describe as describe_optimizer
+from .trainer.reshape import restore, route
 from .trainer.schedule import build_scheduler, warmup_steps
 from .trainer.strategy import describe as describe_strategy
+from .trainer.watchdog import Watchdog
 
 log = logging.getLogger("distsft")
 
@@ -127,11 +133,7 @@ def _training_objects(cfg: Config, acc, model, total_steps: int, resume_from: Pa
     state = checkpoint.TrainState()
     acc.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
-        was = written_by(resume_from)
-        if cfg.parallel.strategy == "deepspeed" and was not in (None, acc.num_processes):
-            load_reshaped(acc, model, resume_from, was)  # the engine's universal checkpoint, converted here
-        else:
-            acc.load_state(str(resume_from))
+        restore(acc, model, cfg.parallel, resume_from)  # on any number of processes (trainer.reshape)
         # the micro-batch counter that decides the accumulation boundary is the writer's: another world size may
         # accumulate another number of micro-batches per step (Accelerate's, and the DeepSpeed engine's own)
         acc.step = state.step * acc.gradient_accumulation_steps
@@ -382,5 +384,6 @@ def _resume_target(acc, cfg: Config, out: Path, resolved: dict, fingerprint: str
     # every rank checks its share of the checkpoints' files and all reach the same answer
     ckpt = checkpoint.find_resume(cfg.trainer.resume, out / "checkpoints", acc)
     if ckpt is not None:
-        checkpoint.check_compatible(ckpt, resolved, acc.num_processes, fingerprint, cfg.trainer.resume_force)
+        checkpoint.check_compatible(ckpt, resolved, fingerprint, cfg.trainer.resume_force)
+        route(ckpt, cfg.parallel, acc.num_processes)  # a change of strategy the engines cannot load: refused now
     return ckpt

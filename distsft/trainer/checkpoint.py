@@ -182,18 +182,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-# keys whose change makes a checkpoint's data position meaningless
-def check_compatible(ckpt: Path, current: dict, world_size: int, data_fingerprint: str, force: bool) -> None:
+def check_compatible(ckpt: Path, current: dict, data_fingerprint: str, force: bool) -> None:
+    """Refuse a checkpoint trained with other settings or data (``force``: warn). The number of processes, the
+    micro-batch / accumulation split and the parallel layout are trainer.reshape's to decide."""
+    from .reshape import LAYOUT_KEYS
+
     saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"))
-    meta = json.loads((ckpt / MARKER).read_text())
-    was = meta.get("world_size", world_size)
-    par = current["parallel"]
-    if was != world_size and par["strategy"] == "fsdp":
-        raise ConfigError(
-            f"cannot resume from {ckpt}: it was written by {was} processes under fsdp, whose state is sharded per "
-            f"rank, and this run has {world_size}: resume with {was} processes (ddp and DeepSpeed ZeRO checkpoints "
-            "resume on any number)")
-    diffs = training_differences(saved, current)
+    diffs = [d for d in training_differences(saved, current) if not d.startswith(LAYOUT_KEYS)]
     prov = ckpt / "provenance.json"
     was_data = json.loads(prov.read_text()).get("data_fingerprint") if prov.exists() else data_fingerprint
     if was_data != data_fingerprint:

@@ -1,9 +1,18 @@
-"""Trainer (reshape): resume a DeepSpeed ZeRO checkpoint (stages 1-3) on another number of processes.
+"""Trainer (resume): load a checkpoint into this run, whatever the number of processes that wrote it.
 
-A ZeRO checkpoint holds the optimizer state (fp32 masters, moments) in one partition per rank, so it loads only on
-the world size that wrote it. DeepSpeed's own answer is the universal checkpoint: one file per parameter and state,
-which any world size loads (``checkpoint.load_universal``). When the world size changed, the main process converts
-the checkpoint's ``pytorch_model`` with ``deepspeed.checkpoint.ds_to_universal`` into a view beside it,
+How a checkpoint is loaded (``route``, checked before the model is built; ``restore`` after ``prepare``):
+
+    written under      loaded under             how
+    ddp                ddp, any world size      as saved (the state is whole on every rank)
+    fsdp               fsdp, any world size     as saved: torch.distributed.checkpoint reshards on load
+    zeroK              zeroK, same world size   as saved (offload on or off)
+    zeroK              zeroK, another world     DeepSpeed's universal checkpoint, converted here (below)
+    any other change   refused in one line (another engine's format, or another ZeRO stage), saying what can be done
+
+A ZeRO checkpoint holds the optimizer state (fp32 masters, moments) in one partition per rank, laid out for its
+stage and world size. DeepSpeed's own answer is the universal checkpoint: one file per parameter and state, which
+any world size loads (``checkpoint.load_universal``). The main process converts the checkpoint's
+``pytorch_model`` with ``deepspeed.checkpoint.ds_to_universal`` into a view beside it,
 
     checkpoints/.step_N.universal.tmp/    pytorch_model/ (universal: zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt)
                                           every other file of step_N, linked (scheduler, RNG, trainer state)
@@ -11,7 +20,8 @@ the checkpoint's ``pytorch_model`` with ``deepspeed.checkpoint.ds_to_universal``
 every rank loads that view with the engine's universal loader, and the view is removed (a crash leaves a ``.tmp``
 directory, which the next run removes). The checkpoint itself is never changed: its manifest stays true. The data
 position, scheduler and guards come from the trainer state as on any resume; the data order does not depend on the
-world size (data.loader).
+world size nor on the micro-batch / accumulation split (data.loader). A rank that did not exist in the writing run
+has no saved RNG state and keeps the run's seed.
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from ..compat import checked
+from ..config import ConfigError, ParallelConfig
 from .checkpoint import MARKER
 from .collective import main_decides
 
@@ -39,6 +51,61 @@ def written_by(ckpt: Path) -> int | None:
         return json.loads((ckpt / MARKER).read_text()).get("world_size")
     except (OSError, ValueError):
         return None
+
+
+def layout(parallel: dict) -> str:
+    """The preset name of a parallel config (ddp, fsdp, zero1..3, zero3_offload)."""
+    if parallel.get("strategy") != "deepspeed":
+        return parallel.get("strategy", "ddp")
+    offload = "_offload" if parallel.get("offload_params") or parallel.get("offload_optimizer") else ""
+    return f"zero{parallel.get('zero_stage')}{offload}"
+
+
+# settings of parallel.* whose change ``route`` decides (checkpoint.check_compatible leaves them to it); a user's
+# DeepSpeed JSON holds only what distsft does not own (buckets, thresholds: how, not what, is computed)
+LAYOUT_KEYS = ("parallel.strategy", "parallel.zero_stage", "parallel.offload_optimizer", "parallel.offload_params",
+               "parallel.fsdp_reshard_after_forward", "parallel.deepspeed_config")
+
+
+def route(ckpt: Path, parallel: ParallelConfig, world: int) -> str:
+    """How ``ckpt`` loads into this run: ``as saved`` or ``universal`` (a ConfigError where it cannot)."""
+    saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")).get("parallel", {})
+    was, now = layout(saved), layout(vars(parallel))
+    if saved.get("strategy") != parallel.strategy:
+        raise ConfigError(
+            f"cannot resume from {ckpt} under parallel={now}: it was written under parallel={was}, whose optimizer "
+            f"state is in another engine's format; resume with parallel={was} (on any number of processes), or let "
+            f"that run finish and start from its export (model.name_or_path=<its output_dir>/final)")
+    if parallel.strategy == "deepspeed" and saved.get("zero_stage") != parallel.zero_stage:
+        # (DeepSpeed 0.19's universal loaders differ per stage: ZeRO-3's reads files ZeRO-1/2 never write)
+        raise ConfigError(
+            f"cannot resume from {ckpt} under parallel={now}: it was written under parallel={was}, and DeepSpeed "
+            f"loads ZeRO state only into its own stage; resume with parallel={was} (on any number of processes, "
+            f"offload on or off), or let that run finish and start from its export (model.name_or_path=<its "
+            f"output_dir>/final)")
+    if parallel.strategy == "deepspeed" and written_by(ckpt) not in (None, world):
+        return "universal"
+    return "as saved"
+
+
+def restore(acc, model, parallel: ParallelConfig, ckpt: Path) -> None:
+    """Load ``ckpt`` into the prepared model, optimizer and registered objects (collective), saying what was
+    resharded, from what to what."""
+    was_world = written_by(ckpt) or acc.num_processes
+    saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml")).get("parallel", {})
+    was, now = layout(saved), layout(vars(parallel))
+    how = route(ckpt, parallel, acc.num_processes)
+    if how == "universal":
+        load_universal(acc, model, ckpt)
+        detail = "DeepSpeed universal checkpoint: fp32 masters, moments and step of every parameter"
+    else:
+        acc.load_state(str(ckpt))
+        detail = ("torch.distributed.checkpoint resharded FSDP2's state on load" if parallel.strategy == "fsdp"
+                  else "the state is whole on every rank")
+    if (was_world, was) != (acc.num_processes, now):
+        log.info("resharded %s: written by %d processes under %s, loaded by %d under %s (%s; scheduler, RNG and data "
+                 "position as saved%s)", ckpt, was_world, was, acc.num_processes, now, detail,
+                 "; ranks the writing run did not have keep the run's seed" if acc.num_processes > was_world else "")
 
 
 def universal_view(acc, ckpt: Path) -> Path:
@@ -63,8 +130,8 @@ def universal_view(acc, ckpt: Path) -> Path:
     return view
 
 
-def load_reshaped(acc, model, ckpt: Path, was: int) -> None:
-    """Load ``ckpt``, written by ``was`` processes under DeepSpeed, into this run of another world size."""
+def load_universal(acc, model, ckpt: Path) -> None:
+    """Load the DeepSpeed checkpoint ``ckpt`` through its universal view (another world size)."""
     checked("deepspeed", ("0.19",), "a resharded resume (DeepSpeed's universal loader mended)")
     view = universal_view(acc, ckpt)
     config = model._config  # the DeepSpeed engine's: its loader reads the flag
@@ -89,6 +156,3 @@ def load_reshaped(acc, model, ckpt: Path, was: int) -> None:
             state["step"] = state["step"].clone()
     acc.wait_for_everyone()  # every rank has read the view before the main process removes it
     main_decides(acc, lambda: shutil.rmtree(view, ignore_errors=True), f"removing {view}")
-    log.info("resharded %s: written by %d processes, loaded by %d (DeepSpeed universal checkpoint: fp32 masters, "
-             "moments and step of every parameter; scheduler, RNG and data position as saved)", ckpt, was,
-             acc.num_processes)

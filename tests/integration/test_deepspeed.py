@@ -1,12 +1,15 @@
 """DeepSpeed ZeRO 1/2/3 (+offload) and FSDP2 with 2 CPU processes over gloo: same losses as one process, exact
-resume, gathered ZeRO-3 export, ZeRO-2 and ZeRO-3 resumed on another number of processes, and a clear stop where the
-world size cannot change (FSDP2).
+resume, gathered ZeRO-3 export, and every strategy resumed on another number of processes (ddp also at another
+micro-batch / accumulation split), with a clear stop where the layout cannot change (another ZeRO stage).
 
 Tolerance: 1e-5 relative on per-step losses. Everything is fp32 on CPU; ZeRO only changes where
 optimizer state lives and the order of the cross-rank sums (gloo all-reduce / reduce-scatter), so
 differences are float rounding (observed: identical to the printed 4 decimals)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,23 +95,34 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in b)
 
 
+def _continues(resumed: Path, full: dict, was: int, now: int) -> None:
+    """The resumed run said what it resharded, saw the same tokens, logged the uninterrupted run's losses after the
+    resume point (1e-5) and ended on its weights (1e-5)."""
+    s = json.loads((resumed / "summary.json").read_text())
+    assert s["status"] == "finished" and s["steps"] == 6 and s["tokens"] == full["tokens"]
+    assert f"written by {was} processes under" in (resumed / "train.log").read_text()
+    assert f"loaded by {now} under" in (resumed / "train.log").read_text()
+    for (s1, a), (s2, b) in zip(full["train_loss_history"], s["train_loss_history"]):
+        assert s1 == s2 and b == pytest.approx(a, rel=1e-5), s1
+    assert len(s["train_loss_history"]) == len(full["train_loss_history"])
+
+
 def test_zero2_resumes_on_another_number_of_processes(runs, tmp_path):
     """A ZeRO-2 checkpoint of 2 processes resumes on 1, and one of 1 process on 2 (DeepSpeed's universal checkpoint,
-    converted in-process): the final weights are those of the uninterrupted 2-process run (1e-5; measured equal).
-    The negative control resumes with the moments zeroed: the weights part from the uninterrupted run's."""
+    converted in-process): the losses after the resume point and the final weights are those of the uninterrupted
+    2-process run (1e-5; measured equal). The negative control resumes with the moments zeroed: the weights part from
+    the uninterrupted run's."""
     full = load_file(runs("zero2") / "final" / "model.safetensors")
     down = _stopped_at_step_3(runs("zero2"), tmp_path / "down")
-    s = launch(1, down, "parallel=zero2", *STEPS)
-    assert s["status"] == "finished" and s["steps"] == 6
-    assert "resharded" in (down / "train.log").read_text() and "written by 2 processes, loaded by 1" in \
-        (down / "train.log").read_text()
+    launch(1, down, "parallel=zero2", *STEPS)
+    _continues(down, runs.summaries["zero2"], 2, 1)
     assert _max_rel(load_file(down / "final" / "model.safetensors"), full) <= 1e-5
     assert not list((down / "checkpoints").glob(".*universal*"))  # the view is gone; step_3 itself is untouched
 
     up = tmp_path / "up"
     launch(1, up, "parallel=zero2", *STEPS, "trainer.stop_after=3")
     launch(2, up, "parallel=zero2", *STEPS)
-    assert "written by 1 processes, loaded by 2" in (up / "train.log").read_text()
+    _continues(up, runs.summaries["zero2"], 1, 2)
     assert _max_rel(load_file(up / "final" / "model.safetensors"), full) <= 1e-5
 
     control = _stopped_at_step_3(runs("zero2"), tmp_path / "control")
@@ -117,20 +131,53 @@ def test_zero2_resumes_on_another_number_of_processes(runs, tmp_path):
     assert _max_rel(load_file(control / "final" / "model.safetensors"), full) > 1e-3
 
 
-def test_zero3_resumes_on_another_number_of_processes_and_fsdp_stops_clearly(runs, tmp_path):
-    """ZeRO-3 2 -> 1 process through the universal checkpoint equals the uninterrupted run (its loader shares one
-    `step` tensor among the parameter groups, which AdamW would count up once per group: un-shared on load).
-    An FSDP2 checkpoint is refused on another world size, in one line."""
+def test_zero3_resumes_on_another_number_of_processes_and_not_in_another_stage(runs, tmp_path):
+    """ZeRO-3 2 -> 1 and 1 -> 2 processes through the universal checkpoint equal the uninterrupted run (its loader
+    shares one `step` tensor among the parameter groups, which AdamW would count up once per group: un-shared on
+    load). Another ZeRO stage is refused in one line before the model is built."""
     full = load_file(runs("zero3") / "final" / "model.safetensors")
-    down = _stopped_at_step_3(runs("zero3"), tmp_path / "zero3")
-    s = launch(1, down, "parallel=zero3", *STEPS)
-    assert s["status"] == "finished" and "written by 2 processes, loaded by 1" in (down / "train.log").read_text()
+    down = _stopped_at_step_3(runs("zero3"), tmp_path / "down")
+    launch(1, down, "parallel=zero3", *STEPS)
+    _continues(down, runs.summaries["zero3"], 2, 1)
     assert _max_rel(load_file(down / "final" / "model.safetensors"), full) <= 1e-5
 
-    out = _stopped_at_step_3(runs("fsdp"), tmp_path / "fsdp")
-    proc = launch(1, out, "parallel=fsdp", *STEPS, expect_ok=False)
-    assert proc.returncode != 0
-    assert "written by 2 processes under fsdp" in proc.stderr and "resume with 2 processes" in proc.stderr
+    up = tmp_path / "up"
+    launch(1, up, "parallel=zero3", *STEPS, "trainer.stop_after=3")
+    launch(2, up, "parallel=zero3", *STEPS)
+    _continues(up, runs.summaries["zero3"], 1, 2)
+    assert _max_rel(load_file(up / "final" / "model.safetensors"), full) <= 1e-5
+
+    proc = launch(1, up, "parallel=zero2", *STEPS, expect_ok=False)
+    assert proc.returncode != 0 and "distsft: error: cannot resume from" in proc.stderr
+    assert "written under parallel=zero3, and DeepSpeed loads ZeRO state only into its own stage; resume with " \
+           "parallel=zero3" in proc.stderr
+
+
+def test_fsdp_resumes_on_another_number_of_processes(runs, tmp_path):
+    """FSDP2's sharded checkpoint (torch.distributed.checkpoint) resharded on load: 2 -> 1 and 1 -> 2 processes
+    continue the uninterrupted 2-process run (losses and final weights within 1e-5; measured 1e-7 and 1e-6)."""
+    full = load_file(runs("fsdp") / "final" / "model.safetensors")
+    down = _stopped_at_step_3(runs("fsdp"), tmp_path / "down")
+    launch(1, down, "parallel=fsdp", *STEPS)
+    _continues(down, runs.summaries["fsdp"], 2, 1)
+    assert _max_rel(load_file(down / "final" / "model.safetensors"), full) <= 1e-5
+
+    up = tmp_path / "up"
+    launch(1, up, "parallel=fsdp", *STEPS, "trainer.stop_after=3")
+    launch(2, up, "parallel=fsdp", *STEPS)
+    _continues(up, runs.summaries["fsdp"], 1, 2)
+    assert _max_rel(load_file(up / "final" / "model.safetensors"), full) <= 1e-5
+
+
+def test_ddp_resumes_on_another_number_of_processes_and_another_split(runs, tmp_path):
+    """A ddp checkpoint of 2 processes (micro-batch 4 x accumulation 1) resumes on 1 process at micro-batch 2 x
+    accumulation 4: the same global batch, so the same losses and final weights (1e-5)."""
+    down = _stopped_at_step_3(runs("ddp"), tmp_path / "down")
+    launch(1, down, "parallel=ddp", *STEPS, "trainer.micro_batch_size=2")
+    _continues(down, runs.summaries["ddp"], 2, 1)
+    assert json.loads((down / "summary.json").read_text())["batch"]["grad_accum"] == 4
+    full = load_file(runs("ddp") / "final" / "model.safetensors")
+    assert _max_rel(load_file(down / "final" / "model.safetensors"), full) <= 1e-5
 
 
 @pytest.mark.multiproc
