@@ -236,6 +236,10 @@ def check_paths(cfg: Config) -> None:
     if not out.exists() and parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise ConfigError(f"output_dir={out} cannot be created: {parent} is not a writable directory")
     check_model_paths(cfg)
+    stage = Path(cfg.trainer.async_stage)
+    if cfg.trainer.async_save and not (stage.is_dir() and os.access(stage, os.W_OK)):
+        raise ConfigError(f"trainer.async_stage={stage}: not a writable directory (trainer.async_save stages each "
+                          "rank's checkpoint there, in host memory: a tmpfs such as /dev/shm)")
 
 
 def check_model_paths(cfg: Config) -> None:

@@ -237,6 +237,10 @@ class TrainerConfig:
     hang_timeout: float = 600.0
     #: Seconds a collective (all-reduce, gather, barrier) may wait before torch.distributed fails it; the bound for ranks that are all equally stuck.
     collective_timeout: float = 1800.0
+    #: Checkpoint in the background: the loop waits only for a copy in host memory (docs: async checkpoints).
+    async_save: bool = False
+    #: Where async_save stages each rank's copy: a tmpfs local to the node (host memory).
+    async_stage: str = "/dev/shm"
 
 
 @dataclass

@@ -49,7 +49,7 @@ SAFE_TO_CHANGE = ("output_dir", "run_name", "logging.", "trainer.resume", "train
                   # the same function computed another way (speed or memory): switch them on at a resume after an OOM
                   "model.compile", "model.gradient_checkpointing", "model.checkpoint_every", "model.tiled_mlp_shards",
                   "model.offload_checkpoints", "trainer.loss_chunk",
-                  "trainer.hang_timeout", "trainer.collective_timeout")
+                  "trainer.hang_timeout", "trainer.collective_timeout", "trainer.async_save", "trainer.async_stage")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

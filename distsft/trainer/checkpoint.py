@@ -202,42 +202,53 @@ def check_compatible(ckpt: Path, current: dict, data_fingerprint: str, force: bo
 
 
 def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: str | None = None,
-         provenance: dict | None = None) -> Path:
+         provenance: dict | None = None, background=None) -> Path:
     """checkpoints/step_<N> (or checkpoints/<name>, e.g. best, which is never pruned nor resumed from). The main
-    process's parts run under ``main_decides``: a failure there (a full disk) stops every rank at once."""
+    process's parts run under ``main_decides``: a failure there (a full disk) stops every rank at once. With
+    ``background`` (trainer.async_save's ``async_save.Background``) a step checkpoint is written behind the loop;
+    any save first waits for the one in flight."""
     from .collective import main_decides
 
     name = name or f"step_{step}"
     final, tmp = root / name, root / f".{name}.tmp"
     what = f"saving checkpoint {name}"
+    if background is not None:
+        background.wait(accelerator)  # at most one save in flight, and never two writers of one directory
 
     def start():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
     main_decides(accelerator, start, what)  # (its broadcast is the barrier before every rank writes)
+    if background is not None and name.startswith("step_") and background.stage(accelerator, tmp, name):
+        background.write(accelerator, tmp, final, {"step": step, "world_size": accelerator.num_processes},
+                         lambda: describe(tmp, resolved, provenance), keep)
+        return final
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-
-    def describe():
-        OmegaConf.save(OmegaConf.create(resolved), tmp / "config.yaml")
-        if provenance is not None:
-            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-
-    main_decides(accelerator, describe, what)
+    main_decides(accelerator, lambda: describe(tmp, resolved, provenance), what)
     files = manifest(tmp, accelerator)  # every rank checksums its share of the files
-
-    def finish():
-        _fsync_tree(tmp)  # the data on the disk before anything says it is complete
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _fsync(root)
-        _write_durably(final / MARKER, json.dumps({"step": step, "world_size": accelerator.num_processes,
-                                                   "files": files}) + "\n")
-        prune(root, keep)
-
-    main_decides(accelerator, finish, what)
+    main_decides(accelerator, lambda: commit(tmp, final, {"step": step, "world_size": accelerator.num_processes,
+                                                          "files": files}, keep), what)
     return final
+
+
+def describe(tmp: Path, resolved: dict, provenance: dict | None) -> None:
+    """The checkpoint's config.yaml and provenance.json (main process)."""
+    OmegaConf.save(OmegaConf.create(resolved), tmp / "config.yaml")
+    if provenance is not None:
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def commit(tmp: Path, final: Path, marker: dict, keep: int) -> None:
+    """Make a fully written ``tmp`` the checkpoint ``final`` (main process): its files on the disk, renamed, then
+    the COMPLETE marker holding ``marker`` (step, world size, manifest); older ones pruned to ``keep``."""
+    _fsync_tree(tmp)  # the data on the disk before anything says it is complete
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _fsync(final.parent)
+    _write_durably(final / MARKER, json.dumps(marker) + "\n")
+    prune(final.parent, keep)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .async_save import Background
 from .guards import Guards
 from .metrics import Reporter, Window
 from .preempt import StopRequest
@@ -76,8 +77,18 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> LoopOutcome:
                     break
                 fetched = time.perf_counter()
                 progress("data", st.step)
+    except BaseException:
+        if loop.background is not None:
+            loop.background.settle()  # the checkpoint in flight completes, if it can, before the error ends the run
+        raise
     finally:
         loop.close()
+    if loop.background is not None:
+        progress("checkpoint")
+        try:
+            loop.background.wait(p.accelerator)  # the last checkpoint (a preemption's too) is complete before we go on
+        finally:
+            loop.background.close()
     loop.judge(0)  # a step still pending (an early stop between log steps): skipped_steps is complete
     if st.step >= p.total_steps or status == "early_stopped":
         if p.eval_batches and not (trainer_cfg.eval_every and st.step % trainer_cfg.eval_every == 0):
@@ -102,6 +113,8 @@ class _Loop:
         self.history = {"train_loss": [], "eval_loss": [], "lr": [], "grad_norm": []}
         self.history.update({k: [tuple(x) for x in v] for k, v in st.history.items()})
         self.window = Window(acc.device)
+        self.background = Background(acc, p.output_dir, trainer_cfg.async_stage, p.model, p.optimizer) \
+            if trainer_cfg.async_save else None
 
     def step(self, micro_batches: list[dict], stop_at: int) -> str | None:
         """One optimizer step and what follows it; why to stop now, if so."""
@@ -191,7 +204,7 @@ class _Loop:
         p.state.guards = self.guards.state_dict()
         p.state.history = self.history
         checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, keep, name=name,
-                        provenance=p.provenance)
+                        provenance=p.provenance, background=self.background)
 
     def origins(self, example_ids: list[torch.Tensor]) -> list[str]:
         """'file row N' of every example of a step (its micro-batches' example ids)."""

@@ -9,6 +9,9 @@ on one rank, for the failure tests (a monkeypatch cannot reach launched processe
     DISTSFT_TEST_FAULT=drop_moments   a resharded resume loads zero Adam moments (one process; a negative control)
     DISTSFT_TEST_FAULT=uneven_samples this rank's sample replies run to logging.sample_max_new_tokens (no early eos):
                                       the ranks' greedy replies end at different lengths
+    DISTSFT_TEST_FAULT=kill_mid_write the rank's background writer (trainer.async_save) of checkpoint step_6, having
+                                      copied one file, SIGKILLs the launcher and the rank (the others die with the
+                                      launcher): a node lost while the checkpoint is being written
 """
 
 from __future__ import annotations
@@ -79,4 +82,20 @@ if __name__ == "__main__":
                 return reply(model, tokenizer, prompt, max_new_tokens, device, min_new_tokens=max_new_tokens, **kwargs)
 
             samples.greedy_reply = longer
+        if os.environ.get("DISTSFT_TEST_FAULT") == "kill_mid_write":
+            import signal
+
+            import distsft.trainer.async_save as async_save
+
+            copy, copied = async_save.copy_with_crc, [0]
+
+            def copy_then_die(src, dst):
+                crc = copy(src, dst)
+                copied[0] += ".step_6.tmp" in str(dst)
+                if copied[0] == 1:
+                    os.kill(os.getppid(), signal.SIGKILL)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return crc
+
+            async_save.copy_with_crc = copy_then_die
     main()

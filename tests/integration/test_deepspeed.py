@@ -180,6 +180,28 @@ def test_ddp_resumes_on_another_number_of_processes_and_another_split(runs, tmp_
     assert _max_rel(load_file(down / "final" / "model.safetensors"), full) <= 1e-5
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_async_save_killed_mid_write_resumes_from_the_previous_checkpoint(strategy, runs, tmp_path):
+    """trainer.async_save: the loop goes on while every rank writes its staged copy. The launcher and rank 0 are
+    SIGKILLed while step_6 is being written (rank 1 dies with its launcher): step_6 stays a .tmp directory without
+    COMPLETE, step_3 is intact, and the relaunch resumes from step_3 and ends on the uninterrupted synchronous run's
+    weights, bitwise."""
+    from distsft.trainer.checkpoint import damage
+
+    out = tmp_path / "run"
+    proc = launch(2, out, f"parallel={strategy}", *STEPS, "trainer.async_save=true", expect_ok=False,
+                  module="tests.integration.fault_entry", env={"DISTSFT_TEST_FAULT": "kill_mid_write"})
+    assert proc.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / ".step_6.tmp").is_dir() and not (ckpts / "step_6").exists(), proc.stderr[-2000:]
+    assert damage(ckpts / "step_3") == [] and "step_3 complete (written behind the loop" in \
+        (out / "train.log").read_text()
+    s = launch(2, out, f"parallel={strategy}", *STEPS, "trainer.async_save=true")
+    assert s["status"] == "finished" and "resumed from" in (out / "train.log").read_text()
+    a, b = load_file(runs(strategy) / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), strategy
+
+
 @pytest.mark.multiproc
 @pytest.mark.parametrize("parallel", ["zero2", "zero3"])
 def test_deepspeed_skips_a_nonfinite_step_and_the_run_goes_on(tmp_path, parallel):
