@@ -56,6 +56,12 @@ class Background:
         self.outcome: dict = {}  # "error" (this rank's writer), "finish" (the finisher's)
         self.cancel = threading.Event()
         self.started = 0.0
+        self.last: tuple[str, float] | None = None  # (name, seconds from staging to COMPLETE) of the last save
+
+    @property
+    def writing(self) -> bool:
+        """A save is in flight (started and not yet waited for)."""
+        return self.writer is not None
 
     # ---- the training thread
     def stage(self, acc, tmp: Path, name: str) -> bool:
@@ -74,7 +80,7 @@ class Background:
         staged = self.root / name
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
-        t0 = time.perf_counter()
+        self.started = t0 = time.perf_counter()
         acc.save_state(str(staged))  # every rank its own files, into memory
         log.info("checkpoint %s staged in host memory in %.2f s; writing it in the background", name,
                  time.perf_counter() - t0)
@@ -84,7 +90,7 @@ class Background:
         """Start writing the staged checkpoint into ``tmp`` behind the loop; the main process also describes it
         (config, provenance) and starts the finisher."""
         staged = self.root / final.name
-        self.outcome, self.cancel, self.started = {}, threading.Event(), time.perf_counter()
+        self.outcome, self.cancel = {}, threading.Event()
         if self.main:
             describe()
         self.writer = threading.Thread(target=self._write, args=(staged, tmp), name="distsft-ckpt-writer",
@@ -174,8 +180,8 @@ class Background:
                 if (tmp / rel).exists():
                     files[rel] = [(tmp / rel).stat().st_size, _crc32(tmp / rel)]
             commit(tmp, final, {**marker, "files": files}, keep)
-            log.info("checkpoint %s complete (written behind the loop in %.2f s)", final.name,
-                     time.perf_counter() - self.started)
+            self.last = (final.name, time.perf_counter() - self.started)
+            log.info("checkpoint %s complete (%.2f s from staging to COMPLETE, behind the loop)", *self.last)
         except OSError as e:
             self.outcome["finish"] = f"completing checkpoint {final.name} in the background failed: {e}"
 

@@ -22,8 +22,8 @@ from . import checkpoint
 from .async_save import Background
 from .guards import Guards
 from .metrics import Reporter, Window
-from .preempt import StopRequest
-from .samples import as_markdown, generate_samples
+from .preempt import SaveClock, StopRequest
+from .samples import generate_samples
 from .step import evaluate, train_step
 from .watchdog import progress
 
@@ -87,6 +87,8 @@ def train(p: LoopParts, trainer_cfg, logging_cfg) -> LoopOutcome:
         progress("checkpoint")
         try:
             loop.background.wait(p.accelerator)  # the last checkpoint (a preemption's too) is complete before we go on
+            if loop.background.last:
+                loop.clock.saved(*loop.background.last)
         finally:
             loop.background.close()
     loop.judge(0)  # a step still pending (an early stop between log steps): skipped_steps is complete
@@ -113,6 +115,7 @@ class _Loop:
         self.history = {"train_loss": [], "eval_loss": [], "lr": [], "grad_norm": []}
         self.history.update({k: [tuple(x) for x in v] for k, v in st.history.items()})
         self.window = Window(acc.device)
+        self.clock = SaveClock(acc.is_main_process)  # a checkpoint longer than the launcher's SIGTERM grace: said
         self.background = Background(acc, p.output_dir, trainer_cfg.async_stage, p.model, p.optimizer) \
             if trainer_cfg.async_save else None
 
@@ -203,8 +206,13 @@ class _Loop:
         progress("checkpoint")
         p.state.guards = self.guards.state_dict()
         p.state.history = self.history
-        checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, keep, name=name,
-                        provenance=p.provenance, background=self.background)
+        t0 = time.perf_counter()
+        final = checkpoint.save(p.accelerator, p.output_dir / "checkpoints", p.state.step, p.resolved_config, keep,
+                                name=name, provenance=p.provenance, background=self.background)
+        if self.background is None or not self.background.writing:
+            self.clock.saved(final.name, time.perf_counter() - t0)
+        elif self.background.last:  # the previous one, from staging to COMPLETE (waited for by this save)
+            self.clock.saved(*self.background.last)
 
     def origins(self, example_ids: list[torch.Tensor]) -> list[str]:
         """'file row N' of every example of a step (its micro-batches' example ids)."""

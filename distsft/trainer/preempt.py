@@ -6,11 +6,17 @@ batch shell gets the signal). The request travels with the per-step token-count 
 ranks see it at the same step (read one step late when fused AdamW decides the update on the
 device: see ``guards.StepVerdicts``): they finish that optimizer step, write a complete checkpoint
 and exit; ``trainer.resume=auto`` continues from there.
+
+Under ``accelerate launch`` / ``torchrun`` the SIGTERM reaches the launcher's agent, which passes it on to the ranks
+and kills them ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds later (30 by default). ``SaveClock`` compares every
+checkpoint's duration with that grace and says, once, when a preemption's checkpoint would not fit in it;
+``slurm/train.sbatch`` gives the agent ``DISTSFT_PREEMPT_GRACE`` seconds (default 600).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -41,3 +47,28 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGUSR1, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
+
+
+def launcher_grace() -> float | None:
+    """Seconds the launcher's agent leaves the ranks between passing on a SIGTERM and killing them (None: no agent,
+    e.g. a plain ``python -m distsft.train``)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+
+
+class SaveClock:
+    """Warns once (main process) when a checkpoint took longer than the launcher's SIGTERM grace."""
+
+    def __init__(self, is_main: bool):
+        self.grace, self.warned = (launcher_grace() if is_main else None), False
+
+    def saved(self, name: str, seconds: float) -> None:
+        if self.grace is None or self.warned or seconds <= self.grace:
+            return
+        self.warned = True
+        log.warning("checkpoint %s took %.0f s, longer than the %.0f s the launcher leaves the ranks between a SIGTERM "
+                    "and killing them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT): a preemption would lose the steps since the "
+                    "previous checkpoint. Launch with TORCH_ELASTIC_SHUTDOWN_TIMEOUT=%d or more (slurm/train.sbatch: "
+                    "DISTSFT_PREEMPT_GRACE), and give the scheduler the same margin (SLURM: GraceTime, KillWait)",
+                    name, seconds, self.grace, 2 * seconds + 30)

@@ -12,6 +12,8 @@ on one rank, for the failure tests (a monkeypatch cannot reach launched processe
     DISTSFT_TEST_FAULT=kill_mid_write the rank's background writer (trainer.async_save) of checkpoint step_6, having
                                       copied one file, SIGKILLs the launcher and the rank (the others die with the
                                       launcher): a node lost while the checkpoint is being written
+    DISTSFT_TEST_FAULT=slow_commit    the main process takes DISTSFT_TEST_FAULT_SLEEP (default 6) s more to complete
+                                      each checkpoint (a large checkpoint on a slow filesystem)
 """
 
 from __future__ import annotations
@@ -98,4 +100,14 @@ if __name__ == "__main__":
                 return crc
 
             async_save.copy_with_crc = copy_then_die
+        if os.environ.get("DISTSFT_TEST_FAULT") == "slow_commit":
+            import time
+
+            commit = checkpoint.commit
+
+            def slow(*args, **kwargs):
+                time.sleep(float(os.environ.get("DISTSFT_TEST_FAULT_SLEEP", "6")))
+                return commit(*args, **kwargs)
+
+            checkpoint.commit = slow
     main()

@@ -122,6 +122,50 @@ def test_a_stopped_rank_ends_the_job_fast_naming_it_and_a_relaunch_resumes(tmp_p
     assert "resumed from" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.parametrize("grace", [2, 60])
+def test_sigterm_to_the_launcher_checkpoints_within_its_grace(tmp_path, grace):
+    """SIGTERM to `accelerate launch` (a preemption that reaches the launcher): its agent passes it on to the ranks
+    and kills them TORCH_ELASTIC_SHUTDOWN_TIMEOUT s later. Checkpoints here take 6 s more (rank 0). With a 2 s grace
+    the stop step's checkpoint is lost (the negative control) and the run has said, after its first checkpoint, that
+    its checkpoints outlast the grace; with 60 s (what slurm/train.sbatch gives by default) the stop step's
+    checkpoint is complete and a relaunch resumes from it."""
+    import signal
+    import time
+
+    from distsft.trainer.checkpoint import complete_checkpoints
+    from tests.conftest import CPU_ENV, ROOT, launch_cmd
+
+    common = ["trainer.max_steps=12", "trainer.save_every=2", "trainer.eval_every=0", "logging.sample_every=0",
+              "logging.log_every=1"]
+    env = {**CPU_ENV, "DISTSFT_TEST_FAULT": "slow_commit", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace)}
+    proc = subprocess.Popen(launch_cmd(2, tmp_path, *common, module="tests.integration.fault_entry"), cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "step 3/12" not in _text(tmp_path / "train.log") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    steps = [n for n, _ in complete_checkpoints(tmp_path / "checkpoints")]
+    said = "took 6 s, longer than the 2 s the launcher leaves the ranks between a SIGTERM and killing them"
+    if grace == 2:
+        assert said in _text(tmp_path / "train.log")
+        assert steps == [2], steps  # killed while writing the stop step's checkpoint
+        return
+    assert said.replace("2 s the", "60 s the") not in _text(tmp_path / "train.log")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "preempted" and steps[-1] == summary["steps"] > 2, (steps, err[-2000:])
+    assert launch(2, tmp_path, *common)["status"] == "finished"
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{steps[-1]}'}" in _text(tmp_path / "train.log")
+
+
+def _text(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 def test_no_rank_outlives_its_launcher(tmp_path):
     """SIGKILL of the launcher alone (its agent dies without ending its workers): the ranks die with it
     (PR_SET_PDEATHSIG), instead of training on, unsupervised, into output_dir."""
