@@ -16,7 +16,9 @@ from .batch import resolve_batch
 from .checks import check_device_combinations, check_paths
 from .config import Config, ConfigError
 from .data.loader import StepLoader, eval_batches, pack, summarize
+from .data.cachekey import cache_root
 from .data.prepare import prepare
+from .trainer.collective import cache_builder
 from .data.templates import end_of_turn_id
 from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
@@ -180,10 +182,10 @@ class DataParts:
 
 
 def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
-    # the first process of each node builds the token cache (or finds it); the others of the node wait
-    # for it and map the same files (data.prepare_timeout bounds the wait)
+    # one process builds the token cache (or finds it) for every node that sees it; the others wait for it and
+    # map the same files (data.prepare_timeout bounds the wait)
     data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path,
-                   builder=acc.is_local_main_process)
+                   builder=cache_builder(acc, cache_root(cfg.data)) if cfg.data.cache else acc.is_local_main_process)
     use_template(tokenizer, data.template, cfg.data.chat_template)
     loader = StepLoader(data.train, pack(data.train, cfg.data, data.train_stats), plan, acc.process_index, cfg.data,
                         tokenizer.pad_token_id, pin_memory=acc.device.type == "cuda")

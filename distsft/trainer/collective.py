@@ -9,6 +9,9 @@ every rank as one error:
     OSError (disk full, permission, I/O)       TrainingError naming what failed: one line, exit code 2
     anything else (a bug)                      the main process re-raises it (its traceback); the others stop
 
+``cache_builder`` picks the process that builds the token cache: one for the job where every node sees the cache
+directory (a shared filesystem), else one per node.
+
 ``share_files`` splits work over files (a checkpoint's CRCs) among the ranks and gathers the results, so
 verifying a checkpoint takes 1/N of the time it takes one process.
 """
@@ -79,3 +82,33 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def cache_builder(acc, cache: Path) -> bool:
+    """Whether this process builds the token cache in ``cache`` (collective). On one node, or where every node sees
+    the same directory (a shared filesystem: the main process leaves a probe file that every node's first process
+    looks for), the main process alone: one build for the job. Otherwise (node-local caches) the first process of
+    each node."""
+    import logging
+    import os
+    import uuid
+
+    from accelerate.utils import gather_object
+
+    if acc.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)):
+        return acc.is_main_process
+    probe = cache / f".distsft-probe-{uuid.uuid4().hex}"  # each rank its own name: only the main's is written
+
+    def leave():
+        cache.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        return probe.name
+
+    name = main_decides(acc, leave, f"writing a probe file into the token cache directory {cache}")
+    sees = gather_object([not acc.is_local_main_process or (cache / name).exists()])
+    main_decides(acc, lambda: (cache / name).unlink(missing_ok=True), f"removing {cache / name}")
+    shared = all(sees)
+    logging.getLogger("distsft").info(
+        "token cache %s: %s", cache, "every node sees it (a shared filesystem): prepared once, by the main process"
+        if shared else "node-local: the first process of each node prepares its own copy")
+    return acc.is_main_process if shared else acc.is_local_main_process
