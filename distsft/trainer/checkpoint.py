@@ -36,6 +36,10 @@ from ..provenance import training_differences
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# settings of parallel.* whose change ``trainer.reshape.route`` decides (check_compatible leaves them to it); a user's
+# DeepSpeed JSON holds only what distsft does not own (buckets, thresholds: how, not what, is computed)
+LAYOUT_KEYS = ("parallel.strategy", "parallel.zero_stage", "parallel.offload_optimizer", "parallel.offload_params",
+               "parallel.fsdp_reshard_after_forward", "parallel.deepspeed_config")
 
 
 @dataclass
@@ -185,8 +189,6 @@ def _fsync(path: Path) -> None:
 def check_compatible(ckpt: Path, current: dict, data_fingerprint: str, force: bool) -> None:
     """Refuse a checkpoint trained with other settings or data (``force``: warn). The number of processes, the
     micro-batch / accumulation split and the parallel layout are trainer.reshape's to decide."""
-    from .reshape import LAYOUT_KEYS
-
     saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"))
     diffs = [d for d in training_differences(saved, current) if not d.startswith(LAYOUT_KEYS)]
     prov = ckpt / "provenance.json"

@@ -61,11 +61,6 @@ def layout(parallel: dict) -> str:
     return f"zero{parallel.get('zero_stage')}{offload}"
 
 
-# settings of parallel.* whose change ``route`` decides (checkpoint.check_compatible leaves them to it); a user's
-# DeepSpeed JSON holds only what distsft does not own (buckets, thresholds: how, not what, is computed)
-LAYOUT_KEYS = ("parallel.strategy", "parallel.zero_stage", "parallel.offload_optimizer", "parallel.offload_params",
-               "parallel.fsdp_reshard_after_forward", "parallel.deepspeed_config")
-
 
 def route(ckpt: Path, parallel: ParallelConfig, world: int) -> str:
     """How ``ckpt`` loads into this run: ``as saved`` or ``universal`` (a ConfigError where it cannot)."""
