@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .config import Config, ConfigError
+from .trainer.trackers import check_trackers
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("pretrained", "config"),
@@ -67,6 +68,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("logging.log_every", lambda v: v >= 1, ">= 1"),
     ("logging.sample_every", lambda v: v >= 0, ">= 0 (0: off)"),
     ("logging.sample_max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("logging.sample_count", lambda v: v >= 1, ">= 1"),
     ("preview.examples", lambda v: v >= 0, ">= 0"),
     ("plan.world_size", lambda v: v >= 1, ">= 1"),
     ("plan.host_memory_gib", lambda v: v is None or v > 0, "> 0 GiB, or null (not bounded)"),
@@ -150,6 +152,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.offload_optimizer=true needs parallel.strategy=deepspeed")
     check_combinations(cfg)
     check_sequence_parallel(cfg)
+    check_trackers(cfg.logging.trackers)  # known and installed
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
     if t.export_best and not (t.eval_every and (d.val_files or d.val_fraction > 0)):

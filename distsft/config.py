@@ -249,15 +249,16 @@ class LoggingConfig:
     log_every: int = 10
     #: Peak FLOP/s of one device for MFU; null looks the GPU up in a table (no MFU on CPU unless set).
     peak_flops: Optional[float] = None
-    #: Generate from sample_prompts every N steps into TensorBoard text (0: off).
+    #: Generate replies to the sample prompts every N steps, logged to every tracker (0: off).
     sample_every: int = 0
-    #: Fixed prompts for the sample generations (as user turns, with the training chat template).
-    sample_prompts: list[str] = field(default_factory=lambda: ["What is 12 plus 7?", "Spell river backwards.",
-                                                               "What is the capital of Peru?"])
+    #: Sample prompts (user turns, training chat template); empty: first user turns of the data.
+    sample_prompts: list[str] = field(default_factory=list)
+    #: With sample_prompts empty: prompts from the top rows of data.val_files, else data.train_files.
+    sample_count: int = 3
     #: Tokens generated per sample (greedy).
     sample_max_new_tokens: int = 32
-    #: Write TensorBoard event files under output_dir/tensorboard.
-    tensorboard: bool = True
+    #: Experiment trackers (main process): tensorboard, mlflow, wandb; see docs/trackers.md.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     #: Show a progress bar with ETA (main process only, and only when stderr is a terminal).
     progress_bar: bool = True
     #: At the end, draw output_dir/curves.png: train/eval loss, learning rate, gradient norm (from TensorBoard, so resumed runs show every step).

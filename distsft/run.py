@@ -54,8 +54,10 @@ from .trainer.metrics import model_flops, peak_flops
 from .trainer.optim import build_optimizer
 from .trainer.optim import describe as describe_optimizer
 from .trainer.reshape import restore, route
+from .trainer.samples import with_sample_prompts
 from .trainer.schedule import build_scheduler, warmup_steps
 from .trainer.strategy import describe as describe_strategy
+from .trainer.trackers import accelerate_trackers
 from .trainer.watchdog import Watchdog
 
 log = logging.getLogger("distsft")
@@ -74,7 +76,7 @@ def run(cfg: Config) -> RunResult:
     check_paths(cfg)  # before the accelerator, the data and the model: nothing is written or loaded yet
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
                          cfg.trainer.global_batch_size, launched_world_size(), cfg.parallel.sp_size)
-    acc = build_accelerator(cfg.parallel, cfg.trainer, plan)
+    acc = build_accelerator(cfg.parallel, cfg.trainer, plan, accelerate_trackers(cfg.logging.trackers))
     set_seed(cfg.trainer.seed)  # python, numpy, torch on every process (dropout, workers)
     if not acc.is_main_process:  # rank 0 speaks
         logging.getLogger().setLevel(logging.WARNING)
@@ -110,7 +112,7 @@ def _logging_for(cfg: Config):
     if cfg.parallel.sequence_parallel and cfg.logging.sample_every:  # generation would run a slice as a whole row
         log.info("samples: off under sequence parallelism (logging.sample_every=%d ignored)", cfg.logging.sample_every)
         return replace(cfg.logging, sample_every=0)
-    return cfg.logging
+    return with_sample_prompts(cfg.logging, cfg.data)
 
 
 @contextmanager

@@ -25,7 +25,9 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan) -> Accelerator:
+def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan,
+                      log_with: list[str] | None = None) -> Accelerator:
+    """``log_with``: Accelerate's trackers (trackers.accelerate_trackers), started by metrics.Reporter."""
     check_launcher(parallel, trainer)
     cuda = trainer.use_cuda and torch.cuda.is_available()
     launched = launched_world_size() > 1
@@ -50,6 +52,7 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         kwargs_handlers=kwargs,
         # the trainer steps its scheduler once per optimizer step itself (no per-process stepping)
         step_scheduler_with_optimizer=False,
+        log_with=log_with,
         **extra,
     )
     if "fsdp_plugin" in extra and not cuda:

@@ -107,8 +107,7 @@ class _Loop:
     def __init__(self, p: LoopParts, trainer_cfg, logging_cfg):
         acc, st = p.accelerator, p.state
         self.p, self.cfg, self.log_cfg = p, trainer_cfg, logging_cfg
-        self.rep = Reporter(acc.is_main_process, p.output_dir, p.total_steps, st.step, logging_cfg.tensorboard,
-                            logging_cfg.progress_bar)
+        self.rep = Reporter(acc, p.output_dir, p.total_steps, st.step, logging_cfg, p.resolved_config)
         self.stop_request = StopRequest(p.output_dir, acc.is_main_process)
         self.guards = Guards(trainer_cfg, acc.device)
         self.guards.load_state_dict(st.guards)  # as the checkpoint we resumed from left them (if any)
@@ -167,7 +166,7 @@ class _Loop:
             progress("samples")
             samples = generate_samples(p.model, p.tokenizer, self.log_cfg.sample_prompts,
                                        self.log_cfg.sample_max_new_tokens, p.accelerator)
-            self.rep.text(step, "samples", as_markdown(samples))
+            self.rep.samples(step, samples)
             self.rep.line(f"step {step} samples: " + " | ".join(f"{q!r} -> {a!r}" for q, a in samples))
         return early
 

@@ -1,4 +1,5 @@
-"""Trainer stage 7: what the run says — TensorBoard scalars, a progress bar, log lines (main process only).
+"""Trainer stage 7: what the run says — scalars to every tracker of logging.trackers (TensorBoard here, MLflow
+and W&B through Accelerate: trackers.py), a progress bar, log lines (main process only).
 
 Scalars (x axis: optimizer step):
     train/loss                    loss of the step under the loss contract (all ranks, all micro-batches)
@@ -29,24 +30,31 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .samples import as_markdown
 from .step import RouterStats, StepCounts, StepResult
+from .trackers import Trackers, hyper_parameters, tensorboard_hparams
 
 log = logging.getLogger("distsft")
 
 
 class Reporter:
-    def __init__(self, is_main: bool, output_dir: Path, total_steps: int, start_step: int,
-                 tensorboard: bool, progress_bar: bool):
-        self.is_main = is_main
-        self.writer = None
-        self.bar = None
-        if not is_main:
+    """Where the run's numbers go (main process only): TensorBoard event files, the Accelerate trackers, the
+    progress bar and the log lines."""
+
+    def __init__(self, accelerator, output_dir: Path, total_steps: int, start_step: int, logging_cfg, config: dict):
+        self.is_main = accelerator.is_main_process
+        self.writer = self.trackers = self.bar = None
+        if not self.is_main:
             return
-        if tensorboard:
+        params = hyper_parameters(config)
+        if "tensorboard" in logging_cfg.trackers:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-        if progress_bar:
+            tensorboard_hparams(self.writer, params)
+        if accelerator.log_with:
+            self.trackers = Trackers(accelerator, output_dir, config["run_name"], params, start_step)
+        if logging_cfg.progress_bar:
             # disable=None: no bar when stderr is not a terminal (a log file, a SLURM .out), where its
             # redraws would run into the log lines
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=None)
@@ -55,10 +63,15 @@ class Reporter:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.scalars(step, values)
 
-    def text(self, step: int, tag: str, text: str) -> None:
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """(prompt, reply) pairs: TensorBoard text ``samples``, and the other trackers' own forms (trackers.py)."""
         if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+            self.writer.add_text("samples", as_markdown(samples), step)
+        if self.trackers is not None:
+            self.trackers.samples(step, samples)
 
     def step(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -74,6 +87,8 @@ class Reporter:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 class Window:

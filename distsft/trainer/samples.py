@@ -1,14 +1,36 @@
-"""Trainer stage 10: sample generations — a few fixed prompts answered every N steps, written to
-TensorBoard as text (the main process writes; every rank generates, because under ZeRO-3 the
-forward passes gather parameters collectively)."""
+"""Trainer stage 10: sample generations — a few prompts answered every N steps, written to every tracker
+(TensorBoard as text; the main process writes; every rank generates, because under ZeRO-3 the forward
+passes gather parameters collectively). The prompts are logging.sample_prompts, or when that is empty the
+first user turns of the user's own data (data.prompts: eval files first, else training files)."""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import replace
 
 import torch
 from accelerate.utils import DistributedType
 
+from ..config import DataConfig, LoggingConfig
+from ..data.prompts import LONGEST, data_prompts
 from ..model.attention import VARLEN
 from ..model.load import base_model
+
+log = logging.getLogger("distsft")
+
+
+def with_sample_prompts(cfg: LoggingConfig, data: DataConfig) -> LoggingConfig:
+    """``cfg`` with its sample prompts: its own, or (logging.sample_prompts empty) taken from the data."""
+    if not cfg.sample_every or cfg.sample_prompts:
+        return cfg
+    found = data_prompts(data, cfg.sample_count)
+    if not found:
+        log.warning("samples: off (logging.sample_every=%d): no user turn of at most %d characters in the top "
+                    "rows of the data files; set logging.sample_prompts", cfg.sample_every, LONGEST)
+        return replace(cfg, sample_every=0)
+    log.info("samples: %d prompts from the data (logging.sample_prompts is empty): %s", len(found),
+             "; ".join(where for _, where in found))
+    return replace(cfg, sample_prompts=[p for p, _ in found])
 
 
 @torch.no_grad()
