@@ -51,6 +51,8 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.save_total_limit", lambda v: v >= 0, ">= 0 (0 keeps all)"),
     ("trainer.stop_after", lambda v: v >= 0, ">= 0"),
     ("trainer.hang_timeout", lambda v: v >= 0, ">= 0 seconds (0: no watchdog)"),
+    ("plan.checkpoint_gbps", lambda v: v > 0, "> 0 GB/s"),
+    ("plan.stage_gbps", lambda v: v > 0, "> 0 GB/s"),
     ("trainer.collective_timeout", lambda v: v > 0, "> 0 seconds"),
     ("trainer.max_bad_steps", lambda v: v >= 1, ">= 1"),
     ("trainer.spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1"),

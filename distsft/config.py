@@ -289,6 +289,10 @@ class PlanConfig:
     gpu_memory_gib: Optional[float] = None
     #: Host RAM (GiB) each GPU's process may pin for offloaded checkpoints (model.offload_checkpoints): the longest-row answer with offload stays within 85% of it (null: not bounded; the plan still prints what it needs).
     host_memory_gib: Optional[float] = None
+    #: GB/s one rank writes a checkpoint at (file system and fsync): the time a save holds the loop.
+    checkpoint_gbps: float = 1.0
+    #: GB/s one rank copies its checkpoint share into host memory at (trainer.async_save's staging).
+    stage_gbps: float = 2.0
 
 
 @dataclass

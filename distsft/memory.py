@@ -253,3 +253,30 @@ def suggest_checkpointing(options: list[dict], gpu_bytes: float | None) -> dict 
         return None
     fits = [o for o in options if o["memory"] <= HEADROOM * gpu_bytes]
     return min(fits, key=lambda o: o["extra_compute"]) if fits else None
+
+
+def checkpoint_bytes(cfg: Config, shape: ModelShape, world_size: int) -> list[float]:
+    """Bytes of one checkpoint that each rank writes (index: rank). The trainable weights as fp32 masters (P-T
+    frozen ones in their storage dtype w) and the optimizer state (AdamW: 8*T):
+
+        ddp            rank 0: the whole model and optimizer (P-T)*w + T*4 + 8*T; the others nothing
+        ZeRO-1/2       every rank its partition of fp32 masters + moments (4+8)*T/N; rank 0 also the module in the
+                       engine's dtype (2 bytes under bf16)
+        ZeRO-3         every rank its partition of the module, masters and moments
+        FSDP2          every rank its shard of the model and the optimizer state (torch.distributed.checkpoint)
+    """
+    p, t, n = shape.params, shape.trainable, world_size
+    frozen = p - t
+    w = 2 if cfg.model.dtype == "bfloat16" else 4
+    per_state = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "adafactor": 0.1}[cfg.optim.name]
+    model, optim = frozen * w + t * 4.0, t * float(per_state)
+    par = cfg.parallel
+    if par.strategy == "ddp":
+        return [model + optim] + [0.0] * (n - 1)
+    if par.strategy == "fsdp":
+        return [(model + optim) / n] * n
+    engine = 2 if cfg.trainer.precision == "bf16" else w  # the engine's module copy
+    shards = t * (4 + per_state) / n  # fp32 masters and moments
+    if par.zero_stage == 3:
+        return [shards + frozen * w / n] * n
+    return [shards + p * engine] + [shards] * (n - 1)

@@ -21,8 +21,18 @@ from omegaconf import DictConfig
 
 from .batch import BatchPlan, resolve_batch
 from .config import Config, register_configs
-from .memory import (ASSUMED_MFU, GIB, HEADROOM, QUADRATIC, ModelShape, checkpointing_options, longest_sequences,
-                     memory_estimate, suggest_checkpointing)
+from .memory import (
+    ASSUMED_MFU,
+    GIB,
+    HEADROOM,
+    QUADRATIC,
+    ModelShape,
+    checkpoint_bytes,
+    checkpointing_options,
+    longest_sequences,
+    memory_estimate,
+    suggest_checkpointing,
+)
 from .train import CONF_DIR, with_user_errors
 
 register_configs()
@@ -125,6 +135,8 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         if gpu else None,
         "host_memory_bytes": cfg.plan.host_memory_gib * GIB if cfg.plan.host_memory_gib else None,
         "peak_flops": plan_peak(cfg),
+        "checkpoint_bytes": checkpoint_bytes(cfg, shape, world_size),
+        "checkpoint_gbps": (cfg.plan.checkpoint_gbps, cfg.plan.stage_gbps),
     }
 
 
@@ -178,7 +190,19 @@ def render(p: dict) -> str:
                 f"~{o['seconds_per_row']:.3g} s per row, {o['tokens_per_s_per_gpu']:,.0f} tok/s per GPU  "
                 + " ".join(f"model.{k}={str(v).lower()}" for k, v in o["overrides"].items())
                 if o["max_seq_len"] else "nothing fits"))
+    lines.append(checkpoint_line(p["checkpoint_bytes"], *p["checkpoint_gbps"]))
     return "\n".join(lines)
+
+
+def checkpoint_line(per_rank: list[float], write_gbps: float, stage_gbps: float) -> str:
+    """The checkpoint's size, the busiest rank's share, and how long a save holds the loop, sync and async."""
+    busiest = max(per_rank)
+    sync, staged = busiest / 1e9 / write_gbps, busiest / 1e9 / stage_gbps
+    grace = 2 * sync + 30
+    return (f"checkpoint: {sum(per_rank) / 1e9:.3g} GB, {busiest / 1e9:.3g} GB from the busiest rank; a save holds "
+            f"the loop ~{sync:.3g} s at {write_gbps:g} GB/s (plan.checkpoint_gbps), ~{staged:.3g} s with "
+            f"trainer.async_save (staged at {stage_gbps:g} GB/s into as much host memory, plan.stage_gbps); a "
+            f"preemption needs TORCH_ELASTIC_SHUTDOWN_TIMEOUT >= {grace:.0f} s (and the scheduler's grace)")
 
 
 def _active(counts: dict) -> str:

@@ -37,7 +37,10 @@ class StopRequest:
                 signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:
+        from .watchdog import stopping
+
         self.flag = True
+        stopping()  # a lost rank is now judged within seconds, not at trainer.hang_timeout
 
     def local(self) -> float:
         """1.0 if this process wants to stop (the main process also polls the stop file)."""

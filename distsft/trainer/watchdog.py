@@ -40,7 +40,7 @@ log = logging.getLogger("distsft")
 HANG_EXIT = 75  # EX_TEMPFAIL: the job may be retried
 REPORT = "report.txt"  # output_dir/hang/report.txt: the reporter's line; slurm/train.sbatch requeues the job on it
 PHASES = ("data", "forward/backward", "optimizer", "eval", "samples", "checkpoint")
-_state = {"step": 0, "phase": "start", "changes": 0}
+_state = {"step": 0, "phase": "start", "changes": 0, "stopping": False}
 
 
 def progress(phase: str, step: int | None = None) -> None:
@@ -49,6 +49,13 @@ def progress(phase: str, step: int | None = None) -> None:
         _state["step"] = step
     _state["phase"] = phase
     _state["changes"] += 1
+
+
+def stopping() -> None:
+    """A stop was requested (SIGTERM, SIGUSR1: preemption.StopRequest). A rank lost now (its heartbeat stopped) is
+    judged within a tenth of trainer.hang_timeout (at least 3 heartbeats): a survivor stuck in a collective with it
+    (NCCL waits for the collective timeout) would otherwise hold the job for the launcher's whole SIGTERM grace."""
+    _state["stopping"] = True
 
 
 class Watchdog:
@@ -75,7 +82,7 @@ class Watchdog:
         return dog
 
     def start(self) -> None:
-        _state.update(step=0, phase="start", changes=0)
+        _state.update(step=0, phase="start", changes=0, stopping=False)
         self._beat(0)
         self.thread.start()
 
@@ -120,7 +127,8 @@ class Watchdog:
                             "progress_at": now if advanced else old["progress_at"]}
         if len(self.seen) < self.world:
             return None
-        lost = [r for r, s in self.seen.items() if now - s["beat_at"] > self.timeout]
+        limit = max(3 * self.interval, self.timeout / 10) if _state["stopping"] else self.timeout
+        lost = [r for r, s in self.seen.items() if now - s["beat_at"] > min(limit, self.timeout)]
         front = max(_position(s) for s in self.seen.values())
         stuck = [r for r, s in self.seen.items() if r not in lost and now - s["progress_at"] > self.timeout
                  and _position(s) < front]
@@ -144,7 +152,8 @@ class Watchdog:
                 since = now - (s["beat_at"] if r in lost else s["progress_at"])
                 lines.append(f"rank {r} ({s['host']}, pid {s['pid']}) {how} at step {s['step']} in {s['phase']}, "
                              f"silent for {since:.0f} s")
-            message = (f"distsft: error: {'; '.join(lines)} (trainer.hang_timeout={self.timeout:g} s); stack dumps "
+            early = ", sooner for a lost rank once a stop was requested" if _state["stopping"] else ""
+            message = (f"distsft: error: {'; '.join(lines)} (trainer.hang_timeout={self.timeout:g} s{early}); stack dumps "
                        f"in {self.dir}; ending the job (exit {HANG_EXIT}): resume from the last complete checkpoint")
             print(message, file=sys.stderr, flush=True)
             (self.dir / REPORT).write_text(message + "\n")  # slurm/train.sbatch requeues the job on it

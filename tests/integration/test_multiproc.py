@@ -166,6 +166,85 @@ def _text(path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def _pid_of_rank(out, rank: int) -> int | None:
+    for d in Path("/proc").iterdir():
+        try:
+            cmd, env = ((d / n).read_bytes().split(b"\0") for n in ("cmdline", "environ"))
+        except OSError:
+            continue
+        if b"accelerate.commands.launch" not in cmd and f"output_dir={out}".encode() in cmd \
+                and f"RANK={rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+def _launched(out, *overrides, env=None, module="distsft.train"):
+    import subprocess
+
+    from tests.conftest import CPU_ENV, launch_cmd
+
+    return subprocess.Popen(launch_cmd(2, out, "trainer.eval_every=0", "logging.sample_every=0", "logging.log_every=1",
+                                       *overrides, module=module),
+                            cwd=ROOT, env={**CPU_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _until(condition, seconds: float) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_killed_rank_ends_the_job_in_seconds_whatever_the_sigterm_grace(tmp_path):
+    """SIGKILL of rank 1 (a lost node) under the 600 s SIGTERM grace slurm/train.sbatch gives the launcher: the
+    survivor fails its next collective, and the job ends within seconds (bound: 30 s), naming the killed rank."""
+    import signal
+    import time
+
+    proc = _launched(tmp_path, "trainer.max_steps=100000", "trainer.save_every=0")
+    try:
+        _until(lambda: " step 2/" in _text(tmp_path / "train.log"), 180)
+        os.kill(_pid_of_rank(tmp_path, 1), signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30 and proc.returncode != 0
+        assert "rank      : 1" in err and "Signal 9 (SIGKILL)" in err, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_lost_rank_is_judged_soon_after_a_stop_request(tmp_path):
+    """Rank 1 freezes (SIGSTOP) with trainer.hang_timeout=100; rank 0 waits for it in a collective (as a survivor of a
+    dead peer waits under NCCL). A SIGTERM to the launcher (600 s grace) asks for a stop that rank 0 cannot reach:
+    its watchdog judges the lost rank within a tenth of the timeout (at least 3 beats: 15 s here) and ends the job,
+    rather than at the 100 s timeout or the launcher's 600 s grace."""
+    import signal
+    import time
+
+    proc = _launched(tmp_path, "trainer.max_steps=100000", "trainer.save_every=0", "trainer.hang_timeout=100",
+                     module="tests.integration.fault_entry",
+                     env={"DISTSFT_TEST_FAULT": "stop_self", "DISTSFT_TEST_FAULT_RANK": "1",
+                          "DISTSFT_TEST_FAULT_CALL": "5"})
+    try:
+        _until(lambda: (pid := _pid_of_rank(tmp_path, 1)) and "State:\tT" in Path(f"/proc/{pid}/status").read_text(),
+               180)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        assert time.monotonic() - t0 < 40, err[-2000:]
+        assert "rank 1 (" in err and "sooner for a lost rank once a stop was requested" in err, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pid = _pid_of_rank(tmp_path, 1)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_no_rank_outlives_its_launcher(tmp_path):
     """SIGKILL of the launcher alone (its agent dies without ending its workers): the ranks die with it
     (PR_SET_PDEATHSIG), instead of training on, unsupervised, into output_dir."""

@@ -1,4 +1,5 @@
-"""slurm/train.sbatch on a real SLURM cluster: two nodes, and preemption -> requeue -> exact resume.
+"""slurm/train.sbatch on a real SLURM cluster: two nodes, preemption -> requeue -> exact resume, and a lost rank ->
+requeue -> resume on fewer nodes.
 
 Needs a cluster with two usable nodes; `bash slurm/local_cluster.sh` (which tests/run.sh calls) sets
 up one on this machine when run as root. Without one the tests skip, saying why.
@@ -58,7 +59,7 @@ class Jobs:
         self.ids: list[str] = []
         self.logs: dict[str, Path] = {}
 
-    def submit(self, workdir: Path, *overrides: str, nodes: int = 2) -> str:
+    def submit(self, workdir: Path, *overrides: str, nodes: int | str = 2) -> str:
         """sbatch slurm/train.sbatch from workdir (the job's log goes there too)."""
         workdir.mkdir(parents=True, exist_ok=True)
         # the job inherits this environment (sbatch --export=ALL): the test's Python and data cache
@@ -186,6 +187,51 @@ def test_preempt_requeue_resume_exact(tmp_path, jobs):
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"resumed weights differ from the uninterrupted run's in {differ}"
+
+
+def _rank_pid(out: Path, rank: int) -> int | None:
+    """The PID of the training process of ``rank`` writing into ``out`` (all nodes are this host)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"distsft.train" in cmd and f"output_dir={out}".encode() in cmd and f"RANK={rank}".encode() in env \
+                and b"accelerate.commands.launch" not in cmd:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.timeout(900)
+def test_a_lost_rank_requeues_the_job_which_resumes_on_fewer_nodes(tmp_path, jobs):
+    """SIGKILL of rank 1 (a lost node) of a 2-node ZeRO-2 job submitted with --nodes=1-2: the batch script sees a
+    failure without a user error and requeues the job; with the second node drained meanwhile, SLURM starts it on
+    one node, and the run resumes from the last complete checkpoint written by 2 processes on 1 (DeepSpeed's universal
+    checkpoint) and finishes."""
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30)
+    out, steps = tmp_path / "run", 40
+    job = jobs.submit(tmp_path, f"output_dir={out}", "parallel=zero2", f"trainer.max_steps={steps}",
+                      "trainer.save_every=4", "trainer.eval_every=0", "logging.log_every=1", "logging.sample_every=0",
+                      nodes="1-2")
+    _wait_for_log(jobs, job, out / "train.log", "step 9/", timeout=300)
+    second = max(nodes.stdout.split())
+    subprocess.run(["scontrol", "update", f"nodename={second}", "state=drain", "reason=distsft-test"], check=True,
+                   timeout=30)
+    try:
+        pid = _rank_pid(out, 1)
+        assert pid is not None, jobs.tail(job)
+        os.kill(pid, 9)
+        info = jobs.wait(job, timeout=480)  # includes the requeue delay
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={second}", "state=resume"], timeout=30)
+    log = jobs.log(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{log[-6000:]}"
+    assert int(info["Restarts"]) >= 1 and "failed with a lost rank" in log, log[-6000:]
+    train_log = (out / "train.log").read_text()
+    assert "written by 2 processes under zero2, loaded by 1 under zero2" in train_log, train_log[-3000:]
+    summary = _summary(out)
+    assert summary["status"] == "finished" and summary["steps"] == steps and summary["batch"]["world_size"] == 1
 
 
 @pytest.mark.timeout(600)

@@ -46,3 +46,23 @@ def test_progress_that_moves_is_not_stuck_even_when_behind():
     for t in range(0, 60, 5):  # rank 1 is slower, a phase behind, but its phases change
         assert d.judge({0: beat(t, t, "optimizer", 2 * t), 1: beat(t, t, "forward/backward", 2 * t + 1)}, now=t) \
             is None
+
+
+def test_after_a_stop_request_a_lost_rank_is_judged_sooner():
+    """A stop was requested (SIGTERM: the launcher will kill the ranks after its grace): a rank whose beat stopped is
+    lost after max(3 beats, timeout / 10), here 60 s of a 600 s timeout; a rank that only waits is not judged."""
+    from distsft.trainer import watchdog
+
+    d = Watchdog(rank=0, world=2, timeout=600, run_dir=Path("unused"))
+    watchdog._state["stopping"] = False
+    try:
+        assert d.judge({0: beat(1, 3, "checkpoint", 5), 1: beat(1, 3, "checkpoint", 4)}, now=0) is None
+        assert d.judge({0: beat(20, 3, "checkpoint", 5), 1: beat(1, 3, "checkpoint", 4)}, now=100) is None
+        watchdog.stopping()
+        lost, stuck, _ = d.judge({0: beat(21, 3, "checkpoint", 5), 1: beat(1, 3, "checkpoint", 4)}, now=101)
+        assert (lost, stuck) == ([1], [])
+        d2 = Watchdog(rank=0, world=2, timeout=600, run_dir=Path("unused"))
+        assert d2.judge({0: beat(1, 3, "checkpoint", 5), 1: beat(1, 3, "checkpoint", 4)}, now=0) is None
+        assert d2.judge({0: beat(2, 3, "checkpoint", 5), 1: beat(2, 3, "checkpoint", 4)}, now=500) is None
+    finally:
+        watchdog._state["stopping"] = False
