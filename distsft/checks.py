@@ -52,6 +52,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.stop_after", lambda v: v >= 0, ">= 0"),
     ("trainer.hang_timeout", lambda v: v >= 0, ">= 0 seconds (0: no watchdog)"),
     ("plan.checkpoint_gbps", lambda v: v > 0, "> 0 GB/s"),
+    ("parallel.dp_shard_size", lambda v: v is None or v >= 1, ">= 1 ranks, or null (one node's)"),
     ("plan.stage_gbps", lambda v: v > 0, "> 0 GB/s"),
     ("trainer.collective_timeout", lambda v: v > 0, "> 0 seconds"),
     ("trainer.max_bad_steps", lambda v: v >= 1, ">= 1"),
@@ -165,6 +166,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("output_dir must be set")
 
 
+    check_hybrid(cfg)
 def check_sequence_parallel(cfg: Config) -> None:
     """parallel.sp_size > 1: what Ulysses sequence parallelism runs with (the README's table)."""
     par, sp = cfg.parallel, cfg.parallel.sp_size
@@ -198,6 +200,21 @@ def check_combinations(cfg: Config) -> None:
     if pe.method != "none" and cfg.export.mode == "full":
         raise ConfigError("export.mode=full under PEFT: use export.mode=merged (a full model with the adapters "
                           "folded in) or adapter")
+def check_hybrid(cfg: Config) -> None:
+    """parallel.dp_shard_size: shard groups exist under FSDP2 (HSDP) and ZeRO-3 (hpZ) only, without Ulysses."""
+    par, size = cfg.parallel, cfg.parallel.dp_shard_size
+    if size is None:
+        return
+    if not (par.strategy == "fsdp" or par.zero3):
+        raise ConfigError(f"parallel.dp_shard_size={size} shards within groups of ranks under parallel=fsdp (HSDP) or "
+                          f"parallel=zero3 (ZeRO++ hpZ); under parallel.strategy={par.strategy}"
+                          f"{f' zero_stage={par.zero_stage}' if par.strategy == 'deepspeed' else ''} there is no "
+                          "parameter sharding to group: drop it, or use one of those")
+    if par.sequence_parallel:
+        raise ConfigError(f"parallel.dp_shard_size={size} with parallel.sp_size={par.sp_size} is not supported yet "
+                          "(hpZ's groups and Ulysses' groups are not composed): drop one of them")
+
+
     if pe.quantize != "none" and par.strategy == "fsdp":
         raise ConfigError("peft.quantize with parallel=fsdp is not supported; use parallel=zero3 (QLoRA) or ddp")
     if pe.quantize != "none" and ds and par.offload_params:

@@ -170,6 +170,8 @@ class ParallelConfig:
     sp_size: int = 1
 
     @property
+    #: Hybrid sharding: shard within groups of this many ranks (fsdp: HSDP; zero3: hpZ); null: one node's.
+    dp_shard_size: Optional[int] = None
     def zero3(self) -> bool:
         return self.strategy == "deepspeed" and self.zero_stage == 3
 

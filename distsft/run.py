@@ -57,6 +57,7 @@ from .trainer.reshape import restore, route
 from .trainer.samples import with_sample_prompts
 from .trainer.schedule import build_scheduler, warmup_steps
 from .trainer.strategy import describe as describe_strategy
+from .trainer.strategy import describe_groups
 from .trainer.trackers import accelerate_trackers
 from .trainer.watchdog import Watchdog
 
@@ -273,7 +274,8 @@ def build_model(cfg: Config, acc):
 def _log_start(cfg: Config, acc, plan, d: DataParts, model, trainable: int, n_params: int, out: Path) -> None:
     data = d.data
     log.info("batch: %s", plan.describe())
-    log.info("strategy: %s on %d %s process(es)", describe_strategy(cfg.parallel), acc.num_processes, acc.device.type)
+    log.info("strategy: %s on %d %s process(es)%s", describe_strategy(cfg.parallel), acc.num_processes, acc.device.type,
+             describe_groups(cfg.parallel, acc.num_processes))
     log.info("precision: %s (trainer.precision=%s, model.dtype=%s)", describe_precision(cfg), cfg.trainer.precision,
              cfg.model.dtype)
     log.info("attention: %s", describe_attention(model.config._attn_implementation, cfg.data.mode))

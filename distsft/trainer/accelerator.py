@@ -18,7 +18,7 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from ..batch import BatchPlan
 from ..config import ConfigError, ParallelConfig, TrainerConfig
-from .strategy import PRECISION, check_launcher, ddp_kwargs, plugins
+from .strategy import PRECISION, check_launcher, ddp_kwargs, local_world_size, plugins, shard_group
 
 
 def launched_world_size() -> int:
@@ -43,6 +43,9 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         announce_op_build()
     if parallel.sequence_parallel:
         extra["parallelism_config"] = sequence_parallelism(parallel.sp_size, plan)
+    hsdp = hybrid_fsdp(parallel, plan.world_size)
+    if hsdp is not None and cuda:  # (on CPU processes it is set once they are FSDP: fsdp_on_cpu)
+        extra["parallelism_config"] = hsdp
     accelerator = Accelerator(
         # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead (FSDP
         # keeps cpu=True: fsdp_on_cpu turns the CPU processes' state into FSDP)
@@ -56,7 +59,7 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         **extra,
     )
     if "fsdp_plugin" in extra and not cuda:
-        fsdp_on_cpu(accelerator, extra["fsdp_plugin"])
+        fsdp_on_cpu(accelerator, extra["fsdp_plugin"], hsdp)
     check_world(accelerator)
     return accelerator
 
@@ -75,7 +78,18 @@ def sequence_parallelism(sp_size: int, plan: BatchPlan):
                              dp_replicate_size=plan.dp_size)
 
 
-def fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
+def hybrid_fsdp(parallel: ParallelConfig, world: int):
+    """HSDP: Accelerate's ParallelismConfig for FSDP2 over a 2-D mesh, sharded within each group of
+    ``strategy.shard_group`` ranks, the groups replicas of each other (gradients all-reduced across them); None for
+    flat sharding or another strategy."""
+    if parallel.strategy != "fsdp" or (group := shard_group(parallel, world, local_world_size(world))) == world:
+        return None
+    from accelerate.parallelism_config import ParallelismConfig
+
+    return ParallelismConfig(dp_replicate_size=world // group, dp_shard_size=group)
+
+
+def fsdp_on_cpu(accelerator: Accelerator, plugin, hsdp=None) -> None:
     """Accelerate applies its FSDP plugin only to GPU-like distributed types: on CPU processes (gloo) it
     would silently run DDP. FSDP2's ``fully_shard`` works on CPU, so mark the state as FSDP: the same code
     path (Accelerate's FSDP2 preparation, checkpointing and gathering) then runs on CPU and on GPUs."""
@@ -89,6 +103,10 @@ def fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
+    if hsdp is not None:  # what Accelerator(parallelism_config=...) does, once the state is FSDP
+        state.parallelism_config = hsdp
+        state.device_mesh = hsdp.get_device_mesh("cpu")
+        hsdp._validate_accelerator(accelerator)
 
 
 def announce_op_build() -> None:

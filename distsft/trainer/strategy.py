@@ -93,6 +93,7 @@ OWNED = {
     "zero_optimization.offload_optimizer": "parallel.offload_optimizer",
     "zero_optimization.offload_param": "parallel.offload_params",
     "sequence_parallel_size": "parallel.sp_size",
+    "zero_optimization.zero_hpz_partition_size": "parallel.dp_shard_size",
     "data_types.grad_accum_dtype": "trainer.grad_dtype",
     "communication_data_type": "trainer.grad_dtype",
     "optimizer": "optim.*",
@@ -131,6 +132,9 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, plan: Bat
         zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     if parallel.zero_stage == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)  # export gathers full weights
+        group = shard_group(parallel, plan.world_size, local_world_size(plan.world_size))
+        if group < plan.world_size:  # ZeRO++ hpZ: a secondary copy of the weights within each group of ranks
+            zero["zero_hpz_partition_size"] = group
     cfg = {k: v for k, v in user.items() if k not in OWNED and k != "zero_optimization"}
     cfg.update({
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -184,6 +188,24 @@ def ddp_kwargs(trainer: TrainerConfig) -> list:
     return [DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.BF16)]
 
 
+def local_world_size(world: int) -> int:
+    """Processes on this node (the launcher's LOCAL_WORLD_SIZE; all of them without a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def shard_group(parallel: ParallelConfig, world: int, local: int) -> int:
+    """Ranks that shard the model together: ``parallel.dp_shard_size``, or by default one node's ranks when the run
+    spans several nodes (the gathers stay on the fast links), else every rank. Only FSDP2 (HSDP) and ZeRO-3 (hpZ)
+    shard in groups; the other strategies answer the world."""
+    if not (parallel.strategy == "fsdp" or parallel.zero3):
+        return world
+    size = parallel.dp_shard_size or (local if world > local and not parallel.sequence_parallel else world)
+    if world % size:
+        raise ConfigError(f"parallel.dp_shard_size={size} does not divide the {world} processes: shard groups must "
+                          f"tile the world (a divisor of {world}, e.g. the {local} processes of a node)")
+    return size
+
+
 def plugins(parallel: ParallelConfig, trainer: TrainerConfig, plan: BatchPlan, cuda: bool) -> dict:
     """Keyword arguments for Accelerator: the DeepSpeed or FSDP plugin, or nothing for DDP."""
     if parallel.strategy == "deepspeed":
@@ -213,3 +235,12 @@ def describe(parallel: ParallelConfig) -> str:
     if parallel.strategy == "fsdp":
         return f"FSDP2 (reshard_after_forward={parallel.fsdp_reshard_after_forward})"
     return "DDP"
+
+
+def describe_groups(parallel: ParallelConfig, world: int) -> str:
+    """How the ranks shard: flat, or in groups (hybrid), for the start line."""
+    group = shard_group(parallel, world, local_world_size(world))
+    if group == world or world == 1:
+        return ""
+    how = "HSDP: sharded within" if parallel.strategy == "fsdp" else "hpZ: weights gathered within"
+    return f"; {how} groups of {group} ranks, {world // group} groups (parallel.dp_shard_size={group})"

@@ -14,6 +14,9 @@ on one rank, for the failure tests (a monkeypatch cannot reach launched processe
                                       launcher): a node lost while the checkpoint is being written
     DISTSFT_TEST_FAULT=slow_commit    the main process takes DISTSFT_TEST_FAULT_SLEEP (default 6) s more to complete
                                       each checkpoint (a large checkpoint on a slow filesystem)
+    DISTSFT_TEST_FAULT=no_replica_mean (every rank) all-reduces over a group of ranks that are not neighbours
+                                      (HSDP's replicas: ranks r and r + dp_shard_size) do nothing: the replicas'
+                                      gradients are not averaged (a negative control)
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ if __name__ == "__main__":
     import distsft.trainer.checkpoint as checkpoint
     from distsft.train import main
 
+    if os.environ.get("DISTSFT_TEST_FAULT") == "no_replica_mean":
+        import torch.distributed as dist
+
+        all_reduce = dist.all_reduce
+
+        def not_across_replicas(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            ranks = dist.get_process_group_ranks(group) if group is not None and group != dist.group.WORLD else []
+            if len(ranks) > 1 and ranks[1] - ranks[0] > 1:  # the replicate dimension of the 2-D mesh
+                return None
+            return all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+        dist.all_reduce = not_across_replicas
     if os.environ.get("RANK") == os.environ.get("DISTSFT_TEST_FAULT_RANK", "0"):
         if os.environ.get("DISTSFT_TEST_FAULT") == "save_oserror":
             def full_disk(directory, *args, **kwargs):

@@ -163,3 +163,19 @@ def test_auto_attention_prefers_a_varlen_kernel_for_packed_bf16_on_cuda():
     assert auto_attention(cuda=True, packed=True, half=True) == ("flash_attention_2" if flash else "varlen")
     assert auto_attention(cuda=True, packed=False, half=True) == ("flash_attention_2" if flash else "sdpa")
     assert auto_attention(cuda=True, packed=True, half=False) == ("flash_attention_2" if flash else "sdpa")
+
+
+def test_shard_groups_default_to_one_node_on_several_and_tile_the_world():
+    """parallel.dp_shard_size: by default a node's ranks when the run spans nodes (HSDP / hpZ), every rank on one
+    node; a size that does not divide the world is refused; strategies without parameter sharding have no groups."""
+    from distsft.config import ConfigError, ParallelConfig
+    from distsft.trainer.strategy import shard_group
+
+    fsdp, zero3 = ParallelConfig(strategy="fsdp"), ParallelConfig(strategy="deepspeed", zero_stage=3)
+    assert shard_group(fsdp, 16, 8) == 8 and shard_group(zero3, 16, 8) == 8
+    assert shard_group(fsdp, 8, 8) == 8  # one node: flat
+    assert shard_group(ParallelConfig(strategy="fsdp", dp_shard_size=4), 16, 8) == 4
+    assert shard_group(ParallelConfig(strategy="deepspeed", zero_stage=2), 16, 8) == 16
+    assert shard_group(ParallelConfig(strategy="deepspeed", zero_stage=3, sp_size=2), 16, 8) == 16  # Ulysses: flat
+    with pytest.raises(ConfigError, match="parallel.dp_shard_size=3 does not divide the 16 processes"):
+        shard_group(ParallelConfig(strategy="fsdp", dp_shard_size=3), 16, 8)
