@@ -26,15 +26,42 @@ STOP_FILE = "STOP"
 
 
 class StopRequest:
+    """The stop request of this process. Python runs signal handlers in the main thread only, between bytecodes: a
+    main thread stuck in a collective (its peer lost) would not hear of the signal until the collective returns. The
+    signals are therefore also read from Python's wakeup fd (written by the C-level handler at once, whatever the
+    main thread does) by a small thread, which raises the flag and tells the watchdog."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
     def __init__(self, output_dir: Path, is_main: bool):
         self.flag = False
         self.file = output_dir / STOP_FILE
         self.is_main = is_main
+        self.wakeup: tuple[int, int] | None = None
         if is_main and self.file.exists():  # a stale request from the run we are resuming
             self.file.unlink()
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 signal.signal(sig, self._handler)
+            self._listen()
+
+    def _listen(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread of the main interpreter
+            os.close(r)
+            os.close(w)
+            return
+        self.wakeup = (r, w)
+        threading.Thread(target=self._read, args=(r,), name="distsft-stop-signals", daemon=True).start()
+
+    def _read(self, fd: int) -> None:
+        while data := os.read(fd, 64):  # b"" once restore() closed the write end
+            if any(b in self.SIGNALS for b in data):
+                self._handler(None, None)
+        os.close(fd)
 
     def _handler(self, signum, frame) -> None:
         from .watchdog import stopping
@@ -48,8 +75,12 @@ class StopRequest:
 
     def restore(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            if self.wakeup is not None:
+                signal.set_wakeup_fd(-1)
+                os.close(self.wakeup[1])
+                self.wakeup = None
 
 
 def launcher_grace() -> float | None:
