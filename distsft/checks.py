@@ -51,8 +51,8 @@ RANGES: list[tuple[str, Any, str]] = [
     ("trainer.save_total_limit", lambda v: v >= 0, ">= 0 (0 keeps all)"),
     ("trainer.stop_after", lambda v: v >= 0, ">= 0"),
     ("trainer.hang_timeout", lambda v: v >= 0, ">= 0 seconds (0: no watchdog)"),
-    ("plan.checkpoint_gbps", lambda v: v > 0, "> 0 GB/s"),
     ("parallel.dp_shard_size", lambda v: v is None or v >= 1, ">= 1 ranks, or null (one node's)"),
+    ("plan.checkpoint_gbps", lambda v: v > 0, "> 0 GB/s"),
     ("plan.stage_gbps", lambda v: v > 0, "> 0 GB/s"),
     ("trainer.collective_timeout", lambda v: v > 0, "> 0 seconds"),
     ("trainer.max_bad_steps", lambda v: v >= 1, ">= 1"),
@@ -155,6 +155,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.offload_optimizer=true needs parallel.strategy=deepspeed")
     check_combinations(cfg)
     check_sequence_parallel(cfg)
+    check_hybrid(cfg)
     check_trackers(cfg.logging.trackers)  # known and installed
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
@@ -166,7 +167,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("output_dir must be set")
 
 
-    check_hybrid(cfg)
 def check_sequence_parallel(cfg: Config) -> None:
     """parallel.sp_size > 1: what Ulysses sequence parallelism runs with (the README's table)."""
     par, sp = cfg.parallel, cfg.parallel.sp_size
@@ -188,18 +188,6 @@ def check_sequence_parallel(cfg: Config) -> None:
             raise ConfigError(f"{what} with parallel.sp_size={sp} is not supported yet: drop one of them")
 
 
-def check_combinations(cfg: Config) -> None:
-    """Combinations that do not work, refused with the alternative (the README lists the matrix)."""
-    pe, par, opt = cfg.peft, cfg.parallel, cfg.optim
-    ds = par.strategy == "deepspeed"
-    if pe.quantize != "none" and pe.method == "none":
-        raise ConfigError(f"peft.quantize={pe.quantize} freezes the base in {pe.quantize}: it needs adapters to train "
-                          "(peft=qlora, or peft.method=lora)")
-    if pe.method == "none" and cfg.export.mode in ("adapter", "merged"):
-        raise ConfigError(f"export.mode={cfg.export.mode} needs adapters (peft=lora|dora|qlora); use export.mode=full")
-    if pe.method != "none" and cfg.export.mode == "full":
-        raise ConfigError("export.mode=full under PEFT: use export.mode=merged (a full model with the adapters "
-                          "folded in) or adapter")
 def check_hybrid(cfg: Config) -> None:
     """parallel.dp_shard_size: shard groups exist under FSDP2 (HSDP) and ZeRO-3 (hpZ) only, without Ulysses."""
     par, size = cfg.parallel, cfg.parallel.dp_shard_size
@@ -215,6 +203,18 @@ def check_hybrid(cfg: Config) -> None:
                           "(hpZ's groups and Ulysses' groups are not composed): drop one of them")
 
 
+def check_combinations(cfg: Config) -> None:
+    """Combinations that do not work, refused with the alternative (the README lists the matrix)."""
+    pe, par, opt = cfg.peft, cfg.parallel, cfg.optim
+    ds = par.strategy == "deepspeed"
+    if pe.quantize != "none" and pe.method == "none":
+        raise ConfigError(f"peft.quantize={pe.quantize} freezes the base in {pe.quantize}: it needs adapters to train "
+                          "(peft=qlora, or peft.method=lora)")
+    if pe.method == "none" and cfg.export.mode in ("adapter", "merged"):
+        raise ConfigError(f"export.mode={cfg.export.mode} needs adapters (peft=lora|dora|qlora); use export.mode=full")
+    if pe.method != "none" and cfg.export.mode == "full":
+        raise ConfigError("export.mode=full under PEFT: use export.mode=merged (a full model with the adapters "
+                          "folded in) or adapter")
     if pe.quantize != "none" and par.strategy == "fsdp":
         raise ConfigError("peft.quantize with parallel=fsdp is not supported; use parallel=zero3 (QLoRA) or ddp")
     if pe.quantize != "none" and ds and par.offload_params:

@@ -168,10 +168,10 @@ class ParallelConfig:
     cpu_backend: str = "gloo"
     #: Ulysses sequence parallelism (DeepSpeed's, parallel=zero1|2|3): each packed row is split into sp_size contiguous slices, one per rank of a group; world = data-parallel x sp_size, and the global batch counts data-parallel replicas.
     sp_size: int = 1
-
-    @property
     #: Hybrid sharding: shard within groups of this many ranks (fsdp: HSDP; zero3: hpZ); null: one node's.
     dp_shard_size: Optional[int] = None
+
+    @property
     def zero3(self) -> bool:
         return self.strategy == "deepspeed" and self.zero_stage == 3
 
