@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .comm import check_cluster
 from .config import Config, ConfigError
 from .trainer.trackers import check_trackers
 
@@ -75,6 +76,12 @@ RANGES: list[tuple[str, Any, str]] = [
     ("preview.examples", lambda v: v >= 0, ">= 0"),
     ("plan.world_size", lambda v: v >= 1, ">= 1"),
     ("plan.host_memory_gib", lambda v: v is None or v > 0, "> 0 GiB, or null (not bounded)"),
+    ("plan.nodes", lambda v: v is None or v >= 1, ">= 1, or null (the preset's)"),
+    ("plan.gpus_per_node", lambda v: v is None or 1 <= v <= 64, "in [1, 64], or null (the preset's)"),
+    ("plan.intra_node_gbps", lambda v: v is None or v > 0, "> 0 GB/s per GPU, or null (the preset's)"),
+    ("plan.inter_node_gbps", lambda v: v is None or v > 0, "> 0 Gb/s per node, or null (the preset's)"),
+    ("plan.intra_latency_us", lambda v: v is None or v >= 0, ">= 0 microseconds, or null (the preset's)"),
+    ("plan.inter_latency_us", lambda v: v is None or v >= 0, ">= 0 microseconds, or null (the preset's)"),
     ("parallel.sp_size", lambda v: v >= 1, ">= 1 (1: no sequence parallelism)"),
     ("model.tiled_mlp_shards", lambda v: v >= 0, ">= 0 (0: off)"),
 ]
@@ -142,6 +149,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.multiturn=per_turn makes one example per assistant turn and supervises that turn, "
                           f"which data.loss_on={d.loss_on} contradicts: use data.loss_on=assistant with it, or "
                           f"data.multiturn=final")
+    if not d.train_on_reasoning and d.loss_on == "all":
+        raise ConfigError("data.train_on_reasoning=false takes the reasoning out of the assistant turns, which "
+                          "data.loss_on=all supervises with everything else: use data.loss_on=assistant or "
+                          "last_assistant with it, or data.train_on_reasoning=true")
     if t.max_steps < 0 or t.epochs <= 0 and t.max_steps == 0:
         raise ConfigError(f"set trainer.max_steps > 0 or trainer.epochs > 0 (got {t.max_steps}, {t.epochs})")
     if not 0.0 <= cfg.schedule.warmup_ratio < 1.0:
@@ -157,6 +168,7 @@ def validate(cfg: Config) -> None:
     check_sequence_parallel(cfg)
     check_hybrid(cfg)
     check_trackers(cfg.logging.trackers)  # known and installed
+    check_cluster(cfg)  # plan.cluster names a preset, and its overrides agree with plan.world_size
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
     if t.export_best and not (t.eval_every and (d.val_files or d.val_fraction > 0)):

@@ -82,6 +82,8 @@ class DataConfig:
     mode: str = "pack"
     #: Which tokens carry loss: assistant (all assistant turns), last_assistant, or all.
     loss_on: str = "assistant"
+    #: Supervise the reasoning (reasoning_content, <think>) of assistant turns; false: context only.
+    train_on_reasoning: bool = True
     #: Examples longer than max_seq_len: drop (counted) or truncate.
     overlong: str = "drop"
     #: Seed of the split, the mixing, the shuffling and the packing order (epoch e uses seed + e).
@@ -295,6 +297,20 @@ class PlanConfig:
     checkpoint_gbps: float = 1.0
     #: GB/s one rank copies its checkpoint share into host memory at (trainer.async_save's staging).
     stage_gbps: float = 2.0
+    #: Cluster preset for the layout ranking: h100_ib, a100_eth, workstation_pcie (null: no ranking).
+    cluster: Optional[str] = None
+    #: Nodes of plan.cluster (null: the preset's); world = nodes x gpus_per_node.
+    nodes: Optional[int] = None
+    #: GPUs per node of plan.cluster (null: the preset's).
+    gpus_per_node: Optional[int] = None
+    #: GB/s per GPU, one direction, inside a node (NVLink 4: 450; null: the preset's).
+    intra_node_gbps: Optional[float] = None
+    #: Gb/s per node between nodes, all NICs together (8 x 400 Gb/s IB: 3200; null: the preset's).
+    inter_node_gbps: Optional[float] = None
+    #: Microseconds per ring step inside a node (null: the preset's).
+    intra_latency_us: Optional[float] = None
+    #: Microseconds per ring step between nodes (null: the preset's).
+    inter_latency_us: Optional[float] = None
 
 
 @dataclass

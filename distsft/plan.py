@@ -8,7 +8,9 @@ passes through (FLOPs and MFU: the non-expert weights and top_k/num_experts of t
 
 The memory estimate, the activation-checkpointing options and the longest row that fits come from
 ``distsft.memory`` (its docstring gives the formulas); this module composes the data, the batch arithmetic
-and the model's shape, and prints them.
+and the model's shape, and prints them. With ``plan.cluster`` it also ranks every layout (ddp, ZeRO, hpZ, FSDP, HSDP,
+tensor and sequence parallel) on that cluster and prints the best one's overrides: ``distsft.layouts``, over the
+communication model of ``distsft.comm``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import hydra
 from omegaconf import DictConfig
 
 from .batch import BatchPlan, resolve_batch
+from .comm import cluster_of
 from .config import Config, register_configs
+from .layouts import plan_layouts, render_layouts
 from .memory import (
     ASSUMED_MFU,
     GIB,
@@ -70,8 +74,11 @@ def model_shape(cfg: Config) -> ModelShape:
 
 
 def gpu_memory(cfg: Config) -> float | None:
+    """plan.gpu_memory_gib, else plan.cluster's GPU, else this machine's."""
     if cfg.plan.gpu_memory_gib:
         return cfg.plan.gpu_memory_gib * GIB
+    if cfg.plan.cluster:
+        return cluster_of(cfg.plan).memory_gib * GIB
     import torch
 
     return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
@@ -137,14 +144,17 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "peak_flops": plan_peak(cfg),
         "checkpoint_bytes": checkpoint_bytes(cfg, shape, world_size),
         "checkpoint_gbps": (cfg.plan.checkpoint_gbps, cfg.plan.stage_gbps),
+        "layouts": plan_layouts(cfg, shape, cluster_of(cfg.plan), cfg.plan.cluster, plan.global_batch_size,
+                                plan_peak(cfg)) if cfg.plan.cluster else None,
     }
 
 
 def plan_peak(cfg: Config) -> float:
-    """logging.peak_flops, else this machine's GPU, else an H100/H200's dense bf16 peak."""
+    """logging.peak_flops, else plan.cluster's GPU, else this machine's GPU, else an H100/H200's dense bf16 peak."""
     from .trainer.metrics import peak_flops
 
-    return peak_flops(cfg.logging.peak_flops) or 989e12
+    cluster = cluster_of(cfg.plan)
+    return peak_flops(cfg.logging.peak_flops or (cluster.peak_tflops * 1e12 if cluster else None)) or 989e12
 
 
 def render(p: dict) -> str:
@@ -191,6 +201,8 @@ def render(p: dict) -> str:
                 + " ".join(f"model.{k}={str(v).lower()}" for k, v in o["overrides"].items())
                 if o["max_seq_len"] else "nothing fits"))
     lines.append(checkpoint_line(p["checkpoint_bytes"], *p["checkpoint_gbps"]))
+    if p.get("layouts"):
+        lines += render_layouts(p["layouts"])
     return "\n".join(lines)
 
 
@@ -229,7 +241,8 @@ def plan_main(cfg: Config) -> None:
     from .checks import check_model_paths
 
     check_model_paths(cfg)
-    world = int(os.environ.get("WORLD_SIZE", cfg.plan.world_size))
+    cluster = cluster_of(cfg.plan)  # its GPUs are the world the plan assumes
+    world = int(os.environ.get("WORLD_SIZE", cluster.world if cluster else cfg.plan.world_size))
     p = make_plan(cfg, world)
     print(render(p), file=sys.stdout)
     if cfg.plan.lr_plot:

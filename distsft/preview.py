@@ -4,7 +4,9 @@ Composes the same config as training, then shows a few formatted examples with t
 tokens marked (green on a terminal, ``[[...]]`` otherwise) and the statistics of the whole dataset:
 kept/dropped/skipped rows, tokens, supervised tokens, packing efficiency. Nothing is trained and
 nothing is written except the tokenized-data cache. Use it to debug templates and masks, and to see
-what ``data.multiturn`` does with a template that rewrites earlier turns (Qwen3's reasoning).
+what ``data.multiturn`` does with a template that rewrites earlier turns (Qwen3's reasoning), what a
+tool-calling row supervises (the assistant's calls and replies, not the tool results) and what
+``data.train_on_reasoning`` leaves out.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
     store = data.train
     marks = "green" if color else "[[...]]"
     print(f"supervised tokens are shown {marks}; loss_on={cfg.data.loss_on}, multiturn={cfg.data.multiturn}, "
+          f"train_on_reasoning={str(cfg.data.train_on_reasoning).lower()}, "
           f"template={cfg.data.chat_template or 'the tokenizer' + chr(39) + 's own'}\n", file=stream)
     for i in range(min(cfg.preview.examples, len(store))):
         ids, labels = store.example(i)

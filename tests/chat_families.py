@@ -1,5 +1,6 @@
-"""Test helper: the embedded tokenizer with every built-in template's special tokens, and each family's
-bos/eos, so the official templates in tests/assets/templates/ render as they do with the real tokenizer.
+"""Test helper: the embedded tokenizer with every built-in template's special tokens (and the tool-calling
+ones of the official templates), and each family's bos/eos, so the official templates in
+tests/assets/templates/ render as they do with the real tokenizer.
 Nothing is downloaded: the tokens are added to a copy of the embedded tokenizer."""
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ BOS_EOS = {
     "gemma": ("<bos>", "<eos>"),
     "mistral_v7": ("<s>", "</s>"),
     "phi3": (None, "<|endoftext|>"),
+    "mistral_nemo": ("<s>", "</s>"),  # tests/assets/templates/mistral_nemo.jinja (no built-in): tool calls
 }
+# the tool-calling tokens of the official templates: special ones, and Qwen's ordinary added ones
+TOOL_TOKENS = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
+               "<|python_tag|>", "<|eom_id|>")
+QWEN_TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 
 def all_tokens() -> list[str]:
-    return sorted({m for b in BUILTIN.values() for m in b.markers} | {"<eos>"})
+    return sorted({m for b in BUILTIN.values() for m in b.markers} | {"<eos>", *TOOL_TOKENS})
 
 
 def family_tokenizer(base, name: str):
@@ -34,7 +40,7 @@ def family_tokenizer(base, name: str):
     tok = copy.deepcopy(base)
     vocab = tok.get_vocab()
     tok.add_tokens([t for t in all_tokens() if t not in vocab and t not in ("<think>", "</think>")], special_tokens=True)
-    tok.add_tokens([t for t in ("<think>", "</think>") if t not in vocab])  # ordinary added tokens, as in Qwen3
+    tok.add_tokens([t for t in ("<think>", "</think>", *QWEN_TOOL_TOKENS) if t not in vocab])  # ordinary, as in Qwen
     bos, eos = BOS_EOS[name]
     if bos:
         tok.bos_token = bos

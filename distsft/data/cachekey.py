@@ -20,7 +20,8 @@ from ..config import DataConfig
 from .sources import hub_commit, hub_dataset
 
 log = logging.getLogger("distsft.data.prepare")
-CACHE_VERSION = 3  # the format of an entry (3: the index records the rows per train file and the versions)
+CACHE_VERSION = 4  # the format of an entry (3: the index records the rows per train file and the versions;
+#                    4: rows carry tool calls and reasoning, which earlier entries rendered without)
 SHAPES_TOKENS = ("distsft", "transformers", "tokenizers", "jinja2")  # packages whose versions are in the key
 
 

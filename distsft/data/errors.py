@@ -33,3 +33,13 @@ class Skipped:
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(r["reason"] for r in self.rows))
+
+
+def where(row: dict) -> str:
+    """'file row N' of a raw row (read by data stage 1 with its ``_source`` and ``_row``)."""
+    return f"{row.get('_source', '?')} row {row.get('_row', '?')}"
+
+
+def bad(row: dict, reason: str, msg: str) -> DataError:
+    """A DataError for a bad field of ``row``, its message prefixed with the file and row."""
+    return DataError(f"{where(row)}: {msg}", reason=reason)

@@ -1,11 +1,16 @@
 """Data stage 2 (format): normalise every supported row format to chat ``messages``.
 
-    messages:               {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-    sharegpt:               {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+    messages:               {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+                             "tools": [tool schema, ...] (optional)}
+    sharegpt:               {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...],
+                             "system": str (optional), "tools": JSON string (optional)}
     alpaca:                 {"instruction": str, "input": str (optional), "output": str}
                             -> [user: instruction (+ "\\n\\n" + input), assistant: output]
     prompt_completion:      {"prompt": str | messages, "completion": str | messages}
     instruction_completion: {"instruction": str, "completion" | "response": str, "context" | "input": optional}
+
+Tool calls (``tool_calls``, ``tool`` turns, ShareGPT ``function_call``/``observation``) and reasoning
+(``reasoning_content``) are read by ``toolcalls.py``, which says what every stored message holds.
 
 The format is detected per source from its columns (``data.format=auto``) or forced. A bad row
 raises :class:`DataError` naming file, row and field, with a ``reason`` used to count skipped rows.
@@ -13,21 +18,24 @@ raises :class:`DataError` naming file, row and field, with a ``reason`` used to 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
-from .errors import DataError
+from .errors import DataError, bad
+from .toolcalls import (
+    RESULT_ROLES,
+    SHAREGPT_TOOL_ROLES,
+    match_results,
+    message,
+    stored,
+    tools_of,
+)
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_ROLES = {**{r: r for r in ROLES}, **RESULT_ROLES}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant"}
-
-
-def where(row: dict) -> str:
-    return f"{row.get('_source', '?')} row {row.get('_row', '?')}"
-
-
-def bad(row: dict, reason: str, msg: str) -> DataError:
-    return DataError(f"{where(row)}: {msg}", reason=reason)
+                  "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                  **SHAREGPT_TOOL_ROLES}
 
 
 def _text(row: dict, key: str, optional: bool = False) -> str:
@@ -41,27 +49,25 @@ def _text(row: dict, key: str, optional: bool = False) -> str:
     return value
 
 
-def _turns(row: dict, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _turns(row: dict, field: str, role_key: str, content_key: str,
+           roles: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """(messages, the field that names each one in errors)."""
     turns = row.get(field)
     if turns is None:
         raise bad(row, "missing_field", f"field '{field}' is missing")
     if not isinstance(turns, list) or not turns:
         raise bad(row, "empty_conversation", f"field '{field}' must be a non-empty list of turns")
-    out = []
+    out, fields = [], []
     for i, t in enumerate(turns):
+        f = f"{field}[{i}]"
         if not isinstance(t, dict):
-            raise bad(row, "not_string", f"field '{field}[{i}]' must be an object, got {type(t).__name__}")
+            raise bad(row, "not_string", f"field '{f}' must be an object, got {type(t).__name__}")
         role = t.get(role_key)
         if role not in roles:
-            raise bad(row, "unknown_role", f"field '{field}[{i}].{role_key}' is {role!r}, expected one of "
-                                           f"{tuple(roles)}")
-        if t.get(content_key) is None:
-            raise bad(row, "missing_field", f"field '{field}[{i}].{content_key}' is missing")
-        if not isinstance(t[content_key], str):
-            raise bad(row, "not_string", f"field '{field}[{i}].{content_key}' must be a string, "
-                                         f"got {type(t[content_key]).__name__}")
-        out.append({"role": roles[role], "content": t[content_key]})
-    return out
+            raise bad(row, "unknown_role", f"field '{f}.{role_key}' is {role!r}, expected one of {tuple(roles)}")
+        out.append(message(row, t, f, roles[role], content_key))
+        fields.append(f)
+    return out, fields
 
 
 def _check_assistant(row: dict, msgs: list[dict[str, str]], field: str) -> list[dict[str, str]]:
@@ -71,12 +77,15 @@ def _check_assistant(row: dict, msgs: list[dict[str, str]], field: str) -> list[
 
 
 def from_messages(row: dict) -> list[dict[str, str]]:
-    msgs = _turns(row, "messages", "role", "content", {r: r for r in ROLES})
+    msgs = match_results(row, *_turns(row, "messages", "role", "content", MESSAGE_ROLES))
     return _check_assistant(row, msgs, "messages")
 
 
 def from_sharegpt(row: dict) -> list[dict[str, str]]:
-    msgs = _turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
+    msgs = match_results(row, *_turns(row, "conversations", "from", "value", SHAREGPT_ROLES))
+    system = row.get("system")  # LLaMA-Factory's column for the system prompt
+    if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system})
     return _check_assistant(row, msgs, "conversations")
 
 
@@ -86,15 +95,16 @@ def from_alpaca(row: dict) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
 
 
-def _side(row: dict, key: str, role: str) -> list[dict[str, str]]:
+def _side(row: dict, key: str, role: str) -> tuple[list[dict], list[str]]:
     value = row.get(key)
     if isinstance(value, list):  # conversational prompt/completion (TRL style)
-        return _turns(row, key, "role", "content", {r: r for r in ROLES})
-    return [{"role": role, "content": _text(row, key)}]
+        return _turns(row, key, "role", "content", MESSAGE_ROLES)
+    return [{"role": role, "content": _text(row, key)}], [key]
 
 
 def from_prompt_completion(row: dict) -> list[dict[str, str]]:
-    msgs = _side(row, "prompt", "user") + _side(row, "completion", "assistant")
+    (prompt, p_fields), (completion, c_fields) = _side(row, "prompt", "user"), _side(row, "completion", "assistant")
+    msgs = match_results(row, prompt + completion, p_fields + c_fields)
     return _check_assistant(row, msgs, "completion")
 
 
@@ -130,3 +140,10 @@ def detect(columns: list[str], source: str = "") -> str:
 
 def to_messages(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     return FORMATS[fmt](row)
+
+
+def to_conversation(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A raw row -> its stored form: {"messages": stored messages, "tools": JSON string or None}."""
+    msgs = to_messages(row, fmt)
+    tools = tools_of(row) if fmt in ("messages", "sharegpt", "prompt_completion") else None
+    return {"messages": stored(msgs), "tools": json.dumps(tools, ensure_ascii=False) if tools else None}

@@ -208,7 +208,10 @@ def summarize(name: str, stats: SplitStats) -> str:
     eff = "" if stats.packing_efficiency is None else (
         f", packing efficiency {stats.packing_efficiency:.1%} ({stats.examples_per_sequence:.1f} examples/sequence)")
     dedup = f", {stats.duplicates} duplicates removed" if stats.duplicates else ""
+    kinds = [f"{stats.tool_rows:,} rows with tool calls" if stats.tool_rows else "",
+             f"{stats.reasoning_turns:,} turns with reasoning" if stats.reasoning_turns else ""]
+    extra = f"; {', '.join(k for k in kinds if k)}" if any(kinds) else ""
     return (f"{name}: {stats.kept}/{stats.rows_in} examples kept (dropped {stats.dropped_overlong} over-long, "
             f"{stats.dropped_short} short, {stats.dropped_unsupervised} unsupervised; truncated {stats.truncated}"
             f"{dedup}), {stats.tokens:,} tokens ({stats.supervised_tokens:,} supervised) in {stats.sequences} "
-            f"sequences{eff}")
+            f"sequences{eff}{extra}")

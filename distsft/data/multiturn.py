@@ -23,18 +23,24 @@ Under ``final`` a turn whose prefix renders do not match the full text is locate
   prompt (where ``prefix`` departs from ``render(messages[:i])``): everything before the turn must render
   as in its prefix, else the template rewrites earlier turns and the span would be a guess (refused).
 - end: the reply's last character, found by rendering the conversation once more with a sentinel
-  (a private-use character) after every reply, then the end-of-turn text that the template puts after
-  its last reply (``<|im_end|>``), as far as the full text repeats it token by token (so an earlier
-  Phi-3 reply keeps its ``<|end|>``, without the ``<|endoftext|>`` that only ends the whole text).
-- verified: the reply's answer (the text after ``</think>``) lies inside its span, the next message's
-  text does not, and the spans are in order.
+  (a private-use character) after every reply (after the name of its last call, for a turn that calls
+  tools: the calls end the turn), then the end-of-turn text that the template writes after that point when
+  the turn is the final message (``<|im_end|>``; the rest of the call and ``</tool_call><|im_end|>``), as far
+  as the full text repeats it token by token (so an earlier Phi-3 reply keeps its ``<|end|>``, without the
+  ``<|endoftext|>`` that only ends the whole text).
+- verified: the reply's answer (the text after ``</think>``) and every call's name lie inside its span, the
+  next message's text does not, and the spans are in order.
+
+Each conversation is rendered with its own tools (``render`` takes (messages, tools) pairs).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
+from .chatview import missing, refusal, reply_text
 from .errors import TemplateError
 
 MARKS = "\ue000\ue001\ue002\ue003"  # private-use characters: one that no message of a conversation contains
@@ -52,11 +58,6 @@ def split_per_turn(conversations: list[list[dict]]) -> tuple[list[list[dict]], l
                 out.append(msgs[:i + 1])
                 origin.append(k)
     return out, origin
-
-
-def answer(reply: str) -> str:
-    """The part of a reply that every template keeps: the text after its reasoning, stripped."""
-    return reply.split("</think>")[-1].strip()
 
 
 def _lcp(a: str, b: str) -> int:
@@ -84,7 +85,22 @@ def _bounds(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _marked(msgs: list[dict], mark: str) -> list[dict]:
-    return [{**m, "content": m["content"].rstrip() + mark} if m["role"] == "assistant" else m for m in msgs]
+    """``msgs`` with ``mark`` after each reply, or after the name of a turn's last call (its calls end it)."""
+    out = []
+    for m in msgs:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            *calls, last = m["tool_calls"]
+            m = {**m, "tool_calls": [*calls, {**last, "function": {**last["function"],
+                                                                    "name": last["function"]["name"] + mark}}]}
+        elif m["role"] == "assistant":
+            m = {**m, "content": m["content"].rstrip() + mark}
+        out.append(m)
+    return out
+
+
+def _replies(msgs: list[dict]) -> list[str]:
+    """What precedes each reply's mark, for its trailing whitespace: the reply, or "" for a turn with calls."""
+    return ["" if m.get("tool_calls") else m["content"] for m in msgs if m["role"] == "assistant"]
 
 
 def _reply_ends(full: str, marked: str, replies: list[str], mark: str) -> list[int] | None:
@@ -115,52 +131,37 @@ class _Job:
     full: str
     todo: dict[int, str]  # turn -> its prefix render (with the generation prompt)
     placed: dict[int, tuple[int, int]]  # turn -> span, of the turns the fast path placed
+    tools: Any = None  # the conversation's tools, rendered with every part of it
     mark: str = ""
     marked: int = 0  # index of render(messages with a mark after each reply)
     without: dict[int, int] = field(default_factory=dict)  # turn -> index of render(messages[:turn])
-    last: int | None = None  # index of render(messages[:last reply + 1]) (then its marked twin) when the
-    #                          conversation does not end with a reply
+    upto: dict[int, int] = field(default_factory=dict)  # turn -> index of render(messages[:turn + 1]), then its
+    #                                                     marked twin (a turn that is not the final message)
+    tails: dict[int, str] = field(default_factory=dict)  # turn -> the text after its mark when it is the final message
+    ends: list[int] | None = None  # where each reply ends in the full text (None: the marks did not tell)
 
 
-def final_spans(tokenizer, render: Callable, items: list[tuple[list[dict], str, dict[int, str], dict]],
-                template_name: str, name: Callable[[int], str]) -> list[dict[int, tuple[int, int]]]:
+def final_spans(tokenizer, render: Callable, items: list[tuple], template_name: str,
+                name: Callable[[int], str]) -> list[dict[int, tuple[int, int]]]:
     """The spans (in the full text) of the turns whose prefix renders disagree with it.
 
     ``items``: per conversation (messages, full text, {turn: its prefix render}, {turn: span} of the turns
-    the fast path placed); ``render(conversations, generation_prompt)`` renders a batch; ``name(k)`` names
-    item k in errors. -> per item {turn: span}."""
-    jobs, batch = [_Job(*item) for item in items], []
-    for job in jobs:  # every render the slow path needs, in one batch
-        job.mark = next((c for c in MARKS if not any(c in m["content"] for m in job.msgs)), "")
-        job.marked = len(batch)
-        batch.append(_marked(job.msgs, job.mark or MARKS[0]))
-        for i in job.todo:
-            if i:
-                job.without[i] = len(batch)
-                batch.append(job.msgs[:i])
-        last = max(i for i, m in enumerate(job.msgs) if m["role"] == "assistant")
-        if last != len(job.msgs) - 1:
-            job.last = len(batch)
-            batch += [job.msgs[:last + 1], _marked(job.msgs[:last + 1], job.mark or MARKS[0])]
-    texts = render(batch, False) if batch else []
-    ends, tails = [], []
+    the fast path placed, tools); ``render(pairs, generation_prompt)`` renders a batch of (messages, tools);
+    ``name(k)`` names item k in errors. -> per item {turn: span}."""
+    jobs = [_Job(*item) for item in items]
+    texts = render(_plan(jobs), False) if jobs else []
     for job in jobs:
-        replies = [m["content"] for m in job.msgs if m["role"] == "assistant"]
-        e = _reply_ends(job.full, texts[job.marked], replies, job.mark) if job.mark else None
-        # the end-of-turn text: what the template writes after the last reply when it is the final message
-        upto, c = (job.full, e[-1] if e else 0) if job.last is None else \
-            (texts[job.last], (_reply_ends(texts[job.last], texts[job.last + 1], replies, job.mark) or [0])[-1])
-        ends.append(e)
-        tails.append(upto[c:len(upto.rstrip())] if e else "")
-    tail_bounds = _bounds(tokenizer, tails)
+        ends = _reply_ends(job.full, texts[job.marked], _replies(job.msgs), job.mark) if job.mark else None
+        job.ends, job.tails = ends, {i: _tail(job, i, texts) for i in job.todo} if ends else {}
+    tail_bounds = iter(_bounds(tokenizer, [job.tails[i] for job in jobs for i in sorted(job.tails)]))
     prefix_bounds = iter(_bounds(tokenizer, [p for job in jobs for _, p in sorted(job.todo.items())]))
     out = []
-    for k, (job, e, tail, tb) in enumerate(zip(jobs, ends, tails, tail_bounds)):
+    for k, job in enumerate(jobs):
         if not job.mark:
             raise TemplateError(f"{name(k)}: every character of {MARKS!r} occurs in this conversation, so distsft "
                                 f"cannot mark its replies to find them in {template_name}'s rendering: {FIX}",
                                 reason="template")
-        if e is None:
+        if job.ends is None:
             raise TemplateError(
                 f"{name(k)}: {template_name} moves, repeats or rewrites an assistant reply (rendered with a "
                 f"mark after each reply, the conversation is not the same text plus the marks), so its tokens "
@@ -169,8 +170,8 @@ def final_spans(tokenizer, render: Callable, items: list[tuple[list[dict], str, 
         spans = {}
         for i, prefix in sorted(job.todo.items()):
             without = texts[job.without[i]] if i else ""
-            spans[i] = _place(job, i, prefix, without, next(prefix_bounds), e[turns.index(i)], tail, tb,
-                              template_name, name(k))
+            spans[i] = _place(job, i, prefix, without, next(prefix_bounds), job.ends[turns.index(i)], job.tails[i],
+                              next(tail_bounds), template_name, name(k))
         placed = {**job.placed, **spans}
         turns_in_order = sorted(placed)
         for a, b in zip(turns_in_order, turns_in_order[1:]):
@@ -178,6 +179,32 @@ def final_spans(tokenizer, render: Callable, items: list[tuple[list[dict], str, 
                 raise TemplateError(_misplaced(name(k), template_name, b), reason="template")
         out.append(spans)
     return out
+
+
+def _plan(jobs: list[_Job]) -> list[tuple[list[dict], Any]]:
+    """Every render the slow path needs, in one batch; each job records where its renders sit."""
+    batch = []
+    for job in jobs:
+        job.mark = next((c for c in MARKS if c not in json.dumps([job.msgs, job.tools], ensure_ascii=False)), "")
+        mark = job.mark or MARKS[0]
+        job.marked = len(batch)
+        batch.append((_marked(job.msgs, mark), job.tools))
+        for i in job.todo:
+            if i:
+                job.without[i] = len(batch)
+                batch.append((job.msgs[:i], job.tools))
+            if i != len(job.msgs) - 1:
+                job.upto[i] = len(batch)
+                batch += [(job.msgs[:i + 1], job.tools), (_marked(job.msgs[:i + 1], mark), job.tools)]
+    return batch
+
+
+def _tail(job: _Job, i: int, texts: list[str]) -> str:
+    """The text the template writes after turn i's mark when the turn is the final message (its end of turn;
+    the rest of its last call too), "" when that rendering does not show where the mark is."""
+    upto, marked = (texts[job.upto[i]], texts[job.upto[i] + 1]) if i in job.upto else (job.full, texts[job.marked])
+    ends = _reply_ends(upto, marked, _replies(job.msgs[:i + 1]), job.mark)
+    return upto[ends[-1]:len(upto.rstrip())] if ends else ""
 
 
 def _place(job: _Job, i: int, prefix: str, without: str, pb: list[int], end: int, tail: str, tb: list[int],
@@ -192,14 +219,18 @@ def _place(job: _Job, i: int, prefix: str, without: str, pb: list[int], end: int
                             f"changes earlier text), so assistant spans are ambiguous: {FIX}", reason="template")
     start = _snap(agree, pb)
     b = max(b for b in tb if full.startswith(tail[:b], end))  # as much of the end of turn as repeats
-    reply, nxt = job.msgs[i]["content"], _next_text(job.msgs, i)
-    if answer(reply) not in full[start:end] or (nxt and nxt not in reply and -1 < full.find(nxt, start) < end):
+    m, nxt = job.msgs[i], _next_text(job.msgs, i)
+    problem = missing(m, full[start:end])
+    if problem:
+        tools = refusal(template_name, i, m, problem)
+        raise TemplateError(f"{where}: {tools}" if tools else _misplaced(where, template_name, i), reason="template")
+    if nxt and nxt not in reply_text(m) and -1 < full.find(nxt, start) < end:
         raise TemplateError(_misplaced(where, template_name, i), reason="template")
     return start, max(start, len(full[:end + b].rstrip()))
 
 
 def _next_text(msgs: list[dict], i: int) -> str:
-    return msgs[i + 1]["content"].strip() if i + 1 < len(msgs) else ""
+    return (msgs[i + 1].get("content") or "").strip() if i + 1 < len(msgs) else ""
 
 
 def _misplaced(where: str, template_name: str, i: int) -> str:

@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 from ..config import DataConfig
 from . import cachekey
 from .cachekey import cache_key, cache_root, token_versions
+from .chatview import reasoning_mode, written_warning
 from .multiturn import split_per_turn
 from .packing import Rows, best_fit_decreasing
 from .sources import DataError, Skipped, apply_weight, dedup, load_source, log_mixing
@@ -67,6 +68,8 @@ class SplitStats:
     truncated: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
+    tool_rows: int = 0  # rows with tools or tool calls
+    reasoning_turns: int = 0  # assistant turns with a reasoning field (reasoning_content / thinking)
     sequences: int = 0  # filled in by packing
     packing_efficiency: float | None = None  # real tokens / (sequences x max_seq_len); None when padded
     examples_per_sequence: float | None = None
@@ -137,17 +140,20 @@ def _tokenize_shard(k: int) -> tuple[dict, dict]:
     lo, hi = k * size, min((k + 1) * size, len(j["ds"]))
     ids_out, masks_out, examples = [], [], []
     counts = dict(rows_in=hi - lo, per_turn_examples=0, kept=0, dropped_overlong=0, dropped_short=0,
-                  dropped_unsupervised=0, truncated=0, tokens=0, supervised_tokens=0)
+                  dropped_unsupervised=0, truncated=0, tokens=0, supervised_tokens=0, tool_rows=0, reasoning_turns=0)
     for b in range(lo, hi, ENCODE_BATCH):
         rows = j["ds"][b:min(b + ENCODE_BATCH, hi)]
-        src, row_no, convs = rows["_source"], rows["_row"], rows["messages"]
+        src, row_no, convs, tools = rows["_source"], rows["_row"], rows["messages"], rows["tools"]
+        counts["tool_rows"] += sum(bool(t) or any(m["tool_calls"] for m in c) for c, t in zip(convs, tools))
+        counts["reasoning_turns"] += sum(m["reasoning_content"] is not None for c in convs for m in c)
         origin, loss_on = list(range(len(convs))), cfg.loss_on
         if cfg.multiturn == "per_turn":  # one example per assistant turn, each supervising its last turn
             convs, origin = split_per_turn(convs)
             counts["per_turn_examples"] += len(convs)
             loss_on = "last_assistant"
         encoded = encode_conversations(j["tokenizer"], convs, loss_on, j["template"], j["template_name"],
-                                       where=lambda i: f"{src[origin[i]]} row {row_no[origin[i]]}")
+                                       where=lambda i: f"{src[origin[i]]} row {row_no[origin[i]]}",
+                                       tools=[tools[o] for o in origin], reasoning=cfg.train_on_reasoning)
         for i, (ids, sup) in enumerate(encoded):
             if len(ids) > cfg.max_seq_len:
                 if cfg.overlong == "drop":
@@ -374,5 +380,10 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", b
     prep.fingerprint = key
     if builder:  # read from the entry, so a cache hit says it too
         log_mixing(prep.sources)
+        turns = prep.train_stats.reasoning_turns + (prep.eval_stats.reasoning_turns if prep.eval_stats else 0)
+        mode = reasoning_mode(lambda m: tokenizer.apply_chat_template(m, chat_template=template, tokenize=False),
+                              ("prepare", id(tokenizer), template)) if turns else "field"
+        if warning := written_warning(turns, mode, template_name):
+            log.warning(warning)
     prep.seconds = time.perf_counter() - start
     return prep

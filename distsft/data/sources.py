@@ -31,10 +31,12 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .errors import DataError, Skipped
-from .formats import detect, to_messages
+from .formats import detect, to_conversation
+from .toolcalls import STORED
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-KEEP = ("messages", "_source", "_row")
+KEEP = ("messages", "tools", "_source", "_row")
+MESSAGE = {k: datasets.Value("string") for k in STORED}  # one schema for plain and tool-calling rows alike
 # "owner/name" or "name" on the Hugging Face Hub, optionally "@revision" (a branch, tag or commit)
 HUB_NAME = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)(?:@(?P<revision>[\w./-]+))?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -153,25 +155,36 @@ def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | li
     return ds.add_column("_source", [str(path)] * len(ds)).add_column("_row", list(range(1, len(ds) + 1)))
 
 
+def _features(raw) -> datasets.Features:
+    where = raw.features if isinstance(raw, datasets.Dataset) else {}
+    return datasets.Features({"messages": datasets.List(MESSAGE), "tools": datasets.Value("string"),
+                              "_error": datasets.Value("string"),
+                              "_source": where.get("_source", datasets.Value("string")),
+                              "_row": where.get("_row", datasets.Value("int64"))})
+
+
 def normalise(raw, fmt: str, policy: str, skipped: Skipped, source: str) -> datasets.Dataset:
-    """Rows -> Dataset(messages, _source, _row); bad rows raise (policy error) or are recorded (skip)."""
+    """Rows -> Dataset(messages, tools, _source, _row) in the stored form of ``toolcalls.py``; bad rows raise
+    (policy error) or are recorded (skip)."""
     columns = raw.column_names if isinstance(raw, datasets.Dataset) else sorted({k for r in raw for k in r})
     fmt = detect(columns, source) if fmt == "auto" else fmt
 
     def convert(row):
         try:
-            return {"messages": to_messages(row, fmt), "_error": ""}
+            return {**to_conversation(row, fmt), "_error": ""}
         except DataError as e:
             if policy == "error":
                 raise
-            return {"messages": [], "_error": f"{e.reason}\t{e}"}
+            return {"messages": [], "tools": None, "_error": f"{e.reason}\t{e}"}
 
+    features = _features(raw)
     if isinstance(raw, list):
         out = [{**convert(r), "_source": r["_source"], "_row": r["_row"]} for r in raw]
-        ds = datasets.Dataset.from_list(out) if out else datasets.Dataset.from_dict(
-            {"messages": [], "_error": [], "_source": [], "_row": []})
+        ds = datasets.Dataset.from_list(out, features=features) if out else datasets.Dataset.from_dict(
+            {k: [] for k in features}, features=features)
     else:
-        ds = raw.map(convert, remove_columns=[c for c in raw.column_names if c not in KEEP[1:]], desc="format")
+        ds = raw.map(convert, remove_columns=[c for c in raw.column_names if c not in KEEP[2:]], features=features,
+                     desc="format")
     # find the bad rows in Arrow (a vector of flags), without reading every row into Python
     bad = np.flatnonzero(pc.binary_length(ds.data.column("_error")).to_numpy(zero_copy_only=False) > 0) \
         if len(ds) else np.zeros(0, np.int64)
@@ -193,9 +206,10 @@ def dedup(parts: list[datasets.Dataset]) -> tuple[list[datasets.Dataset], int]:
     hashes = []
     for ds in parts:
         h = np.zeros((len(ds), 2), np.uint64)
-        for start, batch in zip(range(0, len(ds), 1000), ds.select_columns(["messages"]).iter(batch_size=1000)):
-            for i, msgs in enumerate(batch["messages"]):
-                key = json.dumps(msgs, sort_keys=True, ensure_ascii=False).encode()
+        batches = ds.select_columns(["messages", "tools"]).iter(batch_size=1000)
+        for start, batch in zip(range(0, len(ds), 1000), batches):
+            for i, (msgs, tools) in enumerate(zip(batch["messages"], batch["tools"])):
+                key = json.dumps([msgs, tools], sort_keys=True, ensure_ascii=False).encode()
                 h[start + i] = np.frombuffer(hashlib.blake2b(key, digest_size=16).digest(), np.uint64)
         hashes.append(h)
     allh = np.concatenate(hashes) if hashes else np.zeros((0, 2), np.uint64)

@@ -8,8 +8,9 @@ exactly what its family's official template (the Jinja in the model's ``tokenize
 renders, with and without the generation prompt; ``tests/unit/test_builtin_templates.py`` proves it
 against verbatim copies in ``tests/assets/templates/``. The built-ins write their special tokens
 literally instead of reading ``bos_token``/``eos_token``, so a base model's tokenizer (whose bos/eos
-may be others) renders them the same; tools, images and ``reasoning_content`` fields are left out
-(distsft's rows have none). Reasoning is written in an assistant reply as ``<think>...</think>``.
+may be others) renders them the same. Tools and images are left out: a tool-calling row under a built-in
+is refused (it needs the family's own template, see ``tokenize.py``); a ``reasoning_content`` field is
+written into the reply as a ``<think>`` block (``chatview.py``), which ``qwen3`` reads back out.
 """
 
 from __future__ import annotations
