@@ -158,6 +158,7 @@ def evaluate(cfg: Config, shape: ModelShape, cluster: Cluster, layout: Layout, g
         rows.append({"name": col.name, "window": col.window, "bytes": col.bytes_per_gpu(), "seconds": seconds})
     step = compute + exposed_seconds(times, compute, backward, accum)
     return {"layout": layout.label, "overrides": layout.overrides(cluster), "grad_accum": accum,
+            "trains": layout.tp == 1,  # tensor parallelism is not in the trainer yet: planned, not offered
             "memory": layout_memory(c, shape, layout, dp, micro, accum, vol)["total"], "compute_s": compute,
             "comm_s": sum(times.values()), "exposed_s": step - compute, "step_s": step,
             "intra_bytes": sum(r["bytes"][0] for r in rows), "inter_bytes": sum(r["bytes"][1] for r in rows),
@@ -189,7 +190,8 @@ def render_layouts(p: dict) -> list[str]:
                f"{'intra GB':>9} {'inter GB':>9} {'step s':>7} {'tok/s/GPU':>10}")
     lines = [head, columns]
     for i, r in enumerate(p["fits"][:SHOWN], 1):
-        lines.append(f"  {i:>2} {r['layout']:<20} {r['memory'] / GIB:>8.1f} {r['compute_s']:>8.3g} {r['comm_s']:>7.3g} "
+        label = r["layout"] + ("" if r["trains"] else " *")
+        lines.append(f"  {i:>2} {label:<20} {r['memory'] / GIB:>8.1f} {r['compute_s']:>8.3g} {r['comm_s']:>7.3g} "
                      f"{r['exposed_s']:>8.3g} {r['intra_bytes'] / 1e9:>9,.1f} {r['inter_bytes'] / 1e9:>9,.1f} "
                      f"{r['step_s']:>7.3g} {r['tokens_per_s_per_gpu']:>10,.0f}")
     if len(p["fits"]) > SHOWN:
@@ -205,7 +207,16 @@ def render_layouts(p: dict) -> list[str]:
     if not p["fits"]:
         lines.append("  no layout fits: shard more (nodes), checkpoint activations, or shorten the rows")
         return lines
-    best = p["fits"][0]
+    if any(not r["trains"] for r in p["fits"][:SHOWN]):
+        lines.append("  * tensor parallelism (parallel.tp_size) is not in the trainer yet: shown for comparison only")
+    best = next((r for r in p["fits"] if r["trains"]), None)
+    if best is None:
+        lines.append("  no layout the trainer runs fits: shard more (nodes), checkpoint activations, or shorten rows")
+        return lines
+    if best is not p["fits"][0]:
+        top = p["fits"][0]
+        lines.append(f"  (the fastest, {top['layout']}, needs tensor parallelism: "
+                     f"{top['tokens_per_s_per_gpu']:,.0f} tok/s per GPU against {best['tokens_per_s_per_gpu']:,.0f})")
     lines.append(f"best: {best['overrides']} (grad_accum {best['grad_accum']}); its collectives per GPU per step:")
     for col in best["collectives"]:
         lines.append(f"  {col['name']:<40} {col['bytes'][0] / 1e9:>8,.1f} GB intra {col['bytes'][1] / 1e9:>8,.1f} "
