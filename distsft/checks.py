@@ -136,13 +136,15 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if cfg.model.checkpoint_every < 1:
-        raise ConfigError(f"model.checkpoint_every={cfg.model.checkpoint_every} must be >= 1 (1 recomputes every layer)")
+        raise ConfigError(f"model.checkpoint_every={cfg.model.checkpoint_every} must be >= 1 "
+                          "(1 recomputes every layer)")
     if cfg.model.offload_checkpoints and not cfg.model.gradient_checkpointing:
         raise ConfigError("model.offload_checkpoints=true moves what activation checkpointing keeps (each recomputed "
                           "layer's input) to host memory, and model.gradient_checkpointing=false keeps nothing of the "
                           "kind: add model.gradient_checkpointing=true, or drop model.offload_checkpoints")
     if t.loss_chunk < 0:
-        raise ConfigError(f"trainer.loss_chunk={t.loss_chunk} must be >= 0 (0: the head sees all supervised positions at once)")
+        raise ConfigError(f"trainer.loss_chunk={t.loss_chunk} must be >= 0 "
+                          "(0: the head sees all supervised positions at once)")
     if d.max_seq_len < 2:
         raise ConfigError(f"data.max_seq_len={d.max_seq_len} must be >= 2")
     if d.multiturn == "per_turn" and d.loss_on != "assistant":
@@ -172,7 +174,8 @@ def validate(cfg: Config) -> None:
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
         raise ConfigError("model.attn_implementation=varlen needs data.mode=pack (it reads packed cu_seqlens)")
     if t.export_best and not (t.eval_every and (d.val_files or d.val_fraction > 0)):
-        raise ConfigError("trainer.export_best=true needs evals: set trainer.eval_every and data.val_fraction or val_files")
+        raise ConfigError("trainer.export_best=true needs evals: set trainer.eval_every and data.val_fraction or "
+                          "val_files")
     if len(cfg.diagnosis.bands) != 3 or sorted(cfg.diagnosis.bands) != list(cfg.diagnosis.bands):
         raise ConfigError(f"diagnosis.bands={cfg.diagnosis.bands}: expected 3 increasing loss values")
     if not cfg.output_dir:
@@ -237,7 +240,8 @@ def check_combinations(cfg: Config) -> None:
                           "optimizer state itself (its CPUAdam); use optim=adamw")
     if cfg.trainer.precision == "bf16_pure" and (par.strategy != "ddp" or opt.name != "adamw" or pe.method != "none"):
         raise ConfigError(f"trainer.precision=bf16_pure (bf16 weights, stochastic rounding in torchao's AdamW) is for "
-                          f"full fine-tuning with optim=adamw under parallel=ddp (got parallel.strategy={par.strategy}, "
+                          f"full fine-tuning with optim=adamw under parallel=ddp "
+                          f"(got parallel.strategy={par.strategy}, "
                           f"optim.name={opt.name}, peft.method={pe.method}); use trainer.precision=bf16 (fp32 masters) "
                           "otherwise: DeepSpeed and FSDP keep fp32 masters themselves, adapters are small")
     if cfg.trainer.grad_dtype == "bfloat16" and cfg.trainer.precision != "bf16":

@@ -39,11 +39,10 @@ def render_example(tokenizer, ids, labels, color: bool) -> str:
 
 
 def preview(cfg, color: bool | None = None, stream=sys.stdout) -> None:
+    from .checks import check_model_paths
     from .data.loader import pack, summarize
     from .data.prepare import prepare
     from .model.load import load_tokenizer
-
-    from .checks import check_model_paths
 
     check_model_paths(cfg)
     color = stream.isatty() if color is None else color
@@ -83,9 +82,8 @@ def _warn_if_one_step_cannot_fill(cfg, store, rows, stream) -> None:
     import os
 
     from .batch import resolve_batch
-    from .data.loader import too_few_sequences
-
     from .config import ConfigError
+    from .data.loader import too_few_sequences
 
     t = cfg.trainer
     world = int(os.environ.get("WORLD_SIZE", cfg.plan.world_size))

@@ -15,10 +15,9 @@ from omegaconf import OmegaConf
 from .batch import resolve_batch
 from .checks import check_device_combinations, check_paths
 from .config import Config, ConfigError
-from .data.loader import StepLoader, eval_batches, pack, summarize
 from .data.cachekey import cache_root
+from .data.loader import StepLoader, eval_batches, pack, summarize
 from .data.prepare import prepare
-from .trainer.collective import cache_builder
 from .data.templates import end_of_turn_id
 from .diagnose import describe as describe_diagnosis
 from .diagnose import diagnose
@@ -47,7 +46,7 @@ from .plots import history_from_tensorboard, training_curves
 from .provenance import provenance
 from .trainer import checkpoint
 from .trainer.accelerator import build_accelerator, launched_world_size
-from .trainer.collective import main_decides
+from .trainer.collective import cache_builder, main_decides
 from .trainer.lock import RunLock
 from .trainer.loop import LoopOutcome, LoopParts, train
 from .trainer.metrics import model_flops, peak_flops

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from .checks import to_object
 from .config import ConfigError, register_configs
 
+
 def _conf_dir() -> str:
     """The Hydra config groups: distsft/conf in an installed package, conf/ beside the package in a checkout
     (an editable install maps the package name, not the directory)."""

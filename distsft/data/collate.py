@@ -130,7 +130,8 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask")
-ON_DEVICE = MODEL_INPUTS + ("labels", "targets", "cu_seqlens", "sup_index", "sup_targets", "row_tokens")  # the rest (counts, ids, max_seqlen) stays on the host
+# the rest (counts, ids, max_seqlen) stays on the host
+ON_DEVICE = MODEL_INPUTS + ("labels", "targets", "cu_seqlens", "sup_index", "sup_targets", "row_tokens")
 
 
 def to_device(batch: dict[str, torch.Tensor], device, non_blocking: bool = False) -> dict[str, torch.Tensor]:

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow.compute as pc
 
 from ..config import DataConfig
 from . import cachekey
@@ -120,7 +119,8 @@ def _load_splits(cfg: DataConfig, skipped: Skipped):
     weights = cfg.train_weights or [1.0] * len(parts)
     for c, p, w in zip(counts, parts, weights):
         c.update(eval=c["read"] - c["duplicates"] - len(p), weight=w if cfg.train_weights else None)
-    parts = [apply_weight(p, w, cfg.seed + i, f"data.train_weights[{i}]") for i, (p, w) in enumerate(zip(parts, weights))]
+    parts = [apply_weight(p, w, cfg.seed + i, f"data.train_weights[{i}]")
+             for i, (p, w) in enumerate(zip(parts, weights))]
     for c, p in zip(counts, parts):
         c["kept"] = len(p)
     eval_ds = datasets.concatenate_datasets(evals) if evals else None
@@ -228,7 +228,8 @@ def _pack_plan(store: TokenStore, cfg: DataConfig, directory: Path, split: str) 
     files = {}
     for kind, arr in (("offsets", rows.offsets), ("items", rows.items)):
         np.save(directory / f"{split}.pack.{kind}.npy", arr)
-        files[kind] = {"file": f"{split}.pack.{kind}.npy", "bytes": (directory / f"{split}.pack.{kind}.npy").stat().st_size}
+        name = f"{split}.pack.{kind}.npy"
+        files[kind] = {"file": name, "bytes": (directory / name).stat().st_size}
     return {"max_seq_len": cfg.max_seq_len, "seed": cfg.seed, "files": files}
 
 

@@ -112,7 +112,8 @@ def _read_jsonl_by_hand(path: Path, policy: str, skipped: Skipped) -> list[dict]
 
 def _bad_line(path: Path, n: int, e: ValueError) -> tuple[str, str]:
     if isinstance(e, UnicodeDecodeError):
-        return "invalid_utf8", f"{path} line {n}: not valid UTF-8 (byte {e.object[e.start]:#04x} at column {e.start + 1})"
+        return "invalid_utf8", (f"{path} line {n}: not valid UTF-8 (byte {e.object[e.start]:#04x} at column "
+                                f"{e.start + 1})")
     return "invalid_json", f"{path} line {n}: not valid JSON ({e})"
 
 

@@ -58,7 +58,9 @@ class TokenStore:
         ex[:, SUPERVISED] = [int(m.sum()) for m in sup]
         ex[:, SOURCE] = [names.index(s) for s in sources] if sources else 0
         ex[:, ROW] = rows if rows is not None else np.arange(1, len(ids) + 1)
-        cat = (lambda a, d: np.concatenate(a).astype(d) if a else np.zeros(0, d))
+        def cat(arrays: list, dtype) -> np.ndarray:
+            return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
         self._setup([(cat(ids, np.int64), cat(sup, bool), ex)], names)
 
     def _setup(self, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]], source_names: list[str]) -> None:

@@ -240,7 +240,8 @@ def _token_range(enc, n: int, s: int, e: int) -> tuple[int, int]:
     return first, last + 1
 
 
-def _encode_masked(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _encode_masked(tokenizer, texts: list[str],
+                   spans: list[list[tuple[int, int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids [n] int64, overlaps-a-span [n] bool) of each text, no special tokens added."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:

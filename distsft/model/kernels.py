@@ -88,4 +88,5 @@ def compile_stats() -> dict:
     recompiles) and graph breaks (code it could not compile, run eagerly between graphs)."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}

@@ -42,7 +42,8 @@ def load_tokenizer(cfg: ModelConfig):
 def load_model(cfg: ModelConfig, seed: int, cuda: bool = False, quantization=None, device=None):
     """The base model. ``quantization`` (a BitsAndBytesConfig) quantises the weights as they load."""
     dtype = getattr(torch, cfg.dtype)
-    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=resolve_attention(cfg.attn_implementation, cuda))
+    common = dict(trust_remote_code=cfg.trust_remote_code,
+                  attn_implementation=resolve_attention(cfg.attn_implementation, cuda))
     if cfg.init == "config":
         config = AutoConfig.from_pretrained(located(cfg.name_or_path), revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)

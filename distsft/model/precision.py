@@ -33,7 +33,6 @@ import torch
 
 from ..config import Config, ConfigError
 
-
 # what trainer.grad_dtype=bfloat16 rounds on each strategy
 BF16_GRADS = {"ddp": "reduced (accumulated in fp32)", "deepspeed": "accumulated and reduced",
               "fsdp": "accumulated and reduced"}
@@ -49,7 +48,8 @@ def load_dtype(cfg: Config) -> str:
 
 def half_compute(cfg: Config) -> bool:
     """Whether matmuls run in bf16: autocast, or a frozen bf16 base under PEFT."""
-    return cfg.trainer.precision in ("bf16", "bf16_pure") or (cfg.peft.method != "none" and cfg.model.dtype == "bfloat16")
+    return cfg.trainer.precision in ("bf16", "bf16_pure") or (
+        cfg.peft.method != "none" and cfg.model.dtype == "bfloat16")
 
 
 def describe(cfg: Config) -> str:

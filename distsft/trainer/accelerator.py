@@ -34,8 +34,9 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
     if not launched and parallel.strategy != "ddp":
         single_process_group()
     # a single process gets no process group unless DeepSpeed/FSDP needs one
+    group = launched or parallel.strategy != "ddp"
     kwargs = [InitProcessGroupKwargs(backend="nccl" if cuda else parallel.cpu_backend,
-                                     timeout=timedelta(seconds=trainer.collective_timeout))] if launched or parallel.strategy != "ddp" else []
+                                     timeout=timedelta(seconds=trainer.collective_timeout))] if group else []
     extra = plugins(parallel, trainer, plan, cuda)
     if parallel.strategy == "ddp":
         kwargs += ddp_kwargs(trainer)

@@ -194,7 +194,8 @@ def check_compatible(ckpt: Path, current: dict, data_fingerprint: str, force: bo
     prov = ckpt / "provenance.json"
     was_data = json.loads(prov.read_text()).get("data_fingerprint") if prov.exists() else data_fingerprint
     if was_data != data_fingerprint:
-        diffs.append(f"training data: fingerprint was {was_data}, now {data_fingerprint} (files or data options changed)")
+        diffs.append(f"training data: fingerprint was {was_data}, now {data_fingerprint} "
+                     "(files or data options changed)")
     if diffs and not force:
         raise ConfigError(f"cannot resume from {ckpt}: what it was trained with differs:\n  " + "\n  ".join(diffs)
                           + "\n(a new run: run_name=<name> or output_dir=<dir>; trainer.resume=never starts over in "

@@ -42,7 +42,8 @@ class RunLock:
             holder = _read(fd)
             os.close(fd)
             raise ConfigError(f"output_dir={self.path.parent} is in use by another distsft run ({_who(holder)}); wait "
-                              f"for it to finish or stop it, or choose another output_dir (lock: {self.path})") from None
+                              f"for it to finish or stop it, or choose another output_dir "
+                              f"(lock: {self.path})") from None
         except OSError as e:
             os.close(fd)
             if e.errno not in UNSUPPORTED:

@@ -32,7 +32,8 @@ def launcher_settings() -> dict[str, object]:
     elif env.get("ACCELERATE_USE_FSDP") == "true":
         if env.get("FSDP_VERSION", "1") != "2":
             raise ConfigError("the accelerate launcher asks for FSDP version 1; distsft runs FSDP2: set "
-                              "fsdp_version: 2 in the accelerate config (or launch hardware-only and set parallel=fsdp)")
+                              "fsdp_version: 2 in the accelerate config "
+                              "(or launch hardware-only and set parallel=fsdp)")
         out["parallel.strategy"] = "fsdp"
         out["parallel.fsdp_reshard_after_forward"] = env.get("FSDP_RESHARD_AFTER_FORWARD", "true") == "true"
     precision = env.get("ACCELERATE_MIXED_PRECISION", "no")

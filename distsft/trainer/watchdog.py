@@ -17,8 +17,8 @@ rank go to ``output_dir/hang/`` (each live rank its own threads, with faulthandl
 host through ``py-spy dump --nonblocking``, which reads even a stopped process, where py-spy is installed). The
 reporter then kills the lost ranks of its host and every live rank leaves with exit status ``HANG_EXIT``: the
 launcher ends the rest, and ``slurm/train.sbatch`` requeues the job (seeing the report), which resumes from the
-last complete checkpoint. Ranks that are all equally slow (a long checkpoint write, where the others wait at the barrier) are
-not judged: only ``trainer.collective_timeout`` bounds that.
+last complete checkpoint. Ranks that are all equally slow (a long checkpoint write, where the others wait at the
+barrier) are not judged: only ``trainer.collective_timeout`` bounds that.
 """
 
 from __future__ import annotations
@@ -153,8 +153,9 @@ class Watchdog:
                 lines.append(f"rank {r} ({s['host']}, pid {s['pid']}) {how} at step {s['step']} in {s['phase']}, "
                              f"silent for {since:.0f} s")
             early = ", sooner for a lost rank once a stop was requested" if _state["stopping"] else ""
-            message = (f"distsft: error: {'; '.join(lines)} (trainer.hang_timeout={self.timeout:g} s{early}); stack dumps "
-                       f"in {self.dir}; ending the job (exit {HANG_EXIT}): resume from the last complete checkpoint")
+            message = (f"distsft: error: {'; '.join(lines)} (trainer.hang_timeout={self.timeout:g} s{early}); "
+                       f"stack dumps in {self.dir}; ending the job (exit {HANG_EXIT}): resume from the last complete "
+                       "checkpoint")
             print(message, file=sys.stderr, flush=True)
             (self.dir / REPORT).write_text(message + "\n")  # slurm/train.sbatch requeues the job on it
             tell_the_launcher(message)
