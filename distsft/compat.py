@@ -1,33 +1,66 @@
-"""Declared patches: where distsft changes or mends a third-party library's behaviour, the versions it was checked
-on. ``checked(package, versions, what)`` is called where the patch is applied and logs a warning, once per patch,
-when the installed version is outside them (the patch may then be wrong or unneeded: run the tests that name it).
+"""Declared patches: every place where distsft changes or mends a third-party library's behaviour (a forward replaced
+on an instance, a private function or state used), the library versions it was checked on, and the test that holds
+it. ``checked(name)`` is called where the patch is applied, at start-up, and logs a warning once per patch when the
+installed version is outside the checked ones (the patch may then be wrong or no longer needed: run its test).
 
-    patch                                             package     checked on   tested by
-    model.fp8: Float8Linear's forward replaced        torchao     0.17, 0.18   tests/unit/test_fp8.py (bit-equal)
-    trainer.reshape: ZeRO-3 universal loader's        deepspeed   0.19         tests/integration/test_deepspeed.py
-      shared `step` tensor and group hyperparameters
+    name                 package        checked on   what                                   tested by (tests/)
+    model.head           transformers   5.25         head's forward replaced on the         unit/test_head.py
+                                                     instance (supervised positions only)
+    model.peft           peft           0.21         LoRA Linear's forward replaced         unit/test_lora_fused.py
+                                                     (the adapter added in place)
+    model.offload        transformers   5.25         _gradient_checkpointing_func wrapped   unit/test_offload.py
+    model.tiling         deepspeed      0.19         TiledMLP in each decoder MLP           unit/test_tiling.py
+    model.kernels        liger-kernel   0.8          _apply_liger_kernel_to_instance        gpu/test_gpu.py
+    model.fp8            torchao        0.17, 0.18   Float8Linear's forward replaced, the   unit/test_fp8.py
+                                                     private inductor patch applied
+    trainer.fsdp_on_cpu  accelerate     1.16         PartialState made FSDP on CPU; HSDP's  integration/test_hybrid.py
+                                                     ParallelismConfig set afterwards
+    trainer.reshape      deepspeed      0.19         ZeRO-3 universal loader mended: its    integration/
+                                                     shared `step`, group hyperparameters   test_deepspeed.py
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 log = logging.getLogger("distsft")
+
+
+@dataclass(frozen=True)
+class Patch:
+    package: str
+    versions: tuple[str, ...]  # major.minor prefixes it was checked on
+    what: str
+
+
+PATCHES = {
+    "model.head": Patch("transformers", ("5.25",), "the output head's forward, replaced on the instance"),
+    "model.peft": Patch("peft", ("0.21",), "LoRA Linear's forward, replaced (the adapter added in place)"),
+    "model.offload": Patch("transformers", ("5.25",), "a layer's _gradient_checkpointing_func, wrapped"),
+    "model.tiling": Patch("deepspeed", ("0.19",), "DeepSpeed's TiledMLP in the decoder MLPs' forward"),
+    "model.kernels": Patch("liger-kernel", ("0.8",), "Liger's private _apply_liger_kernel_to_instance"),
+    "model.fp8": Patch("torchao", ("0.17", "0.18"), "Float8Linear's forward and torchao's private inductor patch"),
+    "trainer.fsdp_on_cpu": Patch("accelerate", ("1.16",), "Accelerate's PartialState made FSDP on CPU processes"),
+    "trainer.reshape": Patch("deepspeed", ("0.19",), "DeepSpeed's ZeRO-3 universal loader, mended"),
+}
 _warned: set[str] = set()
 
 
-def checked(package: str, versions: tuple[str, ...], what: str) -> bool:
-    """Whether the installed ``package`` is one of ``versions`` (major.minor prefixes); warns once if not."""
+def checked(name: str) -> bool:
+    """Whether the installed package of patch ``name`` (PATCHES) is one of the versions it was checked on; warns once
+    if not. A package that is not installed (the patch cannot apply) answers False without a warning."""
+    patch = PATCHES[name]
     try:
-        installed = version(package)
+        installed = version(patch.package)
     except PackageNotFoundError:
         return False
-    if any(installed == v or installed.startswith(v + ".") for v in versions):
+    if any(installed == v or installed.startswith(v + ".") for v in patch.versions):
         return True
-    if what not in _warned:
-        _warned.add(what)
-        log.warning("%s patches %s, checked on %s; %s is installed: the patch may be wrong or no longer needed "
-                    "(see distsft/compat.py for the test that covers it)", what, package, ", ".join(versions),
-                    installed)
+    if name not in _warned:
+        _warned.add(name)
+        log.warning("%s: distsft patches %s (%s), checked on %s %s; %s is installed: the patch may be wrong or no "
+                    "longer needed (distsft/compat.py names the test that covers it)", name, patch.package,
+                    patch.what, patch.package, ", ".join(patch.versions), installed)
     return False

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..compat import checked
 from .load import base_model
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def install(model, chunk: int) -> str:
     why = after_head(base.config)
     if head is None or why:
         return f"plain (full logits; {why or 'no output head found'})"
+    checked("model.head")
     head.forward = types.MethodType(_forward, head)  # an instance attribute: the class's hooks still run
     if chunk and any(True for _ in head.children()):
         # a wrapped head (a PEFT adapter on it) calls its sub-modules, and under ZeRO-3 every such call

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from ..compat import checked
 from .load import base_model
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def apply_kernels(model, kernels: str):
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise RuntimeError(f"model.kernels=liger: Liger has no kernels for model type {model_type!r}; "
                            "set model.kernels=torch")
+    checked("model.kernels")
     _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                     fused_linear_cross_entropy=True, cross_entropy=False)
     setattr(model, FUSED_LOSS, True)

@@ -25,6 +25,7 @@ import functools
 
 import torch
 
+from ..compat import checked
 from ..config import ConfigError
 
 PATCHED = "_distsft_offloaded"
@@ -66,6 +67,7 @@ def apply_checkpoint_offload(model) -> tuple[int, dict]:
         raise ConfigError("model.offload_checkpoints=true: no decoder layer is recomputed (transformers' "
                           "GradientCheckpointingLayer with gradient_checkpointing on), so there is nothing to offload; "
                           "set model.gradient_checkpointing=true, or drop model.offload_checkpoints")
+    checked("model.offload")
     for layer in layers:
         inner = layer._gradient_checkpointing_func
 

@@ -15,6 +15,7 @@ import types
 
 import torch
 
+from ..compat import checked
 from ..config import ConfigError, PeftConfig
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ def fuse_adapter_add(model, zero3: bool = False) -> int:
     from peft.tuners.lora.layer import Linear
 
     layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]  # DoRA is a variant
+    if layers:
+        checked("model.peft")
     for m in layers:
         m.forward = types.MethodType(_fused_add_forward, m)
     if zero3:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import types
 
+from ..compat import checked
 from ..config import ConfigError
 from .load import base_model
 
@@ -38,6 +39,7 @@ def apply_tiled_mlp(model, shards: int) -> int:
     """Patch every decoder MLP (on the instance) to run in ``shards`` chunks; returns how many were patched."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
+    checked("model.tiling")
     mlps = decoder_mlps(model)
     for mlp in mlps:
         if hasattr(mlp, "experts") or hasattr(mlp, "gate") and not hasattr(mlp, "gate_proj"):

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from ..batch import BatchPlan
+from ..compat import checked
 from ..config import ConfigError, ParallelConfig, TrainerConfig
 from .strategy import PRECISION, check_launcher, ddp_kwargs, local_world_size, plugins, shard_group
 
@@ -100,6 +101,7 @@ def fsdp_on_cpu(accelerator: Accelerator, plugin, hsdp=None) -> None:
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU:  # one process: nothing to shard
         return
+    checked("trainer.fsdp_on_cpu")
     PartialState._shared_state["distributed_type"] = state.distributed_type = DistributedType.FSDP
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)

@@ -127,7 +127,7 @@ def universal_view(acc, ckpt: Path) -> Path:
 
 def load_universal(acc, model, ckpt: Path) -> None:
     """Load the DeepSpeed checkpoint ``ckpt`` through its universal view (another world size)."""
-    checked("deepspeed", ("0.19",), "a resharded resume (DeepSpeed's universal loader mended)")
+    checked("trainer.reshape")
     view = universal_view(acc, ckpt)
     config = model._config  # the DeepSpeed engine's: its loader reads the flag
     groups = model.optimizer.param_groups
