@@ -141,8 +141,8 @@ def child_distsft(a) -> dict:
         dt = time.perf_counter() - t0
     st = prep.train_stats
     return {"seconds": dt, "conversations": st.rows_in, "kept": st.kept, "tokens": st.tokens,
-            "supervised_tokens": st.supervised_tokens, "cache_hit": prep.cache_hit, "peak_rss_mb": mem.rss / 2**20, "peak_pss_mb": mem.pss / 2**20,
-            "peak_anon_mb": mem.anon / 2**20}
+            "supervised_tokens": st.supervised_tokens, "cache_hit": prep.cache_hit, "peak_rss_mb": mem.rss / 2**20,
+            "peak_pss_mb": mem.pss / 2**20, "peak_anon_mb": mem.anon / 2**20}
 
 
 def _rows(path: str) -> list[list[dict]]:
@@ -171,7 +171,6 @@ def child_trl(a) -> dict:
     from types import SimpleNamespace
 
     import datasets
-
     from trl import SFTConfig, SFTTrainer
 
     tok = _tokenizer()
@@ -181,7 +180,8 @@ def child_trl(a) -> dict:
         ds = datasets.load_dataset("json", data_files=a.file, split="train", cache_dir=a.cache)
         args = SFTConfig(output_dir=a.cache, assistant_only_loss=True, dataset_num_proc=a.num_proc,
                          max_length=None, report_to=[], bf16=False, use_cpu=True)
-        out = SFTTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=None), ds, tok, args, False, None, "train")
+        stub = SimpleNamespace(_tokenizer=tok, chat_template=None, completion_only_loss=None)
+        out = SFTTrainer._prepare_dataset(stub, ds, tok, args, False, None, "train")
         dt = time.perf_counter() - t0
     tokens = supervised = 0
     for batch in out.select_columns(["input_ids", "labels"]).iter(batch_size=1000):
@@ -266,7 +266,8 @@ def main() -> None:
 
 def table(results: dict) -> str:
     lines = [f"processes: {results['num_proc']} (cores: {results['cores']})", "",
-             "| conversations | method | seconds | conversations/s | tokens/s | peak RSS (MB) | peak anon RSS (MB) | peak PSS with workers (MB) | x bare |",
+             ("| conversations | method | seconds | conversations/s | tokens/s | peak RSS (MB) | peak anon RSS (MB) | "
+              "peak PSS with workers (MB) | x bare |"),
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, r in results["sizes"].items():
         bare = r.get("bare tokenizer", {}).get("seconds")
@@ -280,7 +281,8 @@ def table(results: dict) -> str:
             extra = f" (prepare {m['prepare_seconds']:.2f} s)" if "prepare_seconds" in m else ""
             lines.append(f"| {n:,} | {method}{extra} | {m['seconds']:.2f} | {f'{cps:,.0f}' if cps else ''} | "
                          f"{f'{tps:,.0f}' if tps else ''} | {m['peak_rss_mb']:,.0f} | "
-                         f"{m.get('peak_anon_mb', float('nan')):,.0f} | {m.get('peak_pss_mb', float('nan')):,.0f} | {ratio} |")
+                         f"{m.get('peak_anon_mb', float('nan')):,.0f} | "
+                         f"{m.get('peak_pss_mb', float('nan')):,.0f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -176,8 +176,9 @@ def parse(argv=None):
     p.add_argument("--model", default="llama3_1_8b", help="a folder of bench/models, or tiny")
     p.add_argument("--lora", action="store_true", help="LoRA r=16 on all linear layers (a frozen bf16 base)")
     p.add_argument("--lengths", default="32768,131072", help="row lengths to time (tokens)")
-    p.add_argument("--savers", default="1,2,3", help="distsft.plan.SAVERS by index: 0 as configured, 1 + checkpointing, "
-                                                     "2 + tiled MLP, 3 + checkpoint offload")
+    p.add_argument("--savers", default="1,2,3",
+                   help="distsft.plan.SAVERS by index: 0 as configured, 1 + checkpointing, "
+                        "2 + tiled MLP, 3 + checkpoint offload")
     p.add_argument("--longest", action="store_true", help="find the longest row that trains, from the plan's answer")
     p.add_argument("--tries", type=int, default=4, help="--longest: tries per saver (10%% shorter each)")
     p.add_argument("--gpu-memory-gib", type=float, default=0.0, help="--longest: the plan's budget (0: the GPU's)")

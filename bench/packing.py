@@ -77,8 +77,8 @@ def pad_groups(lengths, seed):
 
 def load_trl():
     try:
-        import pyarrow as pa
         import datasets
+        import pyarrow as pa
         import trl
         from trl.data_utils import pack_dataset
 

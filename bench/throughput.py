@@ -60,8 +60,8 @@ DATA = {  # lognormal token lengths: median, sigma, clip
 SETUPS = {"alpaca": dict(seq=4096, rows=4, accum=2, pad_micro=16),
           "ultrachat": dict(seq=8192, rows=2, accum=2, pad_micro=4),
           "toy": dict(seq=256, rows=2, accum=2, pad_micro=4)}
-SYSTEMS = ("distsft", "distsft_loop", "distsft_liger", "distsft_liger_loop", "trl_pad", "trl_padfree", "trl_padfree_liger", "trl_packing", "trl_packing_liger",
-           "hf")
+SYSTEMS = ("distsft", "distsft_loop", "distsft_liger", "distsft_liger_loop", "trl_pad", "trl_padfree",
+           "trl_padfree_liger", "trl_packing", "trl_packing_liger", "hf")
 
 
 def setup(a) -> dict:
@@ -179,8 +179,8 @@ def run_distsft(a, ids, labels, n_steps: int) -> dict:
     from distsft.data.loader import StepLoader
     from distsft.data.packing import best_fit_decreasing
     from distsft.trainer.accelerator import build_accelerator
-    from distsft.trainer.step import train_step
     from distsft.trainer.optim import build_optimizer
+    from distsft.trainer.step import train_step
 
     s, cuda = setup(a), a.device == "cuda"
     plan = resolve_batch(s["rows"], s["accum"], None, 1)
@@ -295,8 +295,8 @@ def run_peer(a, system: str, ids, labels, n_steps: int, examples_per_step: float
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
                   max_steps=n_steps, learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0,
                   max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda, optim="adamw_torch_fused" if cuda else "adamw_torch",
-                  logging_steps=n_steps, logging_first_step=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
-                  dataloader_num_workers=0, gradient_checkpointing=a.lora,
+                  logging_steps=n_steps, logging_first_step=True, report_to="none", save_strategy="no",
+                  disable_tqdm=True, seed=0, dataloader_num_workers=0, gradient_checkpointing=a.lora,
                   gradient_checkpointing_kwargs={"use_reentrant": False})
     clock = Clock(cuda)
 
@@ -404,8 +404,9 @@ def memory_estimate(a) -> dict:
 
     s = setup(a)
     over = [f"model.name_or_path={model_dir(a.model)}", "model.init=config", f"data.max_seq_len={s['seq']}",
-            f"trainer.micro_batch_size={s['rows']}", f"trainer.grad_accum={s['accum']}", "trainer.global_batch_size=null",
-            f"model.gradient_checkpointing={str(a.lora).lower()}", f"model.checkpoint_every={a.checkpoint_every}",
+            f"trainer.micro_batch_size={s['rows']}", f"trainer.grad_accum={s['accum']}",
+            "trainer.global_batch_size=null", f"model.gradient_checkpointing={str(a.lora).lower()}",
+            f"model.checkpoint_every={a.checkpoint_every}",
             f"parallel={a.strategy}"]
     if a.device == "cuda":
         over += ["model.dtype=bfloat16", "trainer.precision=bf16"]
@@ -428,8 +429,8 @@ def distsft_examples_per_step(a) -> float:
 
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["system"] == "distsft" and "error" not in r), None)
-    head = (f"{'system':<18} {'tok/s':>9} {'sup tok/s':>9} {'MFU':>6} {'MFU nc':>6} {'step s (min-max)':>18} {'real/comp':>9} "
-            f"{'ex/step':>7} {'mem GiB':>8} {'loss0':>7} {'distsft x':>9}")
+    head = (f"{'system':<18} {'tok/s':>9} {'sup tok/s':>9} {'MFU':>6} {'MFU nc':>6} {'step s (min-max)':>18} "
+            f"{'real/comp':>9} {'ex/step':>7} {'mem GiB':>8} {'loss0':>7} {'distsft x':>9}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
@@ -440,8 +441,8 @@ def table(results: list[dict]) -> str:
         mem = f"{r['max_memory_gib']:.1f}" if r["max_memory_gib"] is not None else "-"
         speed = f"{base['tokens_per_s'] / r['tokens_per_s']:.2f}" if base else "-"
         loss0 = f"{r['first_loss']:.3f}" if r["first_loss"] is not None else "-"
-        lines.append(f"{r['system']:<18} {r['tokens_per_s']:>9,.0f} {r['supervised_tokens_per_s']:>9,.0f} {mfu:>6} {mfu_nc:>6} "
-                     f"{r['step_s_median']:>7.3f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f}) "
+        lines.append(f"{r['system']:<18} {r['tokens_per_s']:>9,.0f} {r['supervised_tokens_per_s']:>9,.0f} "
+                     f"{mfu:>6} {mfu_nc:>6} {r['step_s_median']:>7.3f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f}) "
                      f"{r['real_per_computed']:>9.1%} {r['examples_per_step']:>7.1f} {mem:>8} {loss0:>7} {speed:>9}")
     return "\n".join(lines)
 
@@ -459,7 +460,9 @@ def parse(argv=None):
                    help="distsft with --lora: recompute every Nth layer only (model.checkpoint_every)")
     p.add_argument("--rows", type=int, default=0, help="distsft rows per micro-batch (rows x accumulation kept)")
     p.add_argument("--compile", action="store_true", help="distsft: torch.compile the decoder layers (model.compile)")
-    p.add_argument("--fp8", action="store_true", help="distsft: the decoder's matmuls in FP8 (model.fp8; a frozen LoRA base without weight gradients)")
+    p.add_argument("--fp8", action="store_true",
+                   help="distsft: the decoder's matmuls in FP8 (model.fp8; a frozen LoRA base without weight "
+                        "gradients)")
     p.add_argument("--no-fused-add", action="store_true",
                    help="distsft LoRA: PEFT's own adapter forward (peft.fused_add=false), to measure the lever")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"],
@@ -508,17 +511,19 @@ def main(argv=None) -> list[dict]:
                "--model", a.model, "--data", a.data, "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--workers", str(a.workers), "--device", a.device, "--out", str(a.out)] + \
             (["--lora"] if a.lora else []) + (["--profile"] if a.profile else []) + \
-            ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + (["--compile"] if a.compile else []) + \
-            (["--fp8"] if a.fp8 else []) + (["--no-fused-add"] if a.no_fused_add else []) + \
+            ["--checkpoint-every", str(a.checkpoint_every), "--rows", str(a.rows)] + \
+            (["--compile"] if a.compile else []) + (["--fp8"] if a.fp8 else []) + \
+            (["--no-fused-add"] if a.no_fused_add else []) + \
             (["--peers-peft-default"] if a.peers_peft_default else []) + ["--strategy", a.strategy]
         r = run_child(cmd, a.timeout, {"system": system})
         results.append(r)
         (out / f"throughput_{tag}.json").write_text(json.dumps(results, indent=1))  # kept if a later one hangs
-        print(f"{system}: " + (f"{r['tokens_per_s']:,.0f} tok/s" if "error" not in r else "\n  ".join(r["error"].splitlines()[-3:])),
-              flush=True)
+        shown = f"{r['tokens_per_s']:,.0f} tok/s" if "error" not in r else "\n  ".join(r["error"].splitlines()[-3:])
+        print(f"{system}: " + shown, flush=True)
     peers = " (peers: PEFT's fp32 cast of adapter inputs)" if a.lora and a.peers_peft_default else ""
+    where = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     print(f"\n{a.model} {'LoRA r=16 + checkpointing' if a.lora else 'full fine-tune'}{peers}, {a.data}-like data, "
-          f"{a.steps} timed steps after {a.warmup} warm-up, {torch.cuda.get_device_name() if a.device == 'cuda' else 'cpu'}")
+          f"{a.steps} timed steps after {a.warmup} warm-up, {where}")
     print(table(results))
     return results
 

@@ -39,7 +39,8 @@ def family_tokenizer(base, name: str):
     """A copy of ``base`` with every built-in's tokens, and the bos/eos of built-in ``name``'s family."""
     tok = copy.deepcopy(base)
     vocab = tok.get_vocab()
-    tok.add_tokens([t for t in all_tokens() if t not in vocab and t not in ("<think>", "</think>")], special_tokens=True)
+    special = [t for t in all_tokens() if t not in vocab and t not in ("<think>", "</think>")]
+    tok.add_tokens(special, special_tokens=True)
     tok.add_tokens([t for t in ("<think>", "</think>", *QWEN_TOOL_TOKENS) if t not in vocab])  # ordinary, as in Qwen
     bos, eos = BOS_EOS[name]
     if bos:

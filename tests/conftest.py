@@ -85,8 +85,8 @@ def launch(num_processes: int, out: Path, *overrides: str, timeout: int = 600, e
     if (any(o.startswith("parallel=zero3") for o in overrides)
             and not any(o.startswith("parallel.deepspeed_config=") for o in overrides)):
         overrides = (*overrides, f"parallel.deepspeed_config={SHARD_ALL}")
-    proc = subprocess.run(launch_cmd(num_processes, out, *overrides, module=module), cwd=ROOT, env={**CPU_ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(launch_cmd(num_processes, out, *overrides, module=module), cwd=ROOT,
+                          env={**CPU_ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     if not expect_ok:
         return proc
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

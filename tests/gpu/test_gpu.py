@@ -97,8 +97,8 @@ def test_liger_fused_loss_equals_logits_loss(tokenizer):
 def test_plan_memory_estimate_tracks_max_memory_allocated(tmp_path):
     """distsft.plan's per-GPU estimate against torch.cuda.max_memory_allocated of the same config: a
     Llama-3.2-1B shape, full fine-tune in bf16, 2 x 1024-token rows (the trainer's own run, 3 steps)."""
-    from distsft.model.kernels import resolve_kernels
     from distsft.memory import memory_estimate
+    from distsft.model.kernels import resolve_kernels
     from distsft.plan import model_shape
     from tests.conftest import ROOT
 
@@ -161,8 +161,9 @@ def test_compiled_layers_match_eager_with_the_default_gpu_kernels(tmp_path):
 
 def test_checkpoint_offload_lowers_peak_memory_and_keeps_numerics():
     """model.offload_checkpoints on a GPU: 8 checkpointed layers, one 8192-token row, bf16 weights. The same loss
-    and gradients as plain checkpointing (the copies are exact; the attention backward may add in another order), and max_memory_allocated falls by about the
-    layer inputs it keeps in host memory (8 x 8192 x hidden x 2 bytes, less the two in flight)."""
+    and gradients as plain checkpointing (the copies are exact; the attention backward may add in another order), and
+    max_memory_allocated falls by about the layer inputs it keeps in host memory (8 x 8192 x hidden x 2 bytes, less the
+    two in flight)."""
     import copy
 
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -44,7 +44,8 @@ def test_long_context_harness_trains_each_saver_alike_and_starts_from_the_plans_
         sys.path.remove(str(ROOT / "bench"))
     rows = long_context.main(["--model", "tiny", "--device", "cpu", "--lengths", "128", "--savers", "0,3",
                               "--warmup", "0", "--steps", "1", "--out", str(tmp_path), "--timeout", "300"])
-    assert [r["saver"] for r in rows] == ["as configured", "+ checkpoint offload"] and not any("error" in r for r in rows)
+    assert ([r["saver"] for r in rows] == ["as configured", "+ checkpoint offload"]
+            and not any("error" in r for r in rows))
     plain, offload = rows
     assert abs(plain["first_loss"] - math.log(640)) < 0.1 and offload["first_loss"] == plain["first_loss"]
     assert plain["offloaded_gib_per_step"] == 0 and offload["offloaded_gib_per_step"] * 2**30 == 2 * 128 * 64 * 4

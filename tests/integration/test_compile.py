@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distsft.config import ConfigError
 from distsft.checks import check_combinations
+from distsft.config import ConfigError
 from tests.conftest import launch, run_tiny, typed_cfg
 
 STEPS = ["trainer.max_steps=6", "trainer.eval_every=0", "trainer.save_every=0", "logging.log_every=1",

@@ -63,7 +63,8 @@ def test_strategy_matches_one_process_and_resumes_exactly(strategy, reference, r
     assert first["status"] == "stopped" and first["steps"] == 3
     second = launch(2, root / "resumed", f"parallel={strategy}", *STEPS)
     assert second["status"] == "finished"
-    a, b = load_file(root / "full" / "final" / "model.safetensors"), load_file(root / "resumed" / "final" / "model.safetensors")
+    a = load_file(root / "full" / "final" / "model.safetensors")
+    b = load_file(root / "resumed" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), strategy
 
 

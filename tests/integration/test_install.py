@@ -26,7 +26,8 @@ def test_the_wheel_installs_and_its_console_script_trains_from_another_directory
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
                     "-q", str(wheel)], check=True, capture_output=True, timeout=600)
     # the dependencies come from the test environment (a plain path entry: its editable distsft stays out)
-    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c",
+                              "import sysconfig; print(sysconfig.get_path('purelib'))"],
                              check=True, capture_output=True, text=True).stdout.strip()
     (Path(purelib) / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     work = tmp_path / "elsewhere"

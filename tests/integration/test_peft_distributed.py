@@ -60,7 +60,8 @@ def test_lora_zero3_supervised_head_equals_full_logits(tmp_path):
     sub-modules gather collectively) gives the per-step losses and adapter weights of the full-logits path.
     Dropout 0: the head's LoRA dropout would draw other random numbers for fewer positions."""
     common = ["peft=lora", "parallel=zero3", "peft.target_modules=[q_proj,v_proj,lm_head]", "peft.dropout=0",
-              "trainer.max_steps=4", "trainer.eval_every=4", "trainer.save_every=0", "logging.log_every=1", "optim.lr=1e-2"]
+              "trainer.max_steps=4", "trainer.eval_every=4", "trainer.save_every=0", "logging.log_every=1",
+              "optim.lr=1e-2"]
     runs = {h: launch(2, tmp_path / h, *common, f"trainer.loss_head={h}", "trainer.loss_chunk=200")
             for h in ("supervised", "full")}
     a, b = ([x for _, x in runs[h]["train_loss_history"]] for h in ("supervised", "full"))

@@ -109,7 +109,8 @@ def test_bf16_pure_is_refused_where_it_does_not_apply():
     from distsft.config import ConfigError
 
     for extra in ("parallel=zero2", "peft=lora", "optim=adafactor"):
-        with pytest.raises(ConfigError, match="trainer.precision=bf16_pure .* is for full fine-tuning with optim=adamw"):
+        with pytest.raises(ConfigError,
+                           match="trainer.precision=bf16_pure .* is for full fine-tuning with optim=adamw"):
             typed_cfg("trainer.precision=bf16_pure", extra)
 
 

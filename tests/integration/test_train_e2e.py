@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_tiny, typed_cfg
 
-SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-           "train/supervised_tokens_per_s", "train/step_time", "train/data_time", "eval/loss", "train/supervised_tokens",
-           "train/packing_efficiency", "train/peak_memory_gb", "train/skipped_steps", "eval/gap"}
+SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/supervised_tokens_per_s",
+           "train/step_time", "train/data_time", "eval/loss", "train/supervised_tokens", "train/packing_efficiency",
+           "train/peak_memory_gb", "train/skipped_steps", "eval/gap"}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def default_run(tmp_path_factory):
 
 def test_run_dir_layout(default_run):
     out, res = default_run
-    for name in ("config.yaml", "summary.json", "train.log", "curves.png", "final/model.safetensors", "final/config.json",
-                 "final/tokenizer.json", "final/generation_config.json"):
+    for name in ("config.yaml", "summary.json", "train.log", "curves.png", "final/model.safetensors",
+                 "final/config.json", "final/tokenizer.json", "final/generation_config.json"):
         assert (out / name).exists(), name
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts and all((out / "checkpoints" / c / "COMPLETE").exists() for c in ckpts)
@@ -182,6 +182,7 @@ def test_generate_answers_and_scores_per_split(default_run, tmp_path):
     from distsft.generate import answer
 
     assert report["answers"][0]["answer"] == answer(model, tok, "What is 3 plus 4?", 16)
-    assert score([{"prompt": "p", "expected": "7"}, {"prompt": "q", "expected": "x", "split": "s"}], ["7", "a x b"]) == {
+    prompts = [{"prompt": "p", "expected": "7"}, {"prompt": "q", "expected": "x", "split": "s"}]
+    assert score(prompts, ["7", "a x b"]) == {
         "overall": {"n": 2, "exact_match": 0.5, "contains_match": 1.0},
         "s": {"n": 1, "exact_match": 0.0, "contains_match": 1.0}}

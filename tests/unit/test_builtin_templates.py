@@ -97,7 +97,8 @@ def test_a_different_template_is_told_apart(tokenizers):
         ("llama3", BUILTIN["llama3"].source.replace(" | trim", ""), "llama3.jinja", ["whitespace"]),
         ("gemma", BUILTIN["gemma"].source.replace("{{ '<bos>' }}", ""), "gemma3.jinja", ["single"]),
         ("qwen3", CHATML, "qwen3.jinja", ["reasoning"]),
-        ("qwen3", BUILTIN["qwen3"].source, "qwen3.jinja", []),  # the control of the control: no conversation, no difference
+        # the control of the control: no conversation, no difference
+        ("qwen3", BUILTIN["qwen3"].source, "qwen3.jinja", []),
     ]
     for name, template, filename, conversations in cases:
         found = differences(tokenizers[name], template, official(filename), conversations, {}, {})

@@ -68,7 +68,8 @@ def test_unknown_format_and_missing_file(tmp_path, tokenizer):
 def test_overlong_examples_are_dropped_and_counted(tmp_path, tokenizer):
     long = {"messages": [{"role": "user", "content": "apple " * 200}, {"role": "assistant", "content": "ok"}]}
     p = write(tmp_path, [GOOD, long, GOOD])
-    stats = prepare(DataConfig(train_files=[str(p)], val_fraction=0, max_seq_len=64, cache=False), tokenizer).train_stats
+    cfg = DataConfig(train_files=[str(p)], val_fraction=0, max_seq_len=64, cache=False)
+    stats = prepare(cfg, tokenizer).train_stats
     assert (stats.kept, stats.dropped_overlong) == (2, 1)
 
 
@@ -97,7 +98,8 @@ def test_invalid_utf8_is_named_by_file_and_line_and_can_be_skipped(tmp_path, tok
 def test_pretty_printed_jsonl_is_refused_with_the_fix(tmp_path, tokenizer):
     p = tmp_path / "d.jsonl"
     p.write_text("".join(json.dumps(GOOD, indent=2) + "\n" for _ in range(5)))
-    with pytest.raises(DataError, match=rf"{p}: 5 JSON objects on \d+ non-empty lines.*one JSON object per line.*jq -c"):
+    with pytest.raises(DataError,
+                       match=rf"{p}: 5 JSON objects on \d+ non-empty lines.*one JSON object per line.*jq -c"):
         prepare(DataConfig(train_files=[str(p)], val_fraction=0, cache=False, bad_rows="skip"), tokenizer)
 
 

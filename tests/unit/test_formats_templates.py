@@ -70,7 +70,8 @@ def test_loss_on_last_assistant(tmp_path, tokenizer):
 
 
 def test_bad_template_choices(tmp_path, tokenizer):
-    with pytest.raises(DataError, match="data.chat_template=nope.txt: expected null, chatml, llama3, .*qwen3, .* or an existing .jinja"):
+    with pytest.raises(DataError, match="data.chat_template=nope.txt: expected null, chatml, llama3, .*qwen3, .* "
+                                        "or an existing .jinja"):
         prep(tmp_path, tokenizer, [ROWS["messages"]], chat_template="nope.txt")
     j = tmp_path / "moves.jinja"  # renders the reply somewhere else than after the generation prompt
     j.write_text("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}<|im_end|>{% endif %}"

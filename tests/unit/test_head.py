@@ -17,8 +17,8 @@ from distsft.data.collate import model_inputs, supervised_positions
 from distsft.data.loader import StepLoader, pack
 from distsft.data.prepare import prepare
 from distsft.model import head
-from distsft.trainer.step import forward_loss_sum
 from distsft.trainer.loss import token_ce_sum
+from distsft.trainer.step import forward_loss_sum
 from tests.conftest import peak_allocated, typed_cfg
 
 

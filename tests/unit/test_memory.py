@@ -125,7 +125,8 @@ def test_checkpoint_offload_row_lengthens_rows_and_respects_the_host_budget():
     assert saved == 30 * cfg.data.max_seq_len * 4096 * 2  # all but two layer inputs leave the GPU
     bounded = {o["option"]: o for o in longest_sequences(cfg, frozen, 1, False, 141 * GIB, 989e12, 64 * GIB)}
     b = bounded["+ checkpoint offload"]
-    assert 0 < b["max_seq_len"] < offload["max_seq_len"]  # host-bound (here below the tiled row: offload is all or none)
+    # host-bound (here below the tiled row: offload is all or none)
+    assert 0 < b["max_seq_len"] < offload["max_seq_len"]
     assert b["host_memory"] <= HEADROOM * 64 * GIB < 32 * (b["max_seq_len"] + 256) * 4096 * 2
 
 

@@ -100,10 +100,10 @@ def test_negative_control_the_term_reaches_the_routers(data):
 def test_a_saved_moe_model_trains_end_to_end_with_the_router_term(tmp_path):
     """Through the real path (from_pretrained, supervised-position head, router logits): it trains, and the
     logged loss at the first step holds the router term (the same run with coefficient 0 logs less)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from distsft.model.load import load_tokenizer
     from tests.conftest import run_tiny
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logged, scalars = {}, {}
     for coef in (COEF, 0.0):

@@ -93,7 +93,8 @@ def test_packed_equals_alone_with_negative_controls(docs, attn):
         t = 0
         for i in row:
             x, y = store.example(i)
-            alone = per_token_ce(model(input_ids=torch.from_numpy(x)[None], use_cache=False).logits, torch.from_numpy(y)[None])
+            alone_logits = model(input_ids=torch.from_numpy(x)[None], use_cache=False).logits
+            alone = per_token_ce(alone_logits, torch.from_numpy(y)[None])
             n = len(x)
             torch.testing.assert_close(packed[b, t:t + n - 1], alone[0], rtol=1e-5, atol=1e-5)
             t += n

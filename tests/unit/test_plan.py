@@ -32,7 +32,8 @@ def test_plan_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distsft.plan", "parallel=zero2", "plan.world_size=2",
                            f"plan.lr_plot={png}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "world_size 2 = global_batch_size 8" in proc.stdout and "memory per GPU on CUDA (estimate, kernels=" in proc.stdout
+    assert ("world_size 2 = global_batch_size 8" in proc.stdout
+            and "memory per GPU on CUDA (estimate, kernels=" in proc.stdout)
     assert f"LR curve: {png}" in proc.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "activation checkpointing (memory, extra compute): off" in proc.stdout
 
@@ -53,7 +54,7 @@ def test_plan_counts_the_active_parameters_of_an_moe(tiny_moe_dir, peft):
     """FLOPs per token (train/mfu's count) use the parameters a token passes through: for an MoE the non-expert
     weights and top_k/num_experts of the experts; the plan prints both counts (a dense model: one)."""
     from distsft.plan import render
-    from tests.unit.test_moe_experts import V, H, hand_count
+    from tests.unit.test_moe_experts import H, V, hand_count
 
     overrides = [f"model.name_or_path={tiny_moe_dir}", "model.init=config"]
     p = make_plan(typed_cfg(*overrides, *([f"peft={peft}", "peft.dropout=0"] if peft != "none" else [])), 1)

@@ -30,8 +30,8 @@ def test_preview_cli_reports_bad_config_cleanly(tmp_path):
 
 
 def test_prepare_builds_the_cache_ahead_and_later_runs_map_it(tmp_path):
-    from distsft.preview import preview
     from distsft.prepare import prepare_main
+    from distsft.preview import preview
 
     overrides = (f"data.cache_dir={tmp_path / 'cache'}", "data.shard_size=300", "data.num_proc=2")
     buf = io.StringIO()
@@ -71,7 +71,8 @@ def test_preview_marks_what_each_multiturn_rule_supervises(tmp_path, tokenizer):
         out = buf.getvalue()
         assert f"multiturn={rule}" in out
         marked[rule] = [re.findall(r"\[\[(.*?)\]\]", ex, flags=re.S) for ex in out.split("--- example")[1:]]
-    assert marked["final"] == [["2 plus 2 is 4.<|im_end|>", "<think>\nReverse the letters.\n</think>\n\nelppa<|im_end|>"]]
+    assert marked["final"] == [["2 plus 2 is 4.<|im_end|>",
+                                "<think>\nReverse the letters.\n</think>\n\nelppa<|im_end|>"]]
     assert marked["per_turn"] == [["<think>\nAdd them.\n</think>\n\n2 plus 2 is 4.<|im_end|>"],
                                   ["<think>\nReverse the letters.\n</think>\n\nelppa<|im_end|>"]]
 

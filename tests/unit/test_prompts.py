@@ -25,7 +25,8 @@ def write(path: Path, lines: list) -> str:
 
 def test_prompts_come_from_the_eval_files_first_then_the_training_files(tmp_path):
     train = write(tmp_path / "train.jsonl", [chat(f"train {i}") for i in range(5)])
-    val = write(tmp_path / "val.jsonl", [{"instruction": "val 0", "output": "x"}, {"instruction": "val 1", "output": "y"}])
+    val = write(tmp_path / "val.jsonl", [{"instruction": "val 0", "output": "x"},
+                                         {"instruction": "val 1", "output": "y"}])
     assert data_prompts(DataConfig(train_files=[train], val_files=[val]), 3) == [
         ("val 0", f"{val} row 1"), ("val 1", f"{val} row 2"), ("train 0", f"{train} row 1")]
     assert [p for p, _ in data_prompts(DataConfig(train_files=[train]), 2)] == ["train 0", "train 1"]
@@ -34,7 +35,8 @@ def test_prompts_come_from_the_eval_files_first_then_the_training_files(tmp_path
 def test_rows_without_a_short_first_user_turn_are_passed_over(tmp_path):
     train = write(tmp_path / "train.jsonl", ["{not json", "", chat("x" * (LONGEST + 1)), {"messages": "?"},
                                              chat("  Is this one short?  ", system="Be brief.")])
-    assert data_prompts(DataConfig(train_files=[train]), 3) == [("Is this one short?", f"{train} row 5")]  # line 5 of the file
+    # line 5 of the file
+    assert data_prompts(DataConfig(train_files=[train]), 3) == [("Is this one short?", f"{train} row 5")]
 
 
 def test_other_files_go_through_the_data_loader(tmp_path):

@@ -18,7 +18,8 @@ PLAN = BatchPlan(4, 2, 2, 16)
 def test_deepspeed_config_is_filled_from_hydra():
     cfg = typed_cfg("parallel=zero3_offload", "trainer.max_grad_norm=0.5", "trainer.precision=bf16")
     ds = deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=True)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 16)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (4, 2, 16)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
@@ -75,7 +76,8 @@ def test_user_deepspeed_json_auto_fields_merge_and_owned_fields_conflict(tmp_pat
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gradient_accumulation_steps": 8}))
     cfg = typed_cfg("parallel=zero2", f"parallel.deepspeed_config={bad}")
-    with pytest.raises(ConfigError, match=r"bad.json sets gradient_accumulation_steps=8, but trainer.grad_accum owns it"):
+    with pytest.raises(ConfigError,
+                       match=r"bad.json sets gradient_accumulation_steps=8, but trainer.grad_accum owns it"):
         deepspeed_config(cfg.parallel, cfg.trainer, PLAN, cuda=False)
 
 

@@ -95,8 +95,9 @@ def conversations():
 
     odd = [  # spaces at the boundaries, non-ASCII (multi-byte: several tokens share a character's offsets), empty
         [{"role": "user", "content": "  ünïcödé ✓ 漢字 🙂 "}, {"role": "assistant", "content": " 🙂🙂 ñ  "}],
-        [{"role": "system", "content": ""}, {"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\ny\n"},
-         {"role": "user", "content": "z"}, {"role": "assistant", "content": "   w"}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": "x"},
+         {"role": "assistant", "content": "\n\ny\n"}, {"role": "user", "content": "z"},
+         {"role": "assistant", "content": "   w"}],
         [{"role": "user", "content": "🙂"}, {"role": "assistant", "content": "🙂漢"}, {"role": "user", "content": "é"},
          {"role": "assistant", "content": "ok 🙂"}],
         [{"role": "assistant", "content": "first turn is the assistant's"}, {"role": "user", "content": "ok"},

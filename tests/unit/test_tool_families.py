@@ -129,7 +129,8 @@ def test_negative_control_supervising_tool_results_fails_the_check(toks):
 
 @pytest.mark.parametrize("template,why", [
     ("mistral_v7.jinja", (r"cannot render this tool-calling conversation \(TemplateError: Only user, system and "
-                          r"assistant roles are supported!\): leave such rows out, or use a template that renders them$")),
+                          r"assistant roles are supported!\): leave such rows out, "
+                          r"or use a template that renders them$")),
     ("chatml", (r"cannot render tools: the row's tool 'get_weather' is nowhere in its rendering; use a template that "
                 r"renders them \(the model family's own: data.chat_template=null, or its .jinja file\)$")),
 ])
@@ -196,6 +197,7 @@ def test_tool_rows_are_counted_and_a_bad_one_is_skipped_with_its_field(tmp_path,
     template = str(TEMPLATES / "qwen2.5.jinja")
     data = prep(tok, path, chat_template=template, bad_rows="skip")
     assert (data.train_stats.tool_rows, data.train_stats.reasoning_turns, data.train_stats.kept) == (2, 1, 2)
-    assert data.skipped.rows[0]["message"] == f"{path} row 3: field 'messages[1].tool_calls[0].function.name' is missing"
+    assert (data.skipped.rows[0]["message"]
+            == f"{path} row 3: field 'messages[1].tool_calls[0].function.name' is missing")
     with pytest.raises(DataError, match=r"row 3: field 'messages\[1\].tool_calls\[0\].function.name' is missing"):
         prep(tok, path, chat_template=template)

@@ -45,7 +45,8 @@ def test_every_spelling_is_the_same_stored_conversation():
     call, result = want["messages"][1], want["messages"][2]
     assert call["content"] == "" and json.loads(call["tool_calls"]) == [
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
-    assert (result["role"], result["name"], result["tool_call_id"]) == ("tool", "get_weather", None)  # name from its call
+    # name from its call
+    assert (result["role"], result["name"], result["tool_call_id"]) == ("tool", "get_weather", None)
     assert json.loads(want["tools"]) == [{"type": "function", "function": WEATHER}]
     plain = stored({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "messages")
     assert plain["tools"] is None and set(plain["messages"][0]) == set(call)  # one schema for every row
@@ -69,7 +70,8 @@ def test_parallel_calls_reasoning_spellings_and_ids():
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "a", "type": "function", "function": {"name": "f", "parameters": {"x": 1}}},
             {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "b", "content": {"ok": True}}, {"role": "tool", "tool_call_id": "a", "content": "1"},
+        {"role": "tool", "tool_call_id": "b", "content": {"ok": True}},
+        {"role": "tool", "tool_call_id": "a", "content": "1"},
         {"role": "assistant", "content": "done"}]}
     msgs = stored(by_id, "messages")["messages"]
     assert [(m["name"], m["tool_call_id"], m["content"]) for m in msgs[2:4]] == [("g", "b", '{"ok": true}'),
