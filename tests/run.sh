@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 bash slurm/local_cluster.sh || true  # a local 2-node SLURM cluster when root (else the SLURM tests skip)
+.venv/bin/ruff check distsft tests bench  # lint first: pyflakes, import order, 120 columns (pyproject.toml)
 exec .venv/bin/python -m pytest "$@"

@@ -1,4 +1,4 @@
-"""Data stage 4 (pack): group whole examples into rows of at most ``max_seq_len`` tokens.
+"""Data (pack): group whole examples into rows of at most ``max_seq_len`` tokens.
 
 Best-fit decreasing: examples are taken longest first and each goes into the open row whose
 free space is the smallest that still fits it (a new row when none fits). Ties between
@@ -86,8 +86,3 @@ def best_fit_decreasing(lengths: np.ndarray, max_seq_len: int, seed: int) -> Row
 def epoch_order(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which epoch ``epoch`` visits the rows (a permutation of row ids)."""
     return np.random.default_rng(seed + epoch).permutation(n_rows)
-
-
-def epoch_rows(rows: Rows, seed: int, epoch: int) -> list[np.ndarray]:
-    """The rows in the order epoch ``epoch`` visits them."""
-    return rows[epoch_order(len(rows), seed, epoch)]

@@ -1,4 +1,4 @@
-"""Data stage 3 (tokenize + mask): render chat messages with a template, tokenize, label.
+"""Data (tokenize + mask): render chat messages with a template, tokenize, label.
 
 The supervised spans are derived from the rendered text, not from ``{% generation %}``
 markers (most model templates lack them). For assistant turn *i*::
@@ -204,12 +204,6 @@ def _render_error(tokenizer, conversations, tools, template, template_name, wher
                          reason="template")
 
 
-def assistant_spans(tokenizer, messages: list[dict], template: str | None,
-                    template_name: str = "the chat template") -> tuple[str, list[tuple[int, int]]]:
-    """Full rendered text and the character spans of every assistant reply (+ end-of-turn)."""
-    return render_with_spans(tokenizer, [messages], template, template_name)[0]
-
-
 def overlaps(starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     """[n] bool: token [starts[t], ends[t]) overlaps one of ``spans`` (sorted, non-overlapping, as
     append-only rendering makes them). The first span ending after the token's start is the only one
@@ -277,12 +271,3 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], loss_on: st
             sup[:] = True
         sup[:1] = False  # nothing in the document predicts its first token
     return out
-
-
-def tokenize_messages(tokenizer, messages: list[dict], loss_on: str, template: str | None = None,
-                      template_name: str = "the chat template", tools: list | None = None,
-                      reasoning: bool = True) -> dict[str, Any]:
-    """-> {"input_ids": [...], "labels": [...]} for one conversation (with its ``tools``)."""
-    ids, sup = encode_conversations(tokenizer, [messages], loss_on, template, template_name, None,
-                                    None if tools is None else [tools], reasoning)[0]
-    return {"input_ids": ids.tolist(), "labels": np.where(sup, ids, IGNORE).tolist()}

@@ -1,4 +1,4 @@
-"""Trainer stage 4: the loss contract.
+"""Trainer: the loss contract.
 
 The loss of an optimizer step is the sum of token cross-entropies over every supervised token
 of every micro-batch on every rank, divided by the number of those tokens (N). Each micro-batch
@@ -25,9 +25,3 @@ def target_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     position t; a sequence-parallel slice's, see data.collate.sequence_shard)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
-
-
-def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] token losses (0 where unsupervised); for tests and diagnostics."""
-    logits = logits[:, :-1, :].float()
-    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")

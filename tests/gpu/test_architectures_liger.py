@@ -11,7 +11,7 @@ import torch
 
 from distsft.data.collate import TokenStore, collate_packed
 from distsft.data.packing import best_fit_decreasing
-from distsft.data.tokenize import tokenize_messages
+from tests.helpers import tokenize_messages
 from tests.unit.test_architectures import ARCHS, save_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -8,9 +8,8 @@ import torch
 
 from distsft.data.collate import TokenStore, collate_packed, model_inputs
 from distsft.data.packing import best_fit_decreasing
-from distsft.data.tokenize import tokenize_messages
-from distsft.trainer.loss import per_token_ce
 from tests.conftest import run_tiny, typed_cfg
+from tests.helpers import per_token_ce, tokenize_messages
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -23,8 +23,7 @@ import torch
 
 from distsft.data.collate import TokenStore, collate_packed, model_inputs
 from distsft.data.packing import best_fit_decreasing
-from distsft.data.tokenize import tokenize_messages
-from distsft.trainer.loss import per_token_ce
+from tests.helpers import per_token_ce, tokenize_messages
 
 COMMON = dict(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,

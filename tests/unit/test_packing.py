@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from distsft.data.collate import TokenStore, collate_packed, model_inputs
-from distsft.data.packing import best_fit_decreasing, epoch_rows
-from distsft.data.tokenize import IGNORE, tokenize_messages
-from distsft.trainer.loss import per_token_ce
+from distsft.data.packing import best_fit_decreasing
+from distsft.data.tokenize import IGNORE
+from tests.helpers import epoch_rows, per_token_ce, tokenize_messages
 
 
 def test_bfd_invariants_and_determinism():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distsft.data.tokenize import IGNORE, TemplateError, tokenize_messages
+from distsft.data.tokenize import IGNORE, TemplateError
+from tests.helpers import tokenize_messages
 
 CONV = [
     {"role": "system", "content": "Answer briefly."},
