@@ -56,7 +56,7 @@ def overrides(a, length: int, saver_index: int) -> list[str]:
 
 
 def build(a, cfg):
-    """The model on the device, through distsft's stages (the order of distsft.run.build_model)."""
+    """The model on the device, through distsft's stages (the order of distsft.model.build)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distsft.model.attention import resolve_attention

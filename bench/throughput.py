@@ -123,7 +123,7 @@ def build_model(a, attn: str, kernels: str = "torch", distsft: bool = False):
                            # the peers get distsft's PEFT setting under autocast (no fp32 copy of adapter inputs)
                            # unless --peers-peft-default asks for PEFT's own (the row is then labelled)
                            bf16_autocast=cuda and (distsft or not a.peers_peft_default))
-    if distsft and a.fp8:  # after the adapters (they mark the frozen base), before compile, as run.build_model
+    if distsft and a.fp8:  # after the adapters (they mark the frozen base), before compile, as model.build
         from distsft.model.fp8 import apply_fp8
 
         apply_fp8(model)

@@ -1,6 +1,6 @@
 """Configuration stage, part 2: a composed config becomes the typed tree (``to_object``), checked by the
 rules a schema cannot express: unknown keys, allowed values, bounds, paths, and the combinations that do
-not work (each refused with the alternative; the README lists the matrix)."""
+not work (each refused with the alternative; docs/peft.md and docs/parallel.md list the matrix)."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def validate(cfg: Config) -> None:
 
 
 def check_sequence_parallel(cfg: Config) -> None:
-    """parallel.sp_size > 1: what Ulysses sequence parallelism runs with (the README's table)."""
+    """parallel.sp_size > 1: what Ulysses sequence parallelism runs with (docs/parallel.md's list)."""
     par, sp = cfg.parallel, cfg.parallel.sp_size
     if sp == 1:
         return
@@ -219,7 +219,7 @@ def check_hybrid(cfg: Config) -> None:
 
 
 def check_combinations(cfg: Config) -> None:
-    """Combinations that do not work, refused with the alternative (the README lists the matrix)."""
+    """Combinations that do not work, refused with the alternative (docs/peft.md lists the matrix)."""
     pe, par, opt = cfg.peft, cfg.parallel, cfg.optim
     ds = par.strategy == "deepspeed"
     if pe.quantize != "none" and pe.method == "none":
@@ -270,6 +270,9 @@ def check_paths(cfg: Config) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out} exists and is not a directory; choose another output_dir")
+    if out.is_dir() and not os.access(out, os.W_OK):  # a read-only filesystem (root included) or permissions
+        raise ConfigError(f"output_dir={out} is not writable (a read-only filesystem, or its permissions); choose "
+                          "another output_dir")
     parent = next((p for p in out.absolute().parents if p.exists()), None)
     if not out.exists() and parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise ConfigError(f"output_dir={out} cannot be created: {parent} is not a writable directory")
@@ -281,46 +284,12 @@ def check_paths(cfg: Config) -> None:
 
 
 def check_model_paths(cfg: Config) -> None:
-    """A local model or tokenizer directory exists, with readable weights when they are loaded."""
-    from pathlib import Path
+    """The model's and tokenizer's sources, before anything loads: a local directory exists with a config.json
+    transformers knows, tokenizer files and (when loaded) readable weights; a hub id can be fetched or is cached
+    (``model.source``)."""
+    from .model.source import check_model_source
 
-    for key, value in (("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer)):
-        if value and _looks_local(value):
-            path = Path(value).expanduser()
-            if not path.is_dir():
-                raise ConfigError(f"{key}={value}: no such directory (a local model directory holds config.json, "
-                                  "weights and tokenizer files; a hub name has no leading ./, / or ~)")
-    if cfg.model.init == "pretrained" and _looks_local(cfg.model.name_or_path):
-        check_weights(Path(cfg.model.name_or_path).expanduser(), "model.name_or_path")
-
-
-def _looks_local(value: str) -> bool:
-    from pathlib import Path
-
-    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
-
-
-def check_weights(directory, key: str) -> None:
-    """The directory has weight files and each safetensors header reads (a 0-byte or truncated file would
-    otherwise fail deep inside from_pretrained without naming the file)."""
-    from safetensors import safe_open
-
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"{key}={directory}: no config.json (not a Hugging Face model directory)")
-    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
-    if not files:
-        raise ConfigError(f"{key}={directory}: no weights (*.safetensors or *.bin); for random weights from its "
-                          "config set model.init=config")
-    for f in files:
-        if f.stat().st_size == 0:
-            raise ConfigError(f"{key}: {f} is empty (0 bytes): re-download or re-save the model")
-        if f.suffix == ".safetensors":
-            try:
-                with safe_open(str(f), framework="pt") as st:
-                    st.keys()
-            except Exception as e:  # safetensors raises its own error type
-                raise ConfigError(f"{key}: {f} is not a readable safetensors file ({e}): re-download or re-save "
-                                  "the model") from None
+    check_model_source(cfg.model)
 
 
 def check_device_combinations(cfg: Config, cuda: bool, capability: tuple[int, int] | None = None) -> None:

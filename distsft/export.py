@@ -15,11 +15,12 @@ gathered here. Frozen weights (a PEFT base) have no master and are written as th
 weight, so gathering is collective: every rank calls ``export_final``.
 
 Generation stops at the template's end of turn: the exported tokenizer's eos (the end-of-turn token under a
-built-in template, run.use_template) joins the base's ``eos_token_id`` in ``generation_config.json`` (where
+built-in template, data.build.use_template) joins the base's ``eos_token_id`` in ``generation_config.json`` (where
 generate() and pipelines read it) and in ``config.json``, in every mode; an adapter directory gets its
 ``generation_config.json`` too (PEFT keeps the base's: load it with ``GenerationConfig.from_pretrained``).
 
-Everything is written to ``final.tmp`` and renamed to ``final`` only when complete.
+Everything is written to ``final.tmp`` and renamed to ``final`` only when complete; a write that fails (a full
+disk, whatever library raised it) removes ``final.tmp`` and ends the run in one line naming it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, m
 
     def write():  # the main process; a failure (a full disk) reaches every rank at once (main_decides)
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_into(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind, and its room comes back
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def write_into(tmp: Path) -> None:
         if peft:
             from peft import get_peft_model_state_dict
 
@@ -66,9 +76,8 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, resolved: dict, m
         OmegaConf.save(OmegaConf.create(resolved), tmp / "distsft_config.yaml")
         if provenance is not None:
             (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    main_decides(accelerator, write, f"exporting {final}")
+
+    main_decides(accelerator, write, f"exporting {final}", tmp)
     return final
 
 

@@ -45,15 +45,16 @@ register_configs()
 def model_shape(cfg: Config) -> ModelShape:
     """Parameter counts on the meta device: no weights are read or allocated."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from .model.load import load_config
     from .model.moe import active_parameters
     from .model.params import count_parameters
     from .model.peft import apply_peft
+    from .model.source import loading
 
-    mc = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                    trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
+    mc = load_config(cfg.model)
+    with torch.device("meta"), loading("model.name_or_path", cfg.model.name_or_path, "model"):
         model = AutoModelForCausalLM.from_config(mc, trust_remote_code=cfg.model.trust_remote_code)
     quantizable = sum(m.weight.numel() for n, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))

@@ -17,7 +17,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..config import DataConfig
-from .sources import hub_commit, hub_dataset
+from .errors import unreadable
+from .sources import hub_commit, hub_dataset, reachable_hub_dataset
 
 log = logging.getLogger("distsft.data.prepare")
 CACHE_VERSION = 4  # the format of an entry (3: the index records the rows per train file and the versions;
@@ -66,13 +67,17 @@ def cache_key(cfg: DataConfig, tokenizer, template: str) -> str:
              else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     for f in [*cfg.train_files, *cfg.val_files]:
         if (hub := hub_dataset(f)) is not None:
+            reachable_hub_dataset(f, hub[0])  # no network: fail now, not after a minute of retries
             h.update(_hub_key(f, *hub).encode())
             continue
         p = Path(f)
         files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.is_file() else []
         h.update(f.encode())
         for x in files:
-            _digest_file(x, h)
+            try:
+                _digest_file(x, h)
+            except OSError as e:  # an I/O error, a permission: named here, where the file is first read
+                raise unreadable(x, e) from e
     return h.hexdigest()[:24]
 
 

@@ -1,4 +1,4 @@
-"""Data stage 3 (tokenize + mask), what the template sees: a stored conversation (``toolcalls.py``) turned
+"""Data (tokenize + mask), what the template sees: a stored conversation (``toolcalls.py``) turned
 into the messages and tools a chat template reads, and the reasoning spans that
 ``data.train_on_reasoning=false`` takes out of the supervised turns.
 

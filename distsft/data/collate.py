@@ -1,4 +1,4 @@
-"""Data stage 5 (collate): turn rows of example ids into model-ready tensors.
+"""Data (collate): turn rows of example ids into model-ready tensors.
 
 Packed mode, micro-batch of 2 rows, examples A (3 tokens), B (2), C (4), P = pad::
 

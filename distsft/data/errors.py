@@ -1,4 +1,4 @@
-"""Data stage 0 (errors): what a bad row is called and how skipped rows are counted, shared by every data
+"""Data (errors): what a bad row is called and how skipped rows are counted, shared by every data
 stage (sources, formats, tokenize, prepare) without any of them importing another for it."""
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ class Skipped:
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(r["reason"] for r in self.rows))
+
+
+def unreadable(path, e: OSError) -> DataError:
+    """A DataError for a data file the system cannot read (an I/O error, a permission), in its words."""
+    where = f" at {e.filename}" if e.filename and str(e.filename) != str(path) else ""
+    return DataError(f"{path}: cannot be read ({e.strerror or e}{where}): check the file and its disk, or leave it "
+                     "out of data.train_files / data.val_files", reason="unreadable")
 
 
 def where(row: dict) -> str:

@@ -1,4 +1,4 @@
-"""Data stage 2 (format): normalise every supported row format to chat ``messages``.
+"""Data (format): normalise every supported row format to chat ``messages``.
 
     messages:               {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
                              "tools": [tool schema, ...] (optional)}

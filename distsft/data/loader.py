@@ -1,4 +1,4 @@
-"""Data stage 6 (load for training): tokenize splits, pack them, and serve each rank its micro-batches.
+"""Data (load for training): tokenize splits, pack them, and serve each rank its micro-batches.
 
 One optimizer step consumes ``global_batch_size`` rows of the epoch's row order. Inside
 step *s*, micro-batch *k* of rank *r* takes rows::

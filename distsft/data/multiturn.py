@@ -1,4 +1,4 @@
-"""Data stage 3 (tokenize + mask), multi-turn conversations under a template that is not append-only.
+"""Data (tokenize + mask), multi-turn conversations under a template that is not append-only.
 
 Some official templates render an earlier assistant turn differently once the conversation goes on:
 Qwen3 drops the ``<think>`` reasoning of every reply before the last user query, Phi-3 ends a

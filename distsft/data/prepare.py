@@ -15,7 +15,8 @@ Preparation streams: rows stay in Arrow files (memory-mapped by ``datasets``), a
 ``data.shard_size`` conversations is rendered, tokenized, masked and written by one worker process
 (``data.num_proc`` of them, forked), so peak memory is set by the shard, not by the data. An entry
 is built in a temporary directory and renamed into place when complete: a reader sees all of it or
-nothing, and one whose files do not match the sizes in its index is rebuilt, never trusted.
+nothing, and one whose files do not match the sizes in its index is rebuilt, never trusted. A write that fails
+(a full disk; ``writing``) removes the temporary directory and stops in one line naming the entry.
 
 On a cluster the first process of each node builds the entry, or reads it when it is already
 there (a shared filesystem); the other processes of the node wait for it (``wait_for``), at most
@@ -33,13 +34,15 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
+from ..failures import why_write_failed, write_failure
 from . import cachekey
 from .cachekey import cache_key, cache_root, token_versions
 from .chatview import reasoning_mode, written_warning
@@ -52,6 +55,7 @@ from .tokenize import encode_conversations
 
 log = logging.getLogger(__name__)
 ENCODE_BATCH = 64  # conversations rendered and encoded together inside a shard
+CACHE_HINT = "data.cache_dir, or DISTSFT_CACHE, chooses where the token cache lives; data.cache=false skips it"
 datasets.disable_progress_bars()  # one line of statistics per split is logged instead
 
 
@@ -305,13 +309,28 @@ def _failed_marker(path: Path) -> Path:
     return path.with_name(f"{path.name}.failed")
 
 
+@contextmanager
+def writing(path: Path, hint: str):
+    """A write of the tokenized data that fails (a full disk, a read-only or failing one, whatever library raised
+    it) becomes a DataError naming ``path``, the room left and what to do; bad data passes as it is."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, (DataError, ConfigError)) or not write_failure(e):
+            raise
+        raise DataError(f"writing the tokenized data into {path} failed: {why_write_failed(e, path)} ({hint})",
+                        reason="cache_write") from e
+
+
 def build_entry(cfg: DataConfig, tokenizer, template: str, template_name: str, path: Path) -> dict:
     """Build the entry at ``path`` atomically (temporary directory, then rename); -> its index."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _failed_marker(path).unlink(missing_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp", dir=path.parent))
+    with writing(path, CACHE_HINT):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _failed_marker(path).unlink(missing_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp", dir=path.parent))
     try:
-        index = _build(cfg, tokenizer, template, template_name, tmp)
+        with writing(path, CACHE_HINT):
+            index = _build(cfg, tokenizer, template, template_name, tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         try:  # the node's other processes stop with this message instead of waiting for their timeout
@@ -363,9 +382,11 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", b
                     "with the date written in (data.chat_template=<file>.jinja)", template_name)
     key = cache_key(cfg, tokenizer, template)
     if not cfg.cache:  # an entry of our own in a temporary directory, removed once mapped
-        tmp = Path(tempfile.mkdtemp(prefix="distsft-tokens-"))
+        with writing(Path(tempfile.gettempdir()), "data.cache=false writes it into the temporary directory, TMPDIR"):
+            tmp = Path(tempfile.mkdtemp(prefix="distsft-tokens-"))
         try:
-            prep = _open(tmp, _build(cfg, tokenizer, template, template_name, tmp), template, cache_hit=False)
+            with writing(tmp, "data.cache=false writes it into the temporary directory, TMPDIR"):
+                prep = _open(tmp, _build(cfg, tokenizer, template, template_name, tmp), template, cache_hit=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # mapped files stay readable until unmapped
     else:

@@ -1,4 +1,4 @@
-"""Data stage 1 (load): read local files (or hub datasets) with ``datasets``, normalise rows to chat
+"""Data (load): read local files (or hub datasets) with ``datasets``, normalise rows to chat
 messages, deal with bad rows, deduplicate, split off eval, and mix sources by weight.
 
 Every row keeps where it came from (``_source`` file, ``_row`` = line number for .jsonl, 1-based
@@ -30,7 +30,8 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
-from .errors import DataError, Skipped
+from ..failures import cause
+from .errors import DataError, Skipped, unreadable
 from .formats import detect, to_conversation
 from .toolcalls import STORED
 
@@ -118,42 +119,93 @@ def _bad_line(path: Path, n: int, e: ValueError) -> tuple[str, str]:
 
 
 def read_rows(path: str, policy: str, skipped: Skipped) -> datasets.Dataset | list[dict]:
-    """Raw rows of one file (a Dataset), or a list of dicts when only the slow path could read it."""
+    """Raw rows of one file (a Dataset), or a list of dicts when only the slow path could read it. Whatever
+    ``datasets`` or the system refuses (an I/O error, a file that does not parse, a hub dataset out of reach)
+    is a DataError naming the file."""
     p = Path(path)
-    if p.is_dir():
-        ds = datasets.load_from_disk(str(p))
-        ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-    elif p.suffix in BUILDERS:
-        if not p.is_file():
-            raise DataError(f"{path}: file not found (data.train_files / data.val_files)", reason="missing_file")
-        lines, utf8 = _jsonl_lines(p) if p.suffix == ".jsonl" else ([], True)
-        if not utf8:
-            return _read_jsonl_by_hand(p, policy, skipped)  # names the file and line of each bad one
-        try:
-            ds = datasets.load_dataset(BUILDERS[p.suffix], data_files=str(p), split="train")
-        except Exception as e:  # Arrow names neither line nor field; find them ourselves
-            if p.suffix != ".jsonl":
-                raise DataError(f"{path}: could not be read as {p.suffix} ({type(e).__name__}: {e})") from e
-            return _read_jsonl_by_hand(p, policy, skipped)
-        if p.suffix == ".jsonl":
-            if len(ds) != len(lines):
-                raise DataError(f"{path}: {len(ds)} JSON objects on {len(lines)} non-empty lines, but a .jsonl file "
-                                "holds one JSON object per line (this one looks pretty-printed over several lines); "
-                                f"rewrite it one object per line, e.g. `jq -c . {path} > fixed.jsonl`",
-                                reason="multiline_json")
-            return ds.add_column("_source", [str(p)] * len(ds)).add_column("_row", lines)
-    elif (hub := hub_dataset(path)) is None:
-        raise DataError(f"{path}: not found or unsupported suffix (expected one of {', '.join(BUILDERS)}, "
-                        "a saved dataset directory, or a hub dataset name owner/name[@revision])",
-                        reason="missing_file")
-    else:  # a hub dataset; needs a network (or the datasets cache with HF_DATASETS_OFFLINE=1)
-        repo, revision = hub
-        try:
-            ds = datasets.load_dataset(repo, revision=hub_commit(repo, revision)[0] or revision, split="train")
-        except Exception as e:
-            raise DataError(f"{path}: not a local file or directory, and it could not be loaded as a hub dataset "
-                            f"({type(e).__name__}: {e})", reason="missing_file") from e
+    try:
+        if p.is_dir():
+            ds = _saved_dataset(p)
+        elif p.suffix in BUILDERS:
+            return _read_file(p, policy, skipped)
+        elif (hub := hub_dataset(path)) is None:
+            raise DataError(f"{path}: {'unsupported file type ' + repr(p.suffix) if p.exists() else 'not found'} "
+                            f"(data files are {', '.join(BUILDERS)}; or a directory saved with save_to_disk, or a hub "
+                            "dataset name owner/name[@revision])", reason="missing_file")
+        else:
+            ds = _hub_rows(path, *hub)
+    except OSError as e:  # an I/O error, a permission: the system's words and the file
+        raise unreadable(path, e) from e
     return ds.add_column("_source", [str(path)] * len(ds)).add_column("_row", list(range(1, len(ds) + 1)))
+
+
+def _saved_dataset(p: Path) -> datasets.Dataset:
+    """A directory written by ``save_to_disk`` (its train split, for a DatasetDict)."""
+    if not any((p / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        files = sorted(str(f) for f in p.iterdir() if f.suffix in BUILDERS)
+        raise DataError(f"{p}: a directory, but not a dataset saved with save_to_disk (no state.json or "
+                        f"dataset_dict.json); name data files in data.train_files ({', '.join(BUILDERS)})"
+                        + (f": it holds {len(files)}, e.g. {', '.join(files[:3])}" if files else ""),
+                        reason="missing_file")
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001  datasets and Arrow raise a zoo of types for a damaged directory
+        raise DataError(f"{p}: the saved dataset cannot be read ({cause(e)}): save it again with save_to_disk",
+                        reason="unreadable") from e
+    return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+
+
+def _read_file(p: Path, policy: str, skipped: Skipped) -> datasets.Dataset | list[dict]:
+    path = str(p)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found (data.train_files / data.val_files)", reason="missing_file")
+    lines, utf8 = _jsonl_lines(p) if p.suffix == ".jsonl" else ([], True)
+    if not utf8:
+        return _read_jsonl_by_hand(p, policy, skipped)  # names the file and line of each bad one
+    try:
+        ds = datasets.load_dataset(BUILDERS[p.suffix], data_files=path, split="train")
+    except Exception as e:  # Arrow names neither line nor field; find them ourselves
+        if p.suffix != ".jsonl":
+            raise DataError(f"{path}: could not be read as {p.suffix} ({cause(e)}): check that it is a valid "
+                            f"{p.suffix} file (or convert it to .jsonl, whose bad lines are named)",
+                            reason="unreadable") from e
+        return _read_jsonl_by_hand(p, policy, skipped)
+    if p.suffix == ".jsonl":
+        if len(ds) != len(lines):
+            raise DataError(f"{path}: {len(ds)} JSON objects on {len(lines)} non-empty lines, but a .jsonl file "
+                            "holds one JSON object per line (this one looks pretty-printed over several lines); "
+                            f"rewrite it one object per line, e.g. `jq -c . {path} > fixed.jsonl`",
+                            reason="multiline_json")
+        return ds.add_column("_source", [path] * len(ds)).add_column("_row", lines)
+    return ds.add_column("_source", [path] * len(ds)).add_column("_row", list(range(1, len(ds) + 1)))
+
+
+def reachable_hub_dataset(path: str, repo: str) -> None:
+    """Fail at once, not after a minute of retries, when ``path`` would be a hub dataset and there is no network
+    (with HF_HUB_OFFLINE=1, ``datasets`` reads its cache instead)."""
+    from ..hub import offline_by_choice, unreachable
+
+    why = unreachable("dataset")
+    if why and not offline_by_choice("dataset"):
+        raise DataError(f"{path}: no such local file or directory, and the Hub cannot be reached to load it as a hub "
+                        f"dataset ({why}): if it is a local path, correct it; a hub dataset already in the datasets "
+                        f"cache loads with HF_HUB_OFFLINE=1; else download it where there is a network (`hf download "
+                        f"{repo} --repo-type dataset --local-dir <dir>`) and name its files", reason="missing_file")
+
+
+def _hub_rows(path: str, repo: str, revision: str | None) -> datasets.Dataset:
+    """A hub dataset's train split; needs a network (or the datasets cache with HF_HUB_OFFLINE=1)."""
+    from ..hub import offline_by_choice
+
+    reachable_hub_dataset(path, repo)
+    try:
+        return datasets.load_dataset(repo, revision=hub_commit(repo, revision)[0] or revision, split="train")
+    except Exception as e:  # noqa: BLE001  no such dataset, offline and not cached, a gated one, a bad revision
+        offline = offline_by_choice("dataset")
+        raise DataError(f"{path}: not a local file or directory, and it could not be loaded as a hub dataset "
+                        f"({cause(e)}{f'; {offline}: only the local cache is read' if offline else ''}): check the "
+                        "name (and @revision), log in (`hf auth login`) for a gated one, or download it and name its "
+                        "files", reason="missing_file") from e
 
 
 def _features(raw) -> datasets.Features:

@@ -1,4 +1,4 @@
-"""Data stage 3b (store): tokenized examples as plain arrays on disk, memory-mapped by every rank.
+"""Data (store): tokenized examples as plain arrays on disk, memory-mapped by every rank.
 
 A split is a list of shards, each written once by the process that tokenized it::
 

@@ -1,4 +1,4 @@
-"""Data stage 2 (format), tool calls and reasoning: the extra fields of a tool-calling conversation, checked
+"""Data (format), tool calls and reasoning: the extra fields of a tool-calling conversation, checked
 and brought to one stored form whatever the row's spelling (``formats.py`` calls this for every turn).
 
 OpenAI / Hugging Face messages::

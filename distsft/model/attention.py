@@ -1,4 +1,4 @@
-"""Model stage 2 (attention): which kernel keeps packed documents apart, chosen and said out loud.
+"""Model pipeline (attention): which kernel keeps packed documents apart, chosen and said out loud.
 
 Packed rows are run with restarting ``position_ids``, no ``attention_mask`` and ``use_cache=False``.
 
@@ -43,7 +43,7 @@ def auto_attention(cuda: bool, packed: bool, half: bool) -> str:
 
 def configured_attention(cfg, cuda: bool) -> str:
     """model.attn_implementation of a training config, ``auto`` decided where packing and precision are known
-    (run.build_model on its device; distsft.plan as on CUDA)."""
+    (model.build on its device; distsft.plan as on CUDA)."""
     from .precision import half_compute
 
     impl = cfg.model.attn_implementation

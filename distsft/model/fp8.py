@@ -1,4 +1,4 @@
-"""Model stage 4b (fp8, after the adapters): the decoder's matmuls in FP8 (``model.fp8``), torchao float8 training.
+"""Model pipeline (fp8, after the adapters): the decoder's matmuls in FP8 (``model.fp8``), torchao float8 training.
 
 Trainable linear layers (full fine-tuning) become torchao's ``Float8Linear``: forward, input gradient and
 weight gradient in FP8 with dynamic tensor-wise scales, the fp32 master weights cast on the fly (torchao's

@@ -1,4 +1,4 @@
-"""Model stage 1c (head): the output head computes the loss of the supervised positions only, in chunks.
+"""Model pipeline (head): the output head computes the loss of the supervised positions only, in chunks.
 
 A step's loss needs the logits of the supervised positions alone: prompts (typically 30-60% of SFT
 tokens) and padding need no head matmul and no ``[tokens x vocab]`` logits. The trainer knows those

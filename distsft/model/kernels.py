@@ -1,4 +1,4 @@
-"""Model stage 1b (kernels): Liger's Triton kernels in place of transformers' layers, on request;
+"""Model pipeline (kernels): Liger's Triton kernels in place of transformers' layers, on request;
 and regional ``torch.compile`` of the decoder layers (``model.compile``).
 
 ``model.kernels=liger`` (or ``auto`` on CUDA with liger-kernel installed, outside ZeRO-3/FSDP)

@@ -1,9 +1,13 @@
-"""Model stage 1 (load): tokenizer and causal LM from a hub name or a local directory.
+"""Model pipeline (load): tokenizer and causal LM from a hub name or a local directory.
 
 ``model.init=config`` builds random weights from the directory's ``config.json`` (the embedded
 tiny model); ``pretrained`` loads weights with ``from_pretrained``. The KV cache is switched
 off for training: with a cache, transformers stops deriving block-diagonal masks from packed
 ``position_ids`` and documents silently attend to each other.
+
+Whatever transformers raises while loading is one line naming the key and the source (``source.loading``), and a
+hub id the Hub cannot be asked about (offline, no network) is read from the local cache at once instead of after
+a minute of retries (``source.hub_kwargs``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..config import ModelConfig
 from .attention import resolve_attention
+from .source import hub_kwargs, loading
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +35,10 @@ def located(name: str) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    tok = AutoTokenizer.from_pretrained(located(cfg.tokenizer or cfg.name_or_path), revision=cfg.revision,
-                                        trust_remote_code=cfg.trust_remote_code)
+    name = cfg.tokenizer or cfg.name_or_path
+    with loading("model.tokenizer" if cfg.tokenizer else "model.name_or_path", name, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(located(name), revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code, **hub_kwargs(name))
     if tok.pad_token_id is None:
         # Pads never carry loss or attention, so reusing eos is safe and saves resizing embeddings.
         tok.pad_token = tok.eos_token
@@ -45,18 +52,27 @@ def load_model(cfg: ModelConfig, seed: int, cuda: bool = False, quantization=Non
     common = dict(trust_remote_code=cfg.trust_remote_code,
                   attn_implementation=resolve_attention(cfg.attn_implementation, cuda))
     if cfg.init == "config":
-        config = AutoConfig.from_pretrained(located(cfg.name_or_path), revision=cfg.revision,
-                                            trust_remote_code=cfg.trust_remote_code)
+        config = load_config(cfg)
         torch.manual_seed(seed)  # same seed -> same random init on every rank and every run
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+        with loading("model.name_or_path", cfg.name_or_path, "model"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
         if quantization is not None:  # a random base is quantised the way from_pretrained would
             model = _quantise_random(model, quantization, dtype, device, common)
     else:
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-        model = AutoModelForCausalLM.from_pretrained(located(cfg.name_or_path), revision=cfg.revision,
-                                                     dtype=dtype, **common, **extra)
+        with loading("model.name_or_path", cfg.name_or_path, "model"):
+            model = AutoModelForCausalLM.from_pretrained(located(cfg.name_or_path), revision=cfg.revision,
+                                                         dtype=dtype, **common, **extra,
+                                                         **hub_kwargs(cfg.name_or_path))
     model.config.use_cache = False
     return model
+
+
+def load_config(cfg: ModelConfig):
+    """The model's configuration (config.json), from a local directory or a hub id."""
+    with loading("model.name_or_path", cfg.name_or_path, "model configuration"):
+        return AutoConfig.from_pretrained(located(cfg.name_or_path), revision=cfg.revision,
+                                          trust_remote_code=cfg.trust_remote_code, **hub_kwargs(cfg.name_or_path))
 
 
 def _quantise_random(model, quantization, dtype, device, common):

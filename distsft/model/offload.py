@@ -1,4 +1,4 @@
-"""Model stage 5b (checkpoint offload): what activation checkpointing keeps lives in host memory.
+"""Model pipeline (checkpoint offload): what activation checkpointing keeps lives in host memory.
 
 With gradient checkpointing a recomputed decoder layer keeps only its input for backward: one
 ``[B, T, h]`` tensor per layer, ``layers x T x h x a`` bytes, the largest term left once the MLP is

@@ -1,4 +1,4 @@
-"""Model stage 0 (parameters): the true shape of a parameter, whatever shards it.
+"""Model pipeline (parameters): the true shape of a parameter, whatever shards it.
 
 Under DeepSpeed ZeRO-3 a parameter is a ``(0,)`` placeholder between gathers: its real shape and
 size are ``ds_shape`` / ``ds_numel`` (and with weights loaded by ``from_pretrained`` it is a

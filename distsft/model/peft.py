@@ -1,4 +1,4 @@
-"""Model stages 3-5: quantise, adapt, checkpoint — model transformations in a fixed order.
+"""Model pipeline (peft): quantise, adapt, checkpoint — model transformations in a fixed order.
 
     load (quantised by bitsandbytes when peft.quantize is set)
       -> prepare_model_for_kbit_training (quantised only: norms in fp32, input grads on)

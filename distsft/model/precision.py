@@ -1,4 +1,4 @@
-"""Model stage 1a (precision): one precision contract under every strategy.
+"""Model pipeline (precision): one precision contract under every strategy.
 
     trainer.precision=fp32   fp32 compute, fp32 trainable weights and optimizer state
     trainer.precision=bf16   bf16 compute (autocast; DeepSpeed: its bf16 engine), gradients accumulated over

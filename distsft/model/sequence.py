@@ -1,4 +1,4 @@
-"""Model stage 2b (sequence parallelism): DeepSpeed's Ulysses attention in front of the model's own.
+"""Model pipeline (sequence parallelism): DeepSpeed's Ulysses attention in front of the model's own.
 
 With ``parallel.sp_size=S`` each rank of a group of S holds a contiguous slice of every packed row
 (data.collate.sequence_shard). Everything but attention is per token and runs on the slice. Around each

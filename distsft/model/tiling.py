@@ -1,4 +1,4 @@
-"""Model stage 3b (tiled MLP): the decoder MLPs run on chunks of the sequence, for long rows.
+"""Model pipeline (tiled MLP): the decoder MLPs run on chunks of the sequence, for long rows.
 
 A dense decoder MLP holds ``[tokens x intermediate]`` activations for backward (gate, up, their
 product: about 4 x intermediate values per token, against 7 x hidden for the rest of a Llama block),

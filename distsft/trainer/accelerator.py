@@ -1,4 +1,4 @@
-"""Trainer stage 1: the Accelerator for this machine and strategy, with a world-size guard.
+"""Trainer: the Accelerator for this machine and strategy, with a world-size guard.
 
 On a CPU-only machine Accelerate must be told to use gloo: otherwise it can report one process
 on every rank while the backend forms a bigger group underneath, and every rank believes it is

@@ -81,7 +81,13 @@ class Background:
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
         self.started = t0 = time.perf_counter()
-        acc.save_state(str(staged))  # every rank its own files, into memory
+        from .collective import every_rank_writes
+
+        try:  # every rank its own files, into memory
+            every_rank_writes(acc, lambda: acc.save_state(str(staged)), f"staging checkpoint {name}", staged)
+        except TrainingError:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
         log.info("checkpoint %s staged in host memory in %.2f s; writing it in the background", name,
                  time.perf_counter() - t0)
         return True

@@ -1,4 +1,4 @@
-"""Trainer stage 6: atomic checkpoints and exact resume.
+"""Trainer: atomic checkpoints and exact resume.
 
     output_dir/checkpoints/step_<N>/     model, optimizer, scheduler, RNG of every rank,
                                          trainer state (step, data position, guards, logged
@@ -9,11 +9,12 @@ CRC-32 of every file in a manifest (each rank checksums its share of the files),
 directory, renames it and only then writes ``COMPLETE`` (holding the manifest; itself written to a temp file,
 fsynced and renamed). A directory without ``COMPLETE`` (a crash mid-save, before or after the rename) is never
 resumed from and is removed by the next save or at the start of the next run. The main process's parts run
-under ``collective.main_decides``: a failure there (a full disk) stops every rank at once, in one line. On
-resume every file is checked against the manifest (the checksums shared among the ranks):
-``trainer.resume=auto`` skips a damaged checkpoint (truncated, emptied, altered, missing files), naming it
-and what is wrong, and resumes from the newest intact one; an explicit ``trainer.resume=<dir>`` that is
-damaged is refused.
+under ``collective.main_decides``: a failure there (a full disk) stops every rank at once, in one line, and so
+does a failed write of any rank's own files (``collective.every_rank_writes``, whatever library raised it); the
+failed save's directory is removed (``discard``), giving its room back. On resume every file is checked
+against the manifest (the checksums shared among the ranks): ``trainer.resume=auto`` skips a damaged checkpoint
+(truncated, emptied, altered, missing files), naming it and what is wrong, and resumes from the newest intact
+one; an explicit ``trainer.resume=<dir>`` that is damaged is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from omegaconf import OmegaConf
 
 from ..config import ConfigError
 from ..provenance import training_differences
+from .guards import TrainingError
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -207,10 +209,11 @@ def check_compatible(ckpt: Path, current: dict, data_fingerprint: str, force: bo
 def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: str | None = None,
          provenance: dict | None = None, background=None) -> Path:
     """checkpoints/step_<N> (or checkpoints/<name>, e.g. best, which is never pruned nor resumed from). The main
-    process's parts run under ``main_decides``: a failure there (a full disk) stops every rank at once. With
+    process's parts run under ``main_decides``, the ranks' own writes under ``every_rank_writes``: a failure there
+    (a full disk) stops every rank at once, and what the save wrote is removed. With
     ``background`` (trainer.async_save's ``async_save.Background``) a step checkpoint is written behind the loop;
     any save first waits for the one in flight."""
-    from .collective import main_decides
+    from .collective import every_rank_writes, main_decides
 
     name = name or f"step_{step}"
     final, tmp = root / name, root / f".{name}.tmp"
@@ -222,18 +225,30 @@ def save(accelerator, root: Path, step: int, resolved: dict, keep: int, name: st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
-    main_decides(accelerator, start, what)  # (its broadcast is the barrier before every rank writes)
-    if background is not None and name.startswith("step_") and background.stage(accelerator, tmp, name):
-        background.write(accelerator, tmp, final, {"step": step, "world_size": accelerator.num_processes},
-                         lambda: describe(tmp, resolved, provenance), keep)
-        return final
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    main_decides(accelerator, lambda: describe(tmp, resolved, provenance), what)
-    files = manifest(tmp, accelerator)  # every rank checksums its share of the files
-    main_decides(accelerator, lambda: commit(tmp, final, {"step": step, "world_size": accelerator.num_processes,
-                                                          "files": files}, keep), what)
+    try:
+        main_decides(accelerator, start, what, tmp)  # (its broadcast is the barrier before every rank writes)
+        if background is not None and name.startswith("step_") and background.stage(accelerator, tmp, name):
+            background.write(accelerator, tmp, final, {"step": step, "world_size": accelerator.num_processes},
+                             lambda: describe(tmp, resolved, provenance), keep)
+            return final
+        every_rank_writes(accelerator, lambda: accelerator.save_state(str(tmp)), what, tmp)
+        main_decides(accelerator, lambda: describe(tmp, resolved, provenance), what, tmp)
+        files = manifest(tmp, accelerator)  # every rank checksums its share of the files
+        main_decides(accelerator, lambda: commit(tmp, final, {"step": step, "world_size": accelerator.num_processes,
+                                                              "files": files}, keep), what, tmp)
+    except TrainingError:  # a full disk, a read-only or failing one: every rank stops in one line
+        if accelerator.is_main_process:
+            discard(tmp, final)
+        raise
     return final
+
+
+def discard(tmp: Path, final: Path) -> None:
+    """After a failed save, what it left: its temporary directory (the room it took back for the next run) and a
+    checkpoint renamed into place without its COMPLETE marker (which no run would trust anyway)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if final.is_dir() and not (final / MARKER).exists():
+        shutil.rmtree(final, ignore_errors=True)
 
 
 def describe(tmp: Path, resolved: dict, provenance: dict | None) -> None:

@@ -6,11 +6,16 @@ waiting in a collective for a main process that raised would otherwise wait for 
 every rank as one error:
 
     ConfigError (a bad config, a taken lock)   the same ConfigError on every rank
-    OSError (disk full, permission, I/O)       TrainingError naming what failed: one line, exit code 2
+    OSError (disk full, permission, I/O)       TrainingError naming what failed, the room left and what to do:
+      (or a library's error around one:        one line, exit code 2
+      safetensors, PyTorch's writer)
     anything else (a bug)                      the main process re-raises it (its traceback); the others stop
 
 ``cache_builder`` picks the process that builds the token cache: one for the job where every node sees the cache
 directory (a shared filesystem), else one per node.
+
+``every_rank_writes`` runs a write that every rank does (``save_state``: each rank its own files) and shares its
+outcome: a full disk on any rank stops every rank with the same line.
 
 ``share_files`` splits work over files (a checkpoint's CRCs) among the ranks and gathers the results, so
 verifying a checkpoint takes 1/N of the time it takes one process.
@@ -23,14 +28,16 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..config import ConfigError
+from ..failures import why_write_failed, write_failure
 from .guards import TrainingError
 
 T = TypeVar("T")
 
 
-def main_decides(acc, decide: Callable[[], T], what: str) -> T:
+def main_decides(acc, decide: Callable[[], T], what: str, where: Path | None = None) -> T:
     """``decide()`` on the main process; every rank returns its result or raises its failure (see the module
-    docstring). ``what`` names the work in the error ('saving checkpoint step_4')."""
+    docstring). ``what`` names the work in the error ('saving checkpoint step_4'); ``where``, the path it writes
+    (whose filesystem's free space a failed write reports; else the path the OS error names)."""
     from accelerate.utils import broadcast_object_list
 
     box: list = [("ok", None)]
@@ -40,11 +47,14 @@ def main_decides(acc, decide: Callable[[], T], what: str) -> T:
             box = [("ok", decide())]
         except ConfigError as e:
             box = [("config", str(e))]
-        except (OSError, TrainingError) as e:
+        except TrainingError as e:
             box = [("error", f"{what} failed on the main process: {e}")]
         except Exception as e:  # noqa: BLE001  a bug: the main process keeps its traceback, the others must not wait
-            failure = e
-            box = [("bug", f"{what} failed on the main process ({type(e).__name__}: {e}); see its traceback")]
+            if write_failure(e):  # the OS's error, or a library's around it (safetensors, PyTorch's writer)
+                box = [("error", f"{what} failed on the main process: {why_write_failed(e, where)}")]
+            else:
+                failure = e
+                box = [("bug", f"{what} failed on the main process ({type(e).__name__}: {e}); see its traceback")]
     if acc.num_processes > 1:
         broadcast_object_list(box)
     kind, value = box[0]
@@ -55,6 +65,27 @@ def main_decides(acc, decide: Callable[[], T], what: str) -> T:
     if failure is not None:
         raise failure
     raise TrainingError(value)
+
+
+def every_rank_writes(acc, write: Callable[[], None], what: str, where: Path) -> None:
+    """``write()`` on every rank (each its own files, e.g. ``save_state``); a failed write on any rank (a full disk)
+    raises the same one-line TrainingError on every rank, naming the first rank that failed. Collective: the
+    gather of the outcomes is also the barrier after the writes."""
+    from accelerate.utils import gather_object
+
+    failure = None
+    try:
+        write()
+    except (ConfigError, TrainingError):
+        raise
+    except Exception as e:
+        if not write_failure(e):
+            raise
+        failure = f"{what} failed on rank {acc.process_index}: {why_write_failed(e, where)}"
+    failures = gather_object([failure]) if acc.num_processes > 1 else [failure]
+    failed = next((f for f in failures if f), None)
+    if failed:
+        raise TrainingError(failed)
 
 
 def share_files(acc, files: list[Path], work: Callable[[Path], T]) -> list[T | BaseException]:

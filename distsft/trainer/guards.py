@@ -1,4 +1,4 @@
-"""Trainer stage 9: guards — non-finite steps, loss spikes, early stopping.
+"""Trainer: guards — non-finite steps, loss spikes, early stopping.
 
 Non-finite loss or gradient norm: the verdict is the gradient norm's, computed from gradients already
 reduced over ranks, so every rank sees the same verdict without another collective (a rank whose own loss

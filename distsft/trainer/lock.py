@@ -1,4 +1,4 @@
-"""Trainer stage 0: one trainer per output directory.
+"""Trainer: one trainer per output directory.
 
 The main process holds an advisory lock (``fcntl.flock``) on ``output_dir/.distsft.lock`` for the
 run's whole life; the file names the holder (host, PID, start time). A second run on the same

@@ -1,4 +1,4 @@
-"""Trainer stage 5b: the training loop (custom, on ``accelerate.Accelerator``) around ``step.train_step``.
+"""Trainer: the training loop (custom, on ``accelerate.Accelerator``) around ``step.train_step``.
 
     for each optimizer step:
         train_step (step.py): the loss contract, backward, clip, optimizer and scheduler step

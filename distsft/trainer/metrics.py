@@ -1,4 +1,4 @@
-"""Trainer stage 7: what the run says — scalars to every tracker of logging.trackers (TensorBoard here, MLflow
+"""Trainer: what the run says — scalars to every tracker of logging.trackers (TensorBoard here, MLflow
 and W&B through Accelerate: trackers.py), a progress bar, log lines (main process only).
 
 Scalars (x axis: optimizer step):

@@ -1,4 +1,4 @@
-"""Trainer stage 2: the optimizer. No weight decay on biases, norms and other 1-D weights.
+"""Trainer: the optimizer. No weight decay on biases, norms and other 1-D weights.
 
     adamw             torch.optim.AdamW, fused kernel (CUDA and CPU): it can also skip a non-finite
                       update on the device (``skip_flag``), so the step needs no host sync; under

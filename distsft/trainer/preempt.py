@@ -1,4 +1,4 @@
-"""Trainer stage 8: stopping on request (preemption) without losing work.
+"""Trainer: stopping on request (preemption) without losing work.
 
 A stop is requested by SIGUSR1 or SIGTERM on any process (SLURM's ``--signal``, a scheduler's
 termination notice) or by a file ``output_dir/STOP`` (what ``slurm/train.sbatch`` writes when its

@@ -1,4 +1,4 @@
-"""Trainer stage 10: sample generations — a few prompts answered every N steps, written to every tracker
+"""Trainer: sample generations — a few prompts answered every N steps, written to every tracker
 (TensorBoard as text; the main process writes; every rank generates, because under ZeRO-3 the forward
 passes gather parameters collectively). The prompts are logging.sample_prompts, or when that is empty the
 first user turns of the user's own data (data.prompts: eval files first, else training files)."""
@@ -68,3 +68,14 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
 
 def as_markdown(samples: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"**prompt:** {p}  \n**output:** {o}" for p, o in samples)
+
+
+def loop_logging(cfg):
+    """The logging settings the loop runs with: the sample prompts resolved (logging.sample_prompts, else from the
+    data), and no samples under sequence parallelism (generation would run a slice of a row as a whole row)."""
+    from dataclasses import replace
+
+    if cfg.parallel.sequence_parallel and cfg.logging.sample_every:
+        log.info("samples: off under sequence parallelism (logging.sample_every=%d ignored)", cfg.logging.sample_every)
+        return replace(cfg.logging, sample_every=0)
+    return with_sample_prompts(cfg.logging, cfg.data)

@@ -1,4 +1,4 @@
-"""Trainer stage 3: the learning-rate schedule (linear warmup, then cosine / linear / constant).
+"""Trainer: the learning-rate schedule (linear warmup, then cosine / linear / constant).
 
 With peak lr ``eta_max``, ``eta_min = min_lr_ratio * eta_max``, W warmup steps and T steps in all,
 at optimizer step t (the LR used by the (t+1)-th update):

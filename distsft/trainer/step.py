@@ -1,4 +1,4 @@
-"""Trainer stage 5a: one optimizer step under the loss contract (the step's math; the loop around it is
+"""Trainer: one optimizer step under the loss contract (the step's math; the loop around it is
 ``loop.py``).
 
     count supervised tokens (and rows) of all the step's micro-batches, all-reduce    -> N (R)

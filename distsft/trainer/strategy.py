@@ -1,4 +1,4 @@
-"""Trainer stage 1b: the parallel strategy, built from the Hydra config (its only owner).
+"""Trainer: the parallel strategy, built from the Hydra config (its only owner).
 
 The accelerate config in ``launch/`` describes hardware (processes, machines). Batch sizes,
 accumulation, clipping, precision and the ZeRO/FSDP settings belong to the Hydra config, which
@@ -200,7 +200,8 @@ def shard_group(parallel: ParallelConfig, world: int, local: int) -> int:
     shard in groups; the other strategies answer the world."""
     if not (parallel.strategy == "fsdp" or parallel.zero3):
         return world
-    size = parallel.dp_shard_size or (local if world > local and not parallel.sequence_parallel else world)
+    # by default one node's ranks when the run spans nodes (one rank per node: nothing to keep inside a node)
+    size = parallel.dp_shard_size or (local if world > local > 1 and not parallel.sequence_parallel else world)
     if world % size:
         raise ConfigError(f"parallel.dp_shard_size={size} does not divide the {world} processes: shard groups must "
                           f"tile the world (a divisor of {world}, e.g. the {local} processes of a node)")

@@ -1,4 +1,4 @@
-"""Trainer stage 7, its experiment trackers (``logging.trackers``): where the scalars, the resolved config and the
+"""Trainer, its experiment trackers (``logging.trackers``): where the scalars, the resolved config and the
 sample generations go besides the log lines. Main process only; ``metrics.Reporter`` drives them.
 
     tensorboard  output_dir/tensorboard, written by torch's SummaryWriter in metrics.Reporter: one events file

@@ -59,12 +59,12 @@ class Jobs:
         self.ids: list[str] = []
         self.logs: dict[str, Path] = {}
 
-    def submit(self, workdir: Path, *overrides: str, nodes: int | str = 2) -> str:
+    def submit(self, workdir: Path, *overrides: str, nodes: int | str = 2, per_node: int = 1) -> str:
         """sbatch slurm/train.sbatch from workdir (the job's log goes there too)."""
         workdir.mkdir(parents=True, exist_ok=True)
         # the job inherits this environment (sbatch --export=ALL): the test's Python and data cache
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-        env.update(DISTSFT_PYTHON=sys.executable, DISTSFT_ROOT=str(ROOT), DISTSFT_PROCS_PER_NODE="1")
+        env.update(DISTSFT_PYTHON=sys.executable, DISTSFT_ROOT=str(ROOT), DISTSFT_PROCS_PER_NODE=str(per_node))
         cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--job-name=distsft-test", f"--chdir={workdir}",
                f"--output={workdir}/%x-%j.out", str(SBATCH), "logging.progress_bar=false", "trainer.use_cuda=false",
                *overrides]
@@ -144,6 +144,21 @@ def test_two_nodes_one_process_each(tmp_path, jobs):
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
     assert "2 node(s)" in jobs.log(job) and "world size 2" in jobs.log(job)
+
+
+@pytest.mark.timeout(600)
+def test_two_nodes_shard_within_each_node(tmp_path, jobs):
+    """2 nodes x 2 processes under parallel=fsdp: by default each node's ranks shard the model and the nodes are
+    replicas (HSDP), so the parameter gathers stay inside a node; the run finishes and exports whole weights."""
+    job = jobs.submit(tmp_path, "parallel=fsdp", "trainer.max_steps=4", "trainer.save_every=0", "trainer.eval_every=0",
+                      "logging.sample_every=0", "trainer.micro_batch_size=2", per_node=2)
+    info = jobs.wait(job, timeout=420)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{jobs.tail(job)}"
+    out = tmp_path / "runs" / f"distsft-test-{job}"
+    assert "HSDP: sharded within groups of 2 ranks, 2 groups" in (out / "train.log").read_text()
+    summary = _summary(out)
+    assert summary["status"] == "finished" and summary["batch"]["world_size"] == 4
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.timeout(900)

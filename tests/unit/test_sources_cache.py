@@ -143,6 +143,7 @@ def fake_hub(monkeypatch):
     import datasets
 
     import distsft.data.sources as sources
+    import distsft.hub
 
     hub = {"commits": {None: "a" * 40}, "asked": [], "loaded": []}
 
@@ -163,6 +164,7 @@ def fake_hub(monkeypatch):
         return datasets.Dataset.from_list(GOOD[:12])
 
     monkeypatch.setattr(sources, "_ask_hub", ask)
+    monkeypatch.setattr(distsft.hub, "unreachable", lambda kind="model": None)  # this fake Hub always answers
     monkeypatch.setattr(datasets, "load_dataset", load)
     return hub
 
@@ -186,7 +188,7 @@ def test_a_hub_dataset_is_keyed_and_loaded_by_its_commit(tmp_path, tokenizer, fa
     with pytest.raises(DataError, match=r"owner/missing: not a local file or directory, and it could not be loaded as "
                                         r"a hub dataset \(FileNotFoundError: Dataset 'owner/missing' doesn't exist"):
         prepare(DataConfig(train_files=["owner/missing"], cache=False), tokenizer)
-    with pytest.raises(DataError, match=r"a/b/c: not found or unsupported suffix .*hub dataset name owner/name"):
+    with pytest.raises(DataError, match=r"a/b/c: not found \(data files are .*hub dataset name owner/name"):
         prepare(DataConfig(train_files=["a/b/c"], cache=False), tokenizer)
 
 

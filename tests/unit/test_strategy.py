@@ -175,7 +175,7 @@ def test_shard_groups_default_to_one_node_on_several_and_tile_the_world():
 
     fsdp, zero3 = ParallelConfig(strategy="fsdp"), ParallelConfig(strategy="deepspeed", zero_stage=3)
     assert shard_group(fsdp, 16, 8) == 8 and shard_group(zero3, 16, 8) == 8
-    assert shard_group(fsdp, 8, 8) == 8  # one node: flat
+    assert shard_group(fsdp, 8, 8) == 8 and shard_group(fsdp, 4, 1) == 4  # one node, or one rank a node: flat
     assert shard_group(ParallelConfig(strategy="fsdp", dp_shard_size=4), 16, 8) == 4
     assert shard_group(ParallelConfig(strategy="deepspeed", zero_stage=2), 16, 8) == 16
     assert shard_group(ParallelConfig(strategy="deepspeed", zero_stage=3, sp_size=2), 16, 8) == 16  # Ulysses: flat
