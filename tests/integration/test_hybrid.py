@@ -1,8 +1,9 @@
 """Hybrid sharding (parallel.dp_shard_size) with 4 CPU processes over gloo, 2 groups x 2: FSDP2's HSDP (sharded
 within a group, replicated across) and DeepSpeed ZeRO-3 with ZeRO++ hpZ (weights gathered within a group) give the
 per-step losses and final weights of one process (1e-5, fp32), through a stop and a resume, and export whole
-weights. The negative control does not average the HSDP replicas' gradients: the losses part from the reference.
-(Measured 2026-12-07: equal to 1e-7; the 4-process runs take about 20 s (HSDP) and 40 s (hpZ) each on 2 cores.)"""
+weights; the bytes their collectives move are the plan's (within 5%). The negative control does not average the
+HSDP replicas' gradients: the losses part from the reference. (Measured 2026-12-07: equal to 1e-7; the 4-process
+runs take about 20 s (HSDP) and 40 s (hpZ) each on 2 cores.)"""
 
 from __future__ import annotations
 
@@ -37,10 +38,16 @@ def test_hybrid_sharding_matches_one_process_through_a_resume(layout, says, refe
     first = launch(4, tmp_path, f"parallel={layout}", "parallel.dp_shard_size=2", *STEPS, "trainer.stop_after=3",
                    timeout=900)
     assert first["status"] == "stopped"
-    second = launch(4, tmp_path, f"parallel={layout}", "parallel.dp_shard_size=2", *STEPS, timeout=900)
+    # the resumed run (steps 4-6) is profiled in steps 5-6: its collectives' bytes are the plan's (comm_entry)
+    second = launch(4, tmp_path, f"parallel={layout}", "parallel.dp_shard_size=2", *STEPS, timeout=900,
+                    module="tests.integration.comm_entry", env={"DISTSFT_TEST_PROFILE": "2,3"})
     log = (tmp_path / "train.log").read_text()
     assert says in log and "resumed from" in log
     assert second["status"] == "finished" and _same_losses(second, ref), (second["train_loss_history"], ref)
+    from tests.integration.comm_entry import close_enough, measured, predicted
+
+    got, want = measured(tmp_path), predicted({"fsdp": "hsdp", "zero3": "zero3_hpz"}[layout], 4, shard=2, micro=2)
+    assert close_enough(got, want), (layout, got, want)
     final = load_file(tmp_path / "final" / "model.safetensors")  # whole weights, gathered from the shards
     assert final.keys() == weights.keys()
     for k in weights:
