@@ -117,12 +117,13 @@ def test_batch_arithmetic_indivisible_shows_numbers():
 def test_config_reference_in_the_docs_is_current():
     import re
 
-    from distsft.config import reference
+    from distsft.config_reference import reference
 
     page = (ROOT / "docs" / "config.md").read_text()
     m = re.search(r"<!-- config-reference:[^\n]*-->\n(.*?)\n<!-- /config-reference -->", page, flags=re.S)
     assert m, "docs/config.md lost its config-reference markers"
-    assert m.group(1) == reference(), "docs/config.md's config reference is stale: python -m distsft.config --docs"
+    assert m.group(1) == reference(), \
+        "docs/config.md's config reference is stale: python -m distsft.config_reference --docs"
 
 
 def test_speed_switches_may_change_at_a_resume_but_training_keys_may_not():
