@@ -30,7 +30,7 @@ def llama_shape(layers: int, hidden: int, intermediate: int, heads: int, kv_head
     matmuls = layers * (2 * hidden * (hidden + kv) + 3 * hidden * intermediate)
     params = matmuls + layers * 2 * hidden + hidden + 2 * vocab * hidden  # + norms, embedding and head
     return ModelShape(params, params, matmuls, layers, hidden, kv, intermediate, vocab,
-                      6.0 * (params - vocab * hidden), params, "llama", heads)
+                      6.0 * (params - vocab * hidden), params, "llama", heads, kv_heads)
 
 
 LLAMA31_8B = llama_shape(32, 4096, 14336, 32, 8, 128256)

@@ -83,6 +83,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("plan.intra_latency_us", lambda v: v is None or v >= 0, ">= 0 microseconds, or null (the preset's)"),
     ("plan.inter_latency_us", lambda v: v is None or v >= 0, ">= 0 microseconds, or null (the preset's)"),
     ("parallel.sp_size", lambda v: v >= 1, ">= 1 (1: no sequence parallelism)"),
+    ("parallel.tp_size", lambda v: v >= 1, ">= 1 (1: no tensor parallelism)"),
     ("model.tiled_mlp_shards", lambda v: v >= 0, ">= 0 (0: off)"),
 ]
 
@@ -169,6 +170,8 @@ def validate(cfg: Config) -> None:
     check_combinations(cfg)
     check_sequence_parallel(cfg)
     check_hybrid(cfg)
+    check_tensor_parallel(cfg)
+    check_quantized_comm(cfg)
     check_trackers(cfg.logging.trackers)  # known and installed
     check_cluster(cfg)  # plan.cluster names a preset, and its overrides agree with plan.world_size
     if cfg.model.attn_implementation == "varlen" and d.mode != "pack":
@@ -216,6 +219,34 @@ def check_hybrid(cfg: Config) -> None:
     if par.sequence_parallel:
         raise ConfigError(f"parallel.dp_shard_size={size} with parallel.sp_size={par.sp_size} is not supported yet "
                           "(hpZ's groups and Ulysses' groups are not composed): drop one of them")
+
+
+def check_tensor_parallel(cfg: Config) -> None:
+    """parallel.tp_size > 1: TP over FSDP2 (Accelerate's device mesh, transformers' tp_plan), full fine-tuning."""
+    par, tp = cfg.parallel, cfg.parallel.tp_size
+    if tp == 1:
+        return
+    if par.strategy != "fsdp":
+        raise ConfigError(f"parallel.tp_size={tp} runs tensor parallelism over FSDP2 (a data-parallel x "
+                          f"tensor-parallel device mesh): use parallel=fsdp with it (got parallel.strategy="
+                          f"{par.strategy}; DeepSpeed's AutoTP is not wired in)")
+    refused = {f"parallel.sp_size={par.sp_size}": par.sequence_parallel,
+               f"peft={cfg.peft.method}": cfg.peft.method != "none",
+               "model.kernels=liger": cfg.model.kernels == "liger", "model.fp8=true": cfg.model.fp8,
+               "model.tiled_mlp_shards": cfg.model.tiled_mlp_shards > 0}  # (compile: refused under fsdp already)
+    for what, on in refused.items():
+        if on:
+            raise ConfigError(f"{what} with parallel.tp_size={tp} is not supported yet: drop one of them "
+                              "(docs/parallel.md, 'Tensor parallelism', lists what TP runs with)")
+
+
+def check_quantized_comm(cfg: Config) -> None:
+    """parallel.quantized_comm: ZeRO++'s quantized collectives exist for ZeRO-3 on CUDA (checked at start-up)."""
+    par = cfg.parallel
+    if par.quantized_comm and not par.zero3:
+        raise ConfigError("parallel.quantized_comm quantizes ZeRO-3's weight gathers and gradient reduce-scatters "
+                          f"(ZeRO++ qwZ, qgZ): use parallel=zero3 with it (got parallel.strategy={par.strategy}"
+                          f"{f' zero_stage={par.zero_stage}' if par.strategy == 'deepspeed' else ''})")
 
 
 def check_combinations(cfg: Config) -> None:
@@ -297,6 +328,10 @@ def check_device_combinations(cfg: Config, cuda: bool, capability: tuple[int, in
     pe, par = cfg.peft, cfg.parallel
     from .model.precision import half_compute
 
+    if not cuda and par.quantized_comm:
+        raise ConfigError("parallel.quantized_comm runs ZeRO++'s CUDA quantization kernels (int8 weights, int4 "
+                          "gradients), which DeepSpeed has for GPUs only; on CPU drop it "
+                          "(parallel.quantized_comm=false)")
     if not cuda and par.strategy == "ddp" and cfg.trainer.grad_dtype == "bfloat16":
         raise ConfigError("trainer.grad_dtype=bfloat16 under parallel=ddp compresses the all-reduce with torch's "
                           "bf16 hook, which needs CUDA (NCCL); on CPU use trainer.grad_dtype=float32 (or ZeRO/FSDP)")

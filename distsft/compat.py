@@ -13,8 +13,12 @@ installed version is outside the checked ones (the patch may then be wrong or no
     model.kernels        liger-kernel   0.8          _apply_liger_kernel_to_instance        gpu/test_gpu.py
     model.fp8            torchao        0.17, 0.18   Float8Linear's forward replaced, the   unit/test_fp8.py
                                                      private inductor patch applied
-    trainer.fsdp_on_cpu  accelerate     1.16         PartialState made FSDP on CPU; HSDP's  integration/test_hybrid.py
-                                                     ParallelismConfig set afterwards
+    trainer.fsdp_on_cpu  accelerate     1.16         PartialState made FSDP on CPU          integration/test_hybrid.py
+    trainer.tp_mesh      accelerate     1.16         the device mesh set after init (size-  integration/
+                                                     1 dp_shard kept); ReplicateParallel,   test_tensor_parallel.py
+                                                     which _prepare_tp imports, supplied
+    model.tensor         transformers   5.25         the private _resolve_parallel_plans;   integration/
+                                                     model._tp_size set for Accelerate      test_tensor_parallel.py
     trainer.reshape      deepspeed      0.19         ZeRO-3 universal loader mended: its    integration/
                                                      shared `step`, group hyperparameters   test_deepspeed.py
 """
@@ -43,6 +47,8 @@ PATCHES = {
     "model.kernels": Patch("liger-kernel", ("0.8",), "Liger's private _apply_liger_kernel_to_instance"),
     "model.fp8": Patch("torchao", ("0.17", "0.18"), "Float8Linear's forward and torchao's private inductor patch"),
     "trainer.fsdp_on_cpu": Patch("accelerate", ("1.16",), "Accelerate's PartialState made FSDP on CPU processes"),
+    "trainer.tp_mesh": Patch("accelerate", ("1.16",), "the device mesh set after init; ReplicateParallel supplied"),
+    "model.tensor": Patch("transformers", ("5.25",), "the private _resolve_parallel_plans, and model._tp_size"),
     "trainer.reshape": Patch("deepspeed", ("0.19",), "DeepSpeed's ZeRO-3 universal loader, mended"),
 }
 _warned: set[str] = set()

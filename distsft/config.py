@@ -170,8 +170,12 @@ class ParallelConfig:
     cpu_backend: str = "gloo"
     #: Ulysses sequence parallelism (zero1|2|3): ranks that split each row (1: off).
     sp_size: int = 1
-    #: Hybrid sharding: shard within groups of this many ranks (HSDP, hpZ); null: a node.
+    #: Hybrid sharding: data-parallel ranks per shard group (HSDP, hpZ); null: a node's.
     dp_shard_size: Optional[int] = None
+    #: Tensor parallelism (parallel=fsdp): ranks that split every weight matrix (1: off).
+    tp_size: int = 1
+    #: ZeRO-3 on GPUs: int8 weight gathers and int4 gradient reduce-scatter (ZeRO++ qwZ + qgZ).
+    quantized_comm: bool = False
 
     @property
     def zero3(self) -> bool:
@@ -182,9 +186,13 @@ class ParallelConfig:
         return self.sp_size > 1
 
     @property
+    def tensor_parallel(self) -> bool:
+        return self.tp_size > 1
+
+    @property
     def shards_parameters(self) -> bool:
-        """ZeRO-3 or FSDP: no rank holds a whole weight (Liger's fused loss needs the head's)."""
-        return self.zero3 or self.strategy == "fsdp"
+        """ZeRO-3, FSDP or TP: no rank holds a whole weight (Liger's fused loss needs the head's)."""
+        return self.zero3 or self.strategy == "fsdp" or self.tensor_parallel
 
 
 @dataclass

@@ -3,9 +3,10 @@ its memory per GPU (``distsft.memory``), the bytes its collectives move over eac
 (``distsft.comm``), and its tokens/s per GPU; the layouts that fit are ranked and the best one's overrides printed.
 
 Layouts: ddp, zero1, zero2, zero3, zero3 + hpZ (a secondary copy of the weights within each node), fsdp, hsdp
-(sharded within a node, replicated across nodes), each with tensor parallelism (tp 1, 2, 4, 8 inside a node, for
-model types with a tensor-parallel plan; with ddp, zero1, zero2 and fsdp: DeepSpeed trains AutoTP with ZeRO-1/2
-only) and Ulysses sequence parallelism (sp 1, 2, 4, 8 inside a node, ZeRO only, without tp). Every layout keeps the
+(sharded within a node, replicated across nodes), fsdp and hsdp also with tensor parallelism (tp 2, 4, 8 inside a
+node, for model types with a tensor-parallel plan whose heads it divides: the trainer runs TP over FSDP2) and the ZeRO
+stages with Ulysses sequence parallelism (sp 2, 4, 8 inside a node, without tp): every row is a layout the trainer
+runs, its overrides printed. Every layout keeps the
 config's micro-batch and global batch (grad_accum follows the data-parallel size; a layout it does not divide is
 left out, saying why), its precision and its activation checkpointing.
 
@@ -39,7 +40,7 @@ from .memory import (
 
 LAYOUTS = ("ddp", "zero1", "zero2", "zero3", "zero3_hpz", "fsdp", "hsdp")
 TP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model types whose transformers config has a TP plan
-TP_LAYOUTS = ("ddp", "zero1", "zero2", "fsdp", "hsdp")
+TP_LAYOUTS = ("fsdp", "hsdp")  # TP over FSDP2's mesh (DeepSpeed's AutoTP is not wired in)
 SIZES = (1, 2, 4, 8)
 SHOWN = 12  # rows of the printed ranking
 
@@ -71,7 +72,9 @@ class Layout:
 def candidates(shape: ModelShape, cluster: Cluster) -> list[Layout]:
     """Every layout to weigh on this cluster (tp and sp groups stay inside a node)."""
     g = cluster.gpus_per_node
-    tps = [t for t in SIZES if shape.model_type in TP_FAMILIES and g % t == 0 and shape.heads % t == 0] or [1]
+    heads = (shape.heads, shape.kv_heads or shape.heads)
+    tps = [t for t in SIZES if shape.model_type in TP_FAMILIES and g % t == 0 and all(n % t == 0 for n in heads)
+           and shape.intermediate % t == 0] or [1]
     sps = [s for s in SIZES if g % s == 0 and shape.heads % s == 0]
     return [Layout(name, tp, sp, g // tp if name in HYBRID else 0)
             for tp in tps for sp in sps for name in LAYOUTS if _runs(name, tp, sp, g, cluster.nodes)]
@@ -86,14 +89,14 @@ def _runs(name: str, tp: int, sp: int, g: int, nodes: int) -> bool:
         return False
     if sp > 1:  # Ulysses runs under DeepSpeed ZeRO, without tp (and hpZ's groups with it are untested)
         return tp == 1 and name in ("zero1", "zero2", "zero3")
-    return tp == 1 or name in TP_LAYOUTS  # AutoTP trains with ZeRO-1/2, FSDP2 composes with a TP mesh
+    return tp == 1 or name in TP_LAYOUTS
 
 
 def layout_config(cfg: Config, layout: Layout) -> Config:
     name = {"zero3_hpz": "zero3", "hsdp": "fsdp"}.get(layout.name, layout.name)
     strategy = "deepspeed" if name.startswith("zero") else name
     par = replace(cfg.parallel, strategy=strategy, zero_stage=int(name[-1]) if strategy == "deepspeed" else 2,
-                  sp_size=layout.sp, offload_optimizer=False, offload_params=False)
+                  sp_size=layout.sp, tp_size=layout.tp, offload_optimizer=False, offload_params=False)
     return replace(cfg, parallel=par)
 
 
@@ -157,8 +160,9 @@ def evaluate(cfg: Config, shape: ModelShape, cluster: Cluster, layout: Layout, g
         times[col.window] = times.get(col.window, 0.0) + seconds
         rows.append({"name": col.name, "window": col.window, "bytes": col.bytes_per_gpu(), "seconds": seconds})
     step = compute + exposed_seconds(times, compute, backward, accum)
-    return {"layout": layout.label, "overrides": layout.overrides(cluster), "grad_accum": accum,
-            "trains": layout.tp == 1,  # tensor parallelism is not in the trainer yet: planned, not offered
+    q = quantized and layout.name.startswith("zero3")  # ZeRO++ qwZ + qgZ
+    return {"layout": layout.label + " q" * q,
+            "overrides": layout.overrides(cluster) + " parallel.quantized_comm=true" * q, "grad_accum": accum,
             "memory": layout_memory(c, shape, layout, dp, micro, accum, vol)["total"], "compute_s": compute,
             "comm_s": sum(times.values()), "exposed_s": step - compute, "step_s": step,
             "intra_bytes": sum(r["bytes"][0] for r in rows), "inter_bytes": sum(r["bytes"][1] for r in rows),
@@ -169,7 +173,9 @@ def plan_layouts(cfg: Config, shape: ModelShape, cluster: Cluster, name: str, gl
                  mfu: float = ASSUMED_MFU) -> dict:
     """Every candidate evaluated; those within HEADROOM of the GPU ranked by tokens/s per GPU, then by the seconds of
     communication (among layouts that hide it all, the one with the most compute to spare)."""
-    rows = [evaluate(cfg, shape, cluster, lay, global_batch, peak, mfu) for lay in candidates(shape, cluster)]
+    # parallel.quantized_comm: ZeRO-3's layouts with ZeRO++'s int8 weights and int4 gradients on the wire
+    rows = [evaluate(cfg, shape, cluster, lay, global_batch, peak, mfu, cfg.parallel.quantized_comm)
+            for lay in candidates(shape, cluster)]
     budget = HEADROOM * cluster.memory_gib * GIB
     fits = sorted((r for r in rows if "error" not in r and r["memory"] <= budget),
                   # a tie (all traffic hidden): the least traffic, the most slack for the model's error
@@ -190,8 +196,7 @@ def render_layouts(p: dict) -> list[str]:
                f"{'intra GB':>9} {'inter GB':>9} {'step s':>7} {'tok/s/GPU':>10}")
     lines = [head, columns]
     for i, r in enumerate(p["fits"][:SHOWN], 1):
-        label = r["layout"] + ("" if r["trains"] else " *")
-        lines.append(f"  {i:>2} {label:<20} {r['memory'] / GIB:>8.1f} {r['compute_s']:>8.3g} {r['comm_s']:>7.3g} "
+        lines.append(f"  {i:>2} {r['layout']:<20} {r['memory'] / GIB:>8.1f} {r['compute_s']:>8.3g} {r['comm_s']:>7.3g} "
                      f"{r['exposed_s']:>8.3g} {r['intra_bytes'] / 1e9:>9,.1f} {r['inter_bytes'] / 1e9:>9,.1f} "
                      f"{r['step_s']:>7.3g} {r['tokens_per_s_per_gpu']:>10,.0f}")
     if len(p["fits"]) > SHOWN:
@@ -207,16 +212,7 @@ def render_layouts(p: dict) -> list[str]:
     if not p["fits"]:
         lines.append("  no layout fits: shard more (nodes), checkpoint activations, or shorten the rows")
         return lines
-    if any(not r["trains"] for r in p["fits"][:SHOWN]):
-        lines.append("  * tensor parallelism (parallel.tp_size) is not in the trainer yet: shown for comparison only")
-    best = next((r for r in p["fits"] if r["trains"]), None)
-    if best is None:
-        lines.append("  no layout the trainer runs fits: shard more (nodes), checkpoint activations, or shorten rows")
-        return lines
-    if best is not p["fits"][0]:
-        top = p["fits"][0]
-        lines.append(f"  (the fastest, {top['layout']}, needs tensor parallelism: "
-                     f"{top['tokens_per_s_per_gpu']:,.0f} tok/s per GPU against {best['tokens_per_s_per_gpu']:,.0f})")
+    best = p["fits"][0]
     lines.append(f"best: {best['overrides']} (grad_accum {best['grad_accum']}); its collectives per GPU per step:")
     for col in best["collectives"]:
         lines.append(f"  {col['name']:<40} {col['bytes'][0] / 1e9:>8,.1f} GB intra {col['bytes'][1] / 1e9:>8,.1f} "

@@ -68,6 +68,7 @@ class ModelShape:
     active: int = 0  # parameters one token passes through (an MoE: top_k of num_experts experts; else params)
     model_type: str = ""
     heads: int = 0  # query heads (attention's [T, T] terms)
+    kv_heads: int = 0  # key/value heads (tensor parallelism must divide them; 0: as many as the query heads)
 
 
 def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch: int,

@@ -64,14 +64,15 @@ def model_shape(cfg: Config) -> ModelShape:
     active = active_parameters(model)
     heads = mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // heads
-    kv = getattr(mc, "num_key_value_heads", heads) * head_dim
+    kv_heads = getattr(mc, "num_key_value_heads", None) or heads
+    kv = kv_heads * head_dim
     from .trainer.metrics import model_flops
 
     # FLOPs of the weights a token passes through (total=active: an MoE token meets top_k experts, not all);
     # "every weight trains" (6N, not 4N) still means full fine-tuning
     flops = model_flops(model, active if trainable == params else trainable, active)[0]
     return ModelShape(params, trainable, quantizable, mc.num_hidden_layers, mc.hidden_size, kv,
-                      mc.intermediate_size, mc.vocab_size, flops, active, mc.model_type, heads)
+                      mc.intermediate_size, mc.vocab_size, flops, active, mc.model_type, heads, kv_heads)
 
 
 def gpu_memory(cfg: Config) -> float | None:
@@ -105,7 +106,7 @@ def make_plan(cfg: Config, world_size: int) -> dict:
     from .trainer.schedule import warmup_steps
 
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, cfg.trainer.global_batch_size,
-                         world_size, cfg.parallel.sp_size)
+                         world_size, cfg.parallel.sp_size, cfg.parallel.tp_size)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.name_or_path)
     # the trainer's own step arithmetic (no DataLoader is created until steps() is iterated)

@@ -88,7 +88,8 @@ def _warn_if_one_step_cannot_fill(cfg, store, rows, stream) -> None:
     t = cfg.trainer
     world = int(os.environ.get("WORLD_SIZE", cfg.plan.world_size))
     try:
-        step = resolve_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, world, cfg.parallel.sp_size)
+        step = resolve_batch(t.micro_batch_size, t.grad_accum, t.global_batch_size, world, cfg.parallel.sp_size,
+                             cfg.parallel.tp_size)
     except ConfigError:  # batch arithmetic is the plan's and the trainer's to refuse; the preview is about data
         return
     if len(rows) < step.global_batch_size:

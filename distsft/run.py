@@ -46,7 +46,8 @@ def run(cfg: Config) -> RunResult:
     t0 = time.time()
     check_paths(cfg)  # before the accelerator, the data and the model: nothing is written or loaded yet
     plan = resolve_batch(cfg.trainer.micro_batch_size, cfg.trainer.grad_accum,
-                         cfg.trainer.global_batch_size, launched_world_size(), cfg.parallel.sp_size)
+                         cfg.trainer.global_batch_size, launched_world_size(), cfg.parallel.sp_size,
+                         cfg.parallel.tp_size)
     acc = build_accelerator(cfg.parallel, cfg.trainer, plan, accelerate_trackers(cfg.logging.trackers))
     set_seed(cfg.trainer.seed)  # python, numpy, torch on every process (dropout, workers)
     if not acc.is_main_process:  # rank 0 speaks

@@ -36,7 +36,8 @@ def build_data(cfg: Config, acc, tokenizer, plan) -> DataParts:
     ev = None
     if data.eval is not None:
         ev = eval_batches(data.eval, pack(data.eval, cfg.data, data.eval_stats), plan.micro_batch_size,
-                          acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id, plan.sp_size)
+                          acc.process_index, acc.num_processes, cfg.data, tokenizer.pad_token_id, plan.sp_size,
+                          plan.tp_size)
     return DataParts(data, loader, ev or None, loader.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps))
 
 

@@ -125,7 +125,8 @@ class StepLoader:
     def __init__(self, store: TokenStore, rows: Rows, plan: BatchPlan, rank: int,
                  cfg: DataConfig, pad_id: int, pin_memory: bool = False):
         self.store, self.rows, self.plan = store, rows, plan
-        self.rank, self.sp = rank // plan.sp_size, SequenceSlice.of_process(rank, plan.sp_size)  # replica, slice
+        # the data-parallel replica (a group of sp x tp ranks shares its rows; tp innermost), the sequence slice
+        self.rank, self.sp = rank // plan.group, SequenceSlice.of_process(rank // plan.tp_size, plan.sp_size)
         self.cfg, self.pad_id, self.pin_memory = cfg, pad_id, pin_memory
         self.steps_per_epoch = len(rows) // plan.global_batch_size
         if self.steps_per_epoch == 0:
@@ -192,10 +193,12 @@ class EvalBatches(Sequence):
 
 
 def eval_batches(store: TokenStore, rows: Rows, micro: int, rank: int, world: int,
-                 cfg: DataConfig, pad_id: int, sp_size: int = 1) -> EvalBatches:
-    """``rank`` and ``world``: of the processes (under sequence parallelism: replica rank // sp of world // sp)."""
-    return EvalBatches(store, rows, micro, rank // sp_size, world // sp_size, cfg, pad_id,
-                       SequenceSlice.of_process(rank, sp_size))
+                 cfg: DataConfig, pad_id: int, sp_size: int = 1, tp_size: int = 1) -> EvalBatches:
+    """``rank`` and ``world``: of the processes (under sequence and tensor parallelism: replica rank // (sp x tp) of
+    world // (sp x tp))."""
+    group = sp_size * tp_size
+    return EvalBatches(store, rows, micro, rank // group, world // group, cfg, pad_id,
+                       SequenceSlice.of_process(rank // tp_size, sp_size))
 
 
 def with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

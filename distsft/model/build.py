@@ -1,9 +1,10 @@
 """Model pipeline: the ordered steps that make the model the trainer prepares, each in its own module.
 
     load (model.load: weights, dtype from model.precision, attention from model.attention, quantised by peft)
-      -> moe (ZeRO-3 leaf modules) -> sequence (Ulysses hand-off) -> kernels (Liger) -> peft (adapters, gradient
-      checkpointing) -> fp8 -> tiling (tiled MLP) -> offload (checkpoints in host memory) -> precision (the master
-      weights checked) -> head (supervised-position loss) -> compile
+      -> tensor (weights split over the tp ranks) -> moe (ZeRO-3 leaf modules) -> sequence (Ulysses hand-off)
+      -> kernels (Liger) -> peft (adapters, gradient checkpointing) -> fp8 -> tiling (tiled MLP) -> offload
+      (checkpoints in host memory) -> precision (the master weights checked) -> head (supervised-position loss)
+      -> compile
 
 The order matters: Liger patches the base's layers before adapters wrap them; FP8 needs the adapters to know what is
 frozen; the head is patched after everything that replaces modules; compile comes last, over what the others made.
@@ -32,6 +33,7 @@ from .offload import apply_checkpoint_offload
 from .params import count_parameters
 from .peft import apply_peft, quantization_config
 from .precision import check_master_weights, load_dtype
+from .tensor import apply_tensor_parallel
 from .tiling import apply_tiled_mlp
 
 log = logging.getLogger("distsft")
@@ -49,6 +51,8 @@ def build_model(cfg: Config, acc):
     with whole_model(acc, cfg.model.init == "config"):
         model = load_model(model_cfg, cfg.trainer.seed, cuda=cuda, device=acc.device.index if cuda else "cpu",
                            quantization=quantization_config(cfg.peft, cfg.parallel.zero3))
+    if cfg.parallel.tensor_parallel:  # the weights split over the mesh's tp ranks, before anything wraps a layer
+        apply_tensor_parallel(model, acc, cfg.parallel.tp_size)
     if cfg.parallel.zero3:  # before accelerate.prepare: DeepSpeed reads the flags when it wraps the model
         mark_z3_leaf_modules(model)
     if cfg.parallel.sequence_parallel:

@@ -50,6 +50,7 @@ from .load import base_model
 log = logging.getLogger(__name__)
 SELECT = "_distsft_select"  # on the head: (sup_index, sup_targets, Returned) of the forward in progress
 PATCHED = "_distsft_head_chunk"  # on the head: the chunk size, once patched
+OWN = "_distsft_own_forward"  # on the head: a forward the instance had before (tensor parallelism's), kept
 # config attributes of models whose forward transforms the head's output (then the plain path); a pre-check only:
 # the proof is ``confirm`` on every supervised forward
 AFTER_HEAD = ("final_logit_softcapping", "logits_scaling", "logit_scale", "output_multiplier_scale",
@@ -86,6 +87,8 @@ def install(model, chunk: int) -> str:
     if head is None or why:
         return f"plain (full logits; {why or 'no output head found'})"
     checked("model.head")
+    if "forward" in head.__dict__:  # a forward already set on the instance (tensor parallelism's): it stays the head's
+        setattr(head, OWN, head.__dict__["forward"])
     head.forward = types.MethodType(_forward, head)  # an instance attribute: the class's hooks still run
     if chunk and any(True for _ in head.children()):
         # a wrapped head (a PEFT adapter on it) calls its sub-modules, and under ZeRO-3 every such call
@@ -105,8 +108,11 @@ def uninstall(model, why: str) -> None:
     """Give the head its own forward back, for good, and say why (once: the head is no longer installed)."""
     base = base_model(model)
     head = base.get_output_embeddings()
+    own = head.__dict__.pop(OWN, None)
     for name in ("forward", PATCHED, SELECT):  # instance attributes: the class's forward is the head's own again
         head.__dict__.pop(name, None)
+    if own is not None:
+        head.forward = own
     dist = torch.distributed
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0  # rank 0 speaks
     log.log(logging.WARNING if rank0 else logging.INFO,
@@ -165,7 +171,8 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _forward(head, hidden: torch.Tensor) -> torch.Tensor:
-    original = functools.partial(type(head).forward, head)  # the head's own forward (a PEFT adapter included)
+    # the head's own forward (a PEFT adapter included; tensor parallelism's, which gathers the logits, when set)
+    original = getattr(head, OWN, None) or functools.partial(type(head).forward, head)
     select = getattr(head, SELECT, None)
     if select is None:
         return original(hidden)

@@ -45,9 +45,7 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         announce_op_build()
     if parallel.sequence_parallel:
         extra["parallelism_config"] = sequence_parallelism(parallel.sp_size, plan)
-    hsdp = hybrid_fsdp(parallel, plan.world_size)
-    if hsdp is not None and cuda:  # (on CPU processes it is set once they are FSDP: fsdp_on_cpu)
-        extra["parallelism_config"] = hsdp
+    mesh = fsdp_parallelism(parallel, plan.world_size)  # set once the Accelerator is made (use_mesh)
     accelerator = Accelerator(
         # cpu=True disables DeepSpeed; DeepSpeed on a CPU machine runs on its CPU accelerator instead (FSDP
         # keeps cpu=True: fsdp_on_cpu turns the CPU processes' state into FSDP)
@@ -61,7 +59,9 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         **extra,
     )
     if "fsdp_plugin" in extra and not cuda:
-        fsdp_on_cpu(accelerator, extra["fsdp_plugin"], hsdp)
+        fsdp_on_cpu(accelerator, extra["fsdp_plugin"])
+    if mesh is not None and accelerator.num_processes > 1:
+        use_mesh(accelerator, mesh)
     check_world(accelerator)
     return accelerator
 
@@ -80,18 +80,71 @@ def sequence_parallelism(sp_size: int, plan: BatchPlan):
                              dp_replicate_size=plan.dp_size)
 
 
-def hybrid_fsdp(parallel: ParallelConfig, world: int):
-    """HSDP: Accelerate's ParallelismConfig for FSDP2 over a 2-D mesh, sharded within each group of
-    ``strategy.shard_group`` ranks, the groups replicas of each other (gradients all-reduced across them); None for
-    flat sharding or another strategy."""
-    if parallel.strategy != "fsdp" or (group := shard_group(parallel, world, local_world_size(world))) == world:
+def fsdp_parallelism(parallel: ParallelConfig, world: int):
+    """FSDP2's device mesh as Accelerate's ParallelismConfig: HSDP (sharded within each group of
+    ``strategy.shard_group`` data-parallel ranks, the groups replicas of each other, gradients all-reduced across
+    them) and tensor parallelism (``tp`` innermost: a node's neighbouring ranks); None for flat sharding without TP
+    or another strategy."""
+    if parallel.strategy != "fsdp":
+        return None
+    tp, group = parallel.tp_size, shard_group(parallel, world, local_world_size(world))
+    dp = world // tp
+    if group == dp and tp == 1:
         return None
     from accelerate.parallelism_config import ParallelismConfig
 
-    return ParallelismConfig(dp_replicate_size=world // group, dp_shard_size=group)
+    return ParallelismConfig(dp_replicate_size=dp // group, dp_shard_size=group, tp_size=tp)
 
 
-def fsdp_on_cpu(accelerator: Accelerator, plugin, hsdp=None) -> None:
+def use_mesh(accelerator: Accelerator, pc) -> None:
+    """What ``Accelerator(parallelism_config=...)`` does, done once the Accelerator exists (on CPU processes once
+    they are FSDP: fsdp_on_cpu), with one difference: the mesh keeps a ``dp_shard`` dimension of size 1 when tp
+    spans every data-parallel rank, so FSDP2 and TP compose the same way at every size (Accelerate refuses that
+    case: its FSDP needs a dimension to shard over)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    checked("trainer.tp_mesh")
+    sizes = {"dp_replicate": pc.dp_replicate_size, "dp_shard": pc.dp_shard_size, "tp": pc.tp_size}
+    dims = {k: v for k, v in sizes.items() if v > 1 or k == "dp_shard"}
+    mesh = init_device_mesh(accelerator.device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+    data = tuple(k for k in dims if k.startswith("dp"))
+    mesh[("dp_shard",)]._flatten("dp_shard_cp")  # the names Accelerate's FSDP2 and its data-parallel rank read
+    mesh[data]._flatten("dp")
+    mesh[data]._flatten("dp_cp")
+    accelerator.state.parallelism_config, accelerator.state.device_mesh = pc, mesh
+    pc.device_mesh = mesh
+    if pc.tp_enabled:
+        supply_replicate_parallel()
+
+
+def supply_replicate_parallel() -> None:
+    """Accelerate 1.16's ``_prepare_tp`` makes every parameter TP left whole a replicated DTensor, so that FSDP2
+    shards all of them over the same 2-D mesh, with ``transformers.integrations.tensor_parallel.ReplicateParallel``,
+    which transformers 5 no longer has. Its behaviour, restored: the module's tensor inputs become replicated
+    DTensors, its output a local tensor again."""
+    import transformers.integrations.tensor_parallel as tpi
+
+    if hasattr(tpi, "ReplicateParallel"):
+        return
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def inputs(module, args, mesh):
+        return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False)
+                     if isinstance(a, torch.Tensor) and not isinstance(a, DTensor) else a for a in args)
+
+    def output(module, out, mesh):
+        return out.to_local() if isinstance(out, DTensor) else out
+
+    class ReplicateParallel:
+        def prepare_module_tp(self, module, mesh):
+            if not getattr(module, "_distsft_replicated", False):  # once per module (it is asked per parameter)
+                module._distsft_replicated = True
+                distribute_module(module, mesh, input_fn=inputs, output_fn=output)
+
+    tpi.ReplicateParallel = ReplicateParallel
+
+
+def fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
     """Accelerate applies its FSDP plugin only to GPU-like distributed types: on CPU processes (gloo) it
     would silently run DDP. FSDP2's ``fully_shard`` works on CPU, so mark the state as FSDP: the same code
     path (Accelerate's FSDP2 preparation, checkpointing and gathering) then runs on CPU and on GPUs."""
@@ -106,10 +159,6 @@ def fsdp_on_cpu(accelerator: Accelerator, plugin, hsdp=None) -> None:
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
-    if hsdp is not None:  # what Accelerator(parallelism_config=...) does, once the state is FSDP
-        state.parallelism_config = hsdp
-        state.device_mesh = hsdp.get_device_mesh("cpu")
-        hsdp._validate_accelerator(accelerator)
 
 
 def announce_op_build() -> None:

@@ -41,7 +41,8 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 # settings of parallel.* whose change ``trainer.reshape.route`` decides (check_compatible leaves them to it); a user's
 # DeepSpeed JSON holds only what distsft does not own (buckets, thresholds: how, not what, is computed)
 LAYOUT_KEYS = ("parallel.strategy", "parallel.zero_stage", "parallel.offload_optimizer", "parallel.offload_params",
-               "parallel.fsdp_reshard_after_forward", "parallel.deepspeed_config", "parallel.dp_shard_size")
+               "parallel.fsdp_reshard_after_forward", "parallel.deepspeed_config", "parallel.dp_shard_size",
+               "parallel.tp_size", "parallel.quantized_comm")
 
 
 @dataclass

@@ -4,7 +4,8 @@ How a checkpoint is loaded (``route``, checked before the model is built; ``rest
 
     written under      loaded under             how
     ddp                ddp, any world size      as saved (the state is whole on every rank)
-    fsdp               fsdp, any world size     as saved: torch.distributed.checkpoint reshards on load
+    fsdp               fsdp, any world size     as saved: torch.distributed.checkpoint reshards on load (any
+                       and tp_size              parallel.tp_size too: DTensors on another mesh)
     zeroK              zeroK, same world size   as saved (offload on or off)
     zeroK              zeroK, another world     DeepSpeed's universal checkpoint, converted here (below)
     any other change   refused in one line (another engine's format, or another ZeRO stage), saying what can be done
@@ -54,9 +55,10 @@ def written_by(ckpt: Path) -> int | None:
 
 
 def layout(parallel: dict) -> str:
-    """The preset name of a parallel config (ddp, fsdp, zero1..3, zero3_offload)."""
+    """The preset name of a parallel config (ddp, fsdp, zero1..3, zero3_offload), and its tensor parallelism."""
     if parallel.get("strategy") != "deepspeed":
-        return parallel.get("strategy", "ddp")
+        tp = parallel.get("tp_size") or 1
+        return parallel.get("strategy", "ddp") + (f" tp_size={tp}" if tp > 1 else "")
     offload = "_offload" if parallel.get("offload_params") or parallel.get("offload_optimizer") else ""
     return f"zero{parallel.get('zero_stage')}{offload}"
 

@@ -50,6 +50,7 @@ class StepCounts:
         """Counted on the host, summed over ranks on the device."""
         host = torch.tensor([float(sum(int(mb[k]) for mb in micro_batches)) for k in cls.BATCH_KEYS] + [stop],
                             dtype=torch.float64)
+        host[:-1] /= tensor_replicas(accelerator)  # a tp group's ranks hold the same rows: counted once (exact)
         if accelerator.device.type == "cuda":  # a copy from pageable memory would wait for the queued GPU work
             host = host.pin_memory()
         return cls(accelerator.reduce(host.to(accelerator.device, non_blocking=True), reduction="sum"))
@@ -129,12 +130,21 @@ def forward_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return ce, (spec.coef * balance, load)
 
 
+def tensor_replicas(accelerator) -> int:
+    """Ranks that hold the same rows and compute the same loss: the tensor-parallel group (1 without TP)."""
+    pc = accelerator.parallelism_config
+    return pc.tp_size if pc is not None and pc.tp_enabled else 1
+
+
 def gradient_divisor(accelerator, model) -> int:
     """What the strategy divides the gradients summed over all ranks by: the world size, but under sequence
     parallelism ZeRO-1/2 (and ZeRO-3 without reduce-scatter) divide by the data-parallel size (world / sp)
-    while ZeRO-3's reduce-scatter divides by the world (DeepSpeed 0.19). The sp=1 equivalence tests hold
-    either way only if this is right."""
+    while ZeRO-3's reduce-scatter divides by the world (DeepSpeed 0.19); under tensor parallelism FSDP2 averages
+    over the data-parallel ranks (world / tp), each rank's gradient being its slice's whole. The sp=1 and tp=1
+    equivalence tests hold either way only if this is right."""
     pc, world = accelerator.parallelism_config, accelerator.num_processes
+    if tensor_replicas(accelerator) > 1:
+        return world // tensor_replicas(accelerator)
     sp = pc.sp_size if pc is not None and pc.sp_enabled else 1
     if sp == 1:
         return world
@@ -161,6 +171,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
     # DDP/ZeRO average gradients over the ranks (see gradient_divisor) and Accelerate/DeepSpeed divide the loss
     # by the accumulation steps A: undo both, then divide by N (the router term: by the step's rows)
     undo = gradient_divisor(accelerator, model) * accelerator.gradient_accumulation_steps
+    replicas = tensor_replicas(accelerator)
     total, router = torch.zeros((), device=accelerator.device), None
     for mb in micro_batches:
         # accumulate(): no gradient sync (DDP no_sync / DeepSpeed boundary) but on the last micro-batch
@@ -174,7 +185,7 @@ def accumulate_gradients(model, micro_batches: list[dict], accelerator,
                 stats = RouterStats(aux.detach(), balance[1])
                 router = stats if router is None else router + stats
             accelerator.backward(share * undo * _poison(share))
-            total += share.detach()
+            total += share.detach() / replicas  # this rank's share of the step loss: a tp group's ranks split it
     assert accelerator.sync_gradients, "micro-batches per step must equal the accumulation steps"
     return total, counts, router
 
@@ -222,6 +233,6 @@ def evaluate(model, batches: list[dict], accelerator) -> float:
             mb = to_device(mb, accelerator.device)
             sums[0] += forward_loss_sum(model, mb).double()
             sums[1] += supervised_count(mb)
-    sums = accelerator.reduce(sums, reduction="sum")
+    sums = accelerator.reduce(sums / tensor_replicas(accelerator), reduction="sum")
     model.train(was_training)
     return (sums[0] / sums[1].clamp(min=1)).item()

@@ -95,6 +95,8 @@ OWNED = {
     "zero_optimization.offload_param": "parallel.offload_params",
     "sequence_parallel_size": "parallel.sp_size",
     "zero_optimization.zero_hpz_partition_size": "parallel.dp_shard_size",
+    "zero_optimization.zero_quantized_weights": "parallel.quantized_comm",
+    "zero_optimization.zero_quantized_gradients": "parallel.quantized_comm",
     "data_types.grad_accum_dtype": "trainer.grad_dtype",
     "communication_data_type": "trainer.grad_dtype",
     "optimizer": "optim.*",
@@ -136,6 +138,8 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, plan: Bat
         group = shard_group(parallel, plan.world_size, local_world_size(plan.world_size))
         if group < plan.world_size:  # ZeRO++ hpZ: a secondary copy of the weights within each group of ranks
             zero["zero_hpz_partition_size"] = group
+        if parallel.quantized_comm:  # ZeRO++ qwZ (int8 weight all-gather) and qgZ (int4 gradient reduce-scatter)
+            zero.update(zero_quantized_weights=True, zero_quantized_gradients=True)
     cfg = {k: v for k, v in user.items() if k not in OWNED and k != "zero_optimization"}
     cfg.update({
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -195,16 +199,20 @@ def local_world_size(world: int) -> int:
 
 
 def shard_group(parallel: ParallelConfig, world: int, local: int) -> int:
-    """Ranks that shard the model together: ``parallel.dp_shard_size``, or by default one node's ranks when the run
-    spans several nodes (the gathers stay on the fast links), else every rank. Only FSDP2 (HSDP) and ZeRO-3 (hpZ)
-    shard in groups; the other strategies answer the world."""
+    """Data-parallel ranks that shard the model together: ``parallel.dp_shard_size``, or by default one node's when
+    the run spans several nodes (the gathers stay on the fast links), else every one. Only FSDP2 (HSDP) and ZeRO-3
+    (hpZ) shard in groups; the other strategies answer the data-parallel world. Under tensor parallelism a
+    data-parallel rank is a group of tp ranks (world / tp of them, local / tp on a node)."""
+    tp = parallel.tp_size
+    world, local = world // tp, max(local // tp, 1)
     if not (parallel.strategy == "fsdp" or parallel.zero3):
         return world
     # by default one node's ranks when the run spans nodes (one rank per node: nothing to keep inside a node)
     size = parallel.dp_shard_size or (local if world > local > 1 and not parallel.sequence_parallel else world)
     if world % size:
-        raise ConfigError(f"parallel.dp_shard_size={size} does not divide the {world} processes: shard groups must "
-                          f"tile the world (a divisor of {world}, e.g. the {local} processes of a node)")
+        ranks = f"{world} data-parallel ranks (world / parallel.tp_size={tp})" if tp > 1 else f"{world} processes"
+        raise ConfigError(f"parallel.dp_shard_size={size} does not divide the {ranks}: shard groups must "
+                          f"tile them (a divisor of {world}, e.g. the {local} of a node)")
     return size
 
 
@@ -240,9 +248,15 @@ def describe(parallel: ParallelConfig) -> str:
 
 
 def describe_groups(parallel: ParallelConfig, world: int) -> str:
-    """How the ranks shard: flat, or in groups (hybrid), for the start line."""
-    group = shard_group(parallel, world, local_world_size(world))
-    if group == world or world == 1:
-        return ""
+    """How the ranks shard: flat, or in groups (hybrid), and tensor parallelism, for the start line."""
+    group, tp = shard_group(parallel, world, local_world_size(world)), parallel.tp_size
+    dp = world // tp
+    out = (f"; tensor parallel over groups of {tp} ranks (parallel.tp_size={tp}), {dp} data-parallel "
+           f"{'replica' if dp == 1 else 'replicas'}" if tp > 1 else "")
+    if group == dp or dp == 1:
+        return out
+    ranks = "data-parallel ranks" if tp > 1 else "ranks"
+    if group == 1:
+        return out + f"; not sharded, replicated over the {dp} {ranks} (parallel.dp_shard_size=1)"
     how = "HSDP: sharded within" if parallel.strategy == "fsdp" else "hpZ: weights gathered within"
-    return f"; {how} groups of {group} ranks, {world // group} groups (parallel.dp_shard_size={group})"
+    return out + f"; {how} groups of {group} {ranks}, {dp // group} groups (parallel.dp_shard_size={group})"

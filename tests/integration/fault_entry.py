@@ -17,6 +17,9 @@ on one rank, for the failure tests (a monkeypatch cannot reach launched processe
     DISTSFT_TEST_FAULT=no_replica_mean (every rank) all-reduces over a group of ranks that are not neighbours
                                       (HSDP's replicas: ranks r and r + dp_shard_size) do nothing: the replicas'
                                       gradients are not averaged (a negative control)
+    DISTSFT_TEST_FAULT=tp_rows_apart  (every rank) the odd ranks, the second rank of each tensor-parallel pair, read
+                                      their rows' tokens shifted by one position (same shapes, other tokens): the
+                                      ranks of a tp group compute on different inputs (a negative control)
 """
 
 from __future__ import annotations
@@ -40,6 +43,16 @@ if __name__ == "__main__":
             return all_reduce(tensor, op=op, group=group, async_op=async_op)
 
         dist.all_reduce = not_across_replicas
+    if os.environ.get("DISTSFT_TEST_FAULT") == "tp_rows_apart" and int(os.environ.get("RANK", "0")) % 2:
+        import distsft.data.loader as loader
+
+        steps = loader.StepLoader.steps
+
+        def shifted_steps(self, epoch, start_step=0):
+            for group in steps(self, epoch, start_step):
+                yield [{**mb, "input_ids": mb["input_ids"].roll(1, dims=-1)} for mb in group]
+
+        loader.StepLoader.steps = shifted_steps
     if os.environ.get("RANK") == os.environ.get("DISTSFT_TEST_FAULT_RANK", "0"):
         if os.environ.get("DISTSFT_TEST_FAULT") == "save_oserror":
             def full_disk(directory, *args, **kwargs):

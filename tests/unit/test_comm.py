@@ -139,6 +139,7 @@ def test_ranking_on_a_preset_excludes_what_does_not_fit_and_names_the_best():
     assert best["layout"] == "zero3 hpZ/8" and best["exposed_s"] == 0
     labels = {r["layout"] for r in fits}
     assert {"zero3", "zero3 hpZ/8"} <= labels and any(" tp" in x for x in labels) and any(" sp" in x for x in labels)
+    assert all(x.startswith(("fsdp", "hsdp")) for x in labels if " tp" in x)  # TP runs over FSDP2
     hpz = next(r for r in fits if r["layout"] == "zero3 hpZ/8")
     assert hpz["overrides"] == "parallel=zero3 parallel.dp_shard_size=8"
     flat = next(r for r in fits if r["layout"] == "zero3")
@@ -163,11 +164,23 @@ def test_the_plan_renders_the_table_and_the_best_overrides():
     p = plan_layouts(llama8b_cfg(), published.LLAMA31_8B, CLUSTERS["a100_eth"], "a100_eth", 64, 312e12)
     text = "\n".join(render_layouts(p))
     assert "layouts on plan.cluster=a100_eth" in text and "tok/s/GPU" in text
-    best = next(r for r in p["fits"] if r["trains"])  # the fastest the trainer runs (no tensor parallelism yet)
-    assert f"best: {best['overrides']}" in text and "over 85% of 80 GiB: ddp" in text
-    assert "tp_size" not in text.split("best:")[1] and "hidden by:" in text
-    if not p["fits"][0]["trains"]:
-        assert "* tensor parallelism (parallel.tp_size) is not in the trainer yet" in text
+    best = p["fits"][0]  # every row is a layout the trainer runs: the fastest is the best
+    assert f"best: {best['overrides']}" in text and "over 85% of 80 GiB: ddp" in text and "hidden by:" in text
+    assert "not in the trainer" not in text
+    # on one 100 Gb/s NIC per node, HSDP with tp 2 keeps the gathers in the node: it beats every ZeRO layout
+    assert best["layout"] == "hsdp 4 tp2"
+    assert best["overrides"] == "parallel=fsdp parallel.dp_shard_size=4 parallel.tp_size=2"
+
+
+def test_quantized_communication_is_planned_for_zero3_with_its_override():
+    cfg = replace(llama8b_cfg(), parallel=replace(llama8b_cfg().parallel, quantized_comm=True))
+    plain = plan_layouts(llama8b_cfg(), published.LLAMA31_8B, CLUSTERS["a100_eth"], "a100_eth", 64, 312e12)
+    q = plan_layouts(cfg, published.LLAMA31_8B, CLUSTERS["a100_eth"], "a100_eth", 64, 312e12)
+    flat = next(r for r in plain["fits"] if r["layout"] == "zero3")
+    quant = next(r for r in q["fits"] if r["layout"] == "zero3 q")
+    assert quant["overrides"].endswith("parallel.quantized_comm=true")
+    assert quant["inter_bytes"] < 0.5 * flat["inter_bytes"] and quant["step_s"] < flat["step_s"]
+    assert not any(r["layout"].endswith(" q") for r in q["fits"] if not r["layout"].startswith("zero3"))
 
 
 def test_cluster_settings_compose_and_are_checked():

@@ -16,7 +16,8 @@ from tests.conftest import ROOT, typed_cfg
 def test_plan_numbers_on_the_embedded_default():
     p = make_plan(typed_cfg(), world_size=1)
     d = p["data"]
-    assert p["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8, "sp_size": 1}
+    assert p["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8, "sp_size": 1,
+                          "tp_size": 1}
     assert p["steps_per_epoch"] == d["sequences"] // 8
     assert p["total_steps"] == 4 * p["steps_per_epoch"]  # the tiny recipe: 4 epochs
     assert p["warmup_steps"] == int(0.05 * p["total_steps"])
