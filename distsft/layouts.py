@@ -10,9 +10,8 @@ runs, its overrides printed. Every layout keeps the
 config's micro-batch and global batch (grad_accum follows the data-parallel size; a layout it does not divide is
 left out, saying why), its precision and its activation checkpointing.
 
-Memory per GPU: memory_estimate over the ranks that shard (world/tp; HSDP's shard group), with what it leaves out:
-tensor parallelism divides weights, gradients and optimizer state by tp and a layer's activations but the 3h kept
-whole (its input, the residual, the norms' outputs) by tp; hpZ adds the secondary copy, P*w/S.
+Memory per GPU: memory_estimate over the data-parallel ranks that shard (world/tp; HSDP's shard group; it divides
+by tp itself), with what it leaves out: hpZ's secondary copy, P*w/S.
 """
 
 from __future__ import annotations
@@ -124,11 +123,6 @@ def layout_memory(cfg: Config, shape: ModelShape, layout: Layout, dp: int, micro
     fused = resolve_kernels(cfg.model.kernels, cuda=True, sharded=par.shards_parameters, model_type=shape.model_type,
                             sequence_parallel=par.sequence_parallel)[0] == "liger"
     mem = memory_estimate(cfg, shape, layout.shard if layout.name == "hsdp" else dp, micro, fused, accum)
-    if layout.tp > 1:
-        h, per_layer = shape.hidden, 7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate
-        for key in ("weights", "gradients", "optimizer"):
-            mem[key] /= layout.tp
-        mem["activations"] *= (3 * h + (per_layer - 3 * h) / layout.tp) / per_layer
     if layout.name == "zero3_hpz":
         mem["weights"] += vol.p * vol.w / layout.shard
     mem["total"] = sum(v for k, v in mem.items() if k != "total")

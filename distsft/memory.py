@@ -32,6 +32,11 @@ Memory per GPU, in bytes (P parameters, T trainable, N ranks, w bytes per weight
 Under sequence parallelism (``parallel.sp_size=S``) a rank holds T/S tokens of each row, so its activations and
 logits are those of max_seq_len/S tokens per row; ZeRO still shards over every rank (N is the world size).
 
+Under tensor parallelism (``parallel.tp_size=K``, FSDP2) N counts the data-parallel ranks that shard (world / K, or
+HSDP's group) and a rank holds 1/K of every weight, gradient and optimizer state on top; of a layer's activations
+the 3h kept whole on every rank of the group (its input, the residual, the norms' outputs) stay, the rest is /K;
+the logits are gathered whole (the head's output is all-gathered), and eager's scores have H/K heads.
+
 These are estimates (allocator fragmentation, CUDA context and temporary buffers are not counted).
 
 Activation checkpointing options: the estimate without it and with every 1st/2nd/4th/8th layer
@@ -110,9 +115,12 @@ def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, micro_batch
         weights, grads, opt = weights / n, grads / n, opt / n
         if grad_accum > 1:  # between micro-batches (no sync) FSDP2 keeps the unsharded gradients, in its reduce dtype
             grads += t * g
+    tp = par.tp_size
+    weights, grads, opt = weights / tp, grads / tp, opt / tp  # a tensor-parallel rank's slice of each
     tokens = micro_batch * cfg.data.max_seq_len / par.sp_size  # a sequence-parallel rank holds a slice of each row
     # model.tiled_mlp_shards: the MLP's intermediates exist for one chunk of the sequence at a time
     per_layer = (7 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate / max(1, cfg.model.tiled_mlp_shards)) * a
+    per_layer = 3 * shape.hidden * a + (per_layer - 3 * shape.hidden * a) / tp  # TP: 3h whole, the rest split
     if cfg.model.gradient_checkpointing:  # recomputed layers keep their input; the others everything
         recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every)
         kept = min(recomputed, 2) if cfg.model.offload_checkpoints else recomputed  # offloaded: two in flight
@@ -148,7 +156,7 @@ def attention_bytes(cfg: Config, shape: ModelShape, rows: int, a: int) -> float:
         kept = shape.layers - recomputed_layers(shape.layers, cfg.model.checkpoint_every) + 1
     if impl == "sdpa":
         return square * (1 + kept * a)
-    heads = shape.heads / cfg.parallel.sp_size
+    heads = shape.heads / cfg.parallel.sp_size / cfg.parallel.tp_size
     return square * (a + heads * (kept * (4 + (a if a < 4 else 0)) + a + 4))
 
 

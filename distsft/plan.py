@@ -38,6 +38,7 @@ from .memory import (
     suggest_checkpointing,
 )
 from .train import CONF_DIR, with_user_errors
+from .trainer.strategy import shard_group
 
 register_configs()
 
@@ -122,7 +123,13 @@ def make_plan(cfg: Config, world_size: int) -> dict:
 
     kernels = resolve_kernels(cfg.model.kernels, cuda=True, sharded=cfg.parallel.shards_parameters,
                               model_type=shape.model_type, sequence_parallel=cfg.parallel.sequence_parallel)[0]
-    options = checkpointing_options(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger")
+    # the ranks memory divides the model's state by: the data-parallel ones (memory_estimate divides by tp itself),
+    # under fsdp HSDP's group (a node's when plan.cluster says what a node is)
+    n = world_size // cfg.parallel.tp_size
+    if cfg.parallel.strategy == "fsdp":
+        node = cluster_of(cfg.plan).gpus_per_node if cfg.plan.cluster else world_size
+        n = shard_group(cfg.parallel, world_size, node)
+    options = checkpointing_options(cfg, shape, n, plan.micro_batch_size, kernels == "liger")
     gpu = gpu_memory(cfg)
     return {
         "data": st.as_dict(), "eval": data.eval_stats.as_dict() if data.eval_stats else None,
@@ -134,12 +141,12 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "kernels": kernels,
         "attention": configured_attention(cfg, cuda=True),
         "fp8": cfg.model.fp8,
-        "memory_per_gpu_bytes": memory_estimate(cfg, shape, world_size, plan.micro_batch_size, kernels == "liger",
+        "memory_per_gpu_bytes": memory_estimate(cfg, shape, n, plan.micro_batch_size, kernels == "liger",
                                                plan.grad_accum),
         "checkpointing": options,
         "gpu_memory_bytes": gpu,
         "suggested_checkpointing": suggest_checkpointing(options, gpu),
-        "longest": longest_sequences(cfg, shape, world_size, kernels == "liger", gpu, plan_peak(cfg),
+        "longest": longest_sequences(cfg, shape, n, kernels == "liger", gpu, plan_peak(cfg),
                                      cfg.plan.host_memory_gib * GIB if cfg.plan.host_memory_gib else None)
         if gpu else None,
         "host_memory_bytes": cfg.plan.host_memory_gib * GIB if cfg.plan.host_memory_gib else None,

@@ -88,3 +88,19 @@ def test_shard_groups_count_data_parallel_ranks_and_the_mesh_keeps_tp_innermost(
     pc = fsdp_parallelism(ParallelConfig(strategy="fsdp", tp_size=2, dp_shard_size=2), 8)
     assert (pc.dp_replicate_size, pc.dp_shard_size, pc.tp_size) == (2, 2, 2)
     assert fsdp_parallelism(ParallelConfig(strategy="fsdp"), 4) is None  # flat FSDP: Accelerate's own mesh
+
+
+def test_the_plan_divides_a_tp_ranks_state_by_tp_and_keeps_the_whole_activations_whole():
+    from dataclasses import replace
+
+    from distsft.memory import memory_estimate
+    from tests.unit.test_memory import SHAPE
+
+    cfg = typed_cfg("parallel=fsdp", "trainer.precision=bf16", "data.max_seq_len=4096")
+    one = memory_estimate(cfg, SHAPE, 4, 1)
+    two = memory_estimate(replace(cfg, parallel=replace(cfg.parallel, tp_size=2)), SHAPE, 4, 1)
+    for key in ("weights", "gradients", "optimizer"):
+        assert two[key] == pytest.approx(one[key] / 2)
+    h, per_layer = SHAPE.hidden, 7 * SHAPE.hidden + 2 * SHAPE.kv_dim + 4 * SHAPE.intermediate
+    assert two["activations"] / one["activations"] == pytest.approx((3 * h + (per_layer - 3 * h) / 2) / per_layer)
+    assert two["logits"] == one["logits"]  # the head's output is gathered whole on every rank
