@@ -190,9 +190,9 @@ def check_sequence_parallel(cfg: Config) -> None:
     par, sp = cfg.parallel, cfg.parallel.sp_size
     if sp == 1:
         return
-    if par.strategy != "deepspeed":
+    if par.strategy not in ("deepspeed", "fsdp"):
         raise ConfigError(f"parallel.sp_size={sp} runs DeepSpeed's Ulysses sequence parallelism: use parallel=zero1, "
-                          f"zero2 or zero3 with it (got parallel.strategy={par.strategy})")
+                          f"zero2, zero3 or fsdp with it (got parallel.strategy={par.strategy})")
     if cfg.data.mode != "pack":
         raise ConfigError(f"parallel.sp_size={sp} splits packed rows (position_ids carry the documents across the "
                           "split, no attention mask): use data.mode=pack")
@@ -230,8 +230,7 @@ def check_tensor_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.tp_size={tp} runs tensor parallelism over FSDP2 (a data-parallel x "
                           f"tensor-parallel device mesh): use parallel=fsdp with it (got parallel.strategy="
                           f"{par.strategy}; DeepSpeed's AutoTP is not wired in)")
-    refused = {f"parallel.sp_size={par.sp_size}": par.sequence_parallel,
-               f"peft={cfg.peft.method}": cfg.peft.method != "none",
+    refused = {f"peft={cfg.peft.method}": cfg.peft.method != "none",
                "model.kernels=liger": cfg.model.kernels == "liger", "model.fp8=true": cfg.model.fp8,
                "model.tiled_mlp_shards": cfg.model.tiled_mlp_shards > 0}  # (compile: refused under fsdp already)
     for what, on in refused.items():

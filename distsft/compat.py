@@ -17,6 +17,8 @@ installed version is outside the checked ones (the patch may then be wrong or no
     trainer.tp_mesh      accelerate     1.16         the device mesh set after init (size-  integration/
                                                      1 dp_shard kept); ReplicateParallel,   test_tensor_parallel.py
                                                      which _prepare_tp imports, supplied
+    model.sequence       deepspeed      0.19         UlyssesSPAttentionHF registered on     integration/
+                                                     FSDP2's sp group (not DeepSpeed's)     test_tensor_parallel.py
     model.tensor         transformers   5.25         the private _resolve_parallel_plans;   integration/
                                                      model._tp_size set for Accelerate      test_tensor_parallel.py
     trainer.reshape      deepspeed      0.19         ZeRO-3 universal loader mended: its    integration/
@@ -48,6 +50,7 @@ PATCHES = {
     "model.fp8": Patch("torchao", ("0.17", "0.18"), "Float8Linear's forward and torchao's private inductor patch"),
     "trainer.fsdp_on_cpu": Patch("accelerate", ("1.16",), "Accelerate's PartialState made FSDP on CPU processes"),
     "trainer.tp_mesh": Patch("accelerate", ("1.16",), "the device mesh set after init; ReplicateParallel supplied"),
+    "model.sequence": Patch("deepspeed", ("0.19",), "Ulysses' attention module registered on FSDP2's sp group"),
     "model.tensor": Patch("transformers", ("5.25",), "the private _resolve_parallel_plans, and model._tp_size"),
     "trainer.reshape": Patch("deepspeed", ("0.19",), "DeepSpeed's ZeRO-3 universal loader, mended"),
 }

@@ -4,9 +4,9 @@ its memory per GPU (``distsft.memory``), the bytes its collectives move over eac
 
 Layouts: ddp, zero1, zero2, zero3, zero3 + hpZ (a secondary copy of the weights within each node), fsdp, hsdp
 (sharded within a node, replicated across nodes), fsdp and hsdp also with tensor parallelism (tp 2, 4, 8 inside a
-node, for model types with a tensor-parallel plan whose heads it divides: the trainer runs TP over FSDP2) and the ZeRO
-stages with Ulysses sequence parallelism (sp 2, 4, 8 inside a node, without tp): every row is a layout the trainer
-runs, its overrides printed. Every layout keeps the
+node, for model types with a tensor-parallel plan whose heads it divides: the trainer runs TP over FSDP2), the ZeRO
+stages and flat fsdp with Ulysses sequence parallelism (sp 2, 4, 8; fsdp also with tp, tp x sp inside a node): every
+row is a layout the trainer runs, its overrides printed. Every layout keeps the
 config's micro-batch and global batch (grad_accum follows the data-parallel size; a layout it does not divide is
 left out, saying why), its precision and its activation checkpointing.
 
@@ -62,7 +62,7 @@ class Layout:
         out = [f"parallel={parallel}"]
         if self.shard:
             out.append(f"parallel.dp_shard_size={self.shard}")
-        elif parallel in ("zero3", "fsdp") and cluster.nodes > 1:  # flat over every rank, not the default node
+        elif parallel in ("zero3", "fsdp") and cluster.nodes > 1 and self.sp == 1:  # flat, not the default node
             out.append(f"parallel.dp_shard_size={cluster.world // self.tp}")
         out += [f"parallel.tp_size={self.tp}"] * (self.tp > 1) + [f"parallel.sp_size={self.sp}"] * (self.sp > 1)
         return " ".join(out)
@@ -74,9 +74,10 @@ def candidates(shape: ModelShape, cluster: Cluster) -> list[Layout]:
     heads = (shape.heads, shape.kv_heads or shape.heads)
     tps = [t for t in SIZES if shape.model_type in TP_FAMILIES and g % t == 0 and all(n % t == 0 for n in heads)
            and shape.intermediate % t == 0] or [1]
-    sps = [s for s in SIZES if g % s == 0 and shape.heads % s == 0]
+    # Ulysses splits the heads a tensor-parallel rank holds; tp x sp stay inside a node
     return [Layout(name, tp, sp, g // tp if name in HYBRID else 0)
-            for tp in tps for sp in sps for name in LAYOUTS if _runs(name, tp, sp, g, cluster.nodes)]
+            for tp in tps for sp in SIZES if g % (tp * sp) == 0 and (shape.heads // tp) % sp == 0
+            for name in LAYOUTS if _runs(name, tp, sp, g, cluster.nodes)]
 
 
 HYBRID = ("zero3_hpz", "hsdp")
@@ -86,8 +87,8 @@ def _runs(name: str, tp: int, sp: int, g: int, nodes: int) -> bool:
     """Combinations the trainer runs and that differ from another candidate."""
     if name in HYBRID and (nodes == 1 or g // tp == 1):  # one node (or one rank a node): the flat layout
         return False
-    if sp > 1:  # Ulysses runs under DeepSpeed ZeRO, without tp (and hpZ's groups with it are untested)
-        return tp == 1 and name in ("zero1", "zero2", "zero3")
+    if sp > 1:  # Ulysses runs under ZeRO without tp, and under flat FSDP2 with or without (not with shard groups)
+        return name == "fsdp" or (tp == 1 and name in ("zero1", "zero2", "zero3"))
     return tp == 1 or name in TP_LAYOUTS
 
 
@@ -110,7 +111,8 @@ def volumes(cfg: Config, shape: ModelShape, layout: Layout, micro: int, accum: i
     tokens = micro * cfg.data.max_seq_len / layout.sp
     recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every) if cfg.model.gradient_checkpointing else 0
     return Volumes(shape.params / layout.tp, shape.trainable / layout.tp, w, 2 if bf16_grads else 4,
-                   tokens * shape.hidden * a, tokens * (2 * shape.hidden + 2 * shape.kv_dim) * a, shape.layers,
+                   tokens * shape.hidden * a, tokens * (2 * shape.hidden + 2 * shape.kv_dim) * a / layout.tp,
+                   shape.layers,
                    accum, recomputed, root=(shape.vocab + 1) * shape.hidden / layout.tp,
                    regather=min(1.0, max(0.0, 1 - REUSE_DISTANCE / (2 * shape.params))))
 

@@ -55,7 +55,7 @@ def run(cfg: Config) -> RunResult:
     tokenizer = load_tokenizer(cfg.model)
     d = build_data(cfg, acc, tokenizer, plan)
     agree_on_data(acc, d)  # every rank trains on the same tokens in the same steps, or none starts
-    model, trainable, n_params = build_model(cfg, acc)
+    model, trainable, n_params = build_model(cfg, acc, plan.micro_batch_size)
     out = Path(cfg.output_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     resume_from = resume_target(acc, cfg, out, resolved, d.data.fingerprint)  # checked before anything is written

@@ -39,9 +39,9 @@ from .tiling import apply_tiled_mlp
 log = logging.getLogger("distsft")
 
 
-def build_model(cfg: Config, acc):
+def build_model(cfg: Config, acc, micro_batch: int | None = None):
     """(model, trainable, total parameters): load (quantised) -> kernels -> adapters -> gradient checkpointing
-    -> compiled layers."""
+    -> compiled layers. ``micro_batch``: the rows of a micro-batch (Ulysses' attention under FSDP2 is built for it)."""
     cuda = acc.device.type == "cuda"
     check_device_combinations(cfg, cuda)
     model_cfg = replace(cfg.model, dtype=load_dtype(cfg))  # trainable weights are fp32 masters
@@ -55,7 +55,10 @@ def build_model(cfg: Config, acc):
         apply_tensor_parallel(model, acc, cfg.parallel.tp_size)
     if cfg.parallel.zero3:  # before accelerate.prepare: DeepSpeed reads the flags when it wraps the model
         mark_z3_leaf_modules(model)
-    if cfg.parallel.sequence_parallel:
+    if cfg.parallel.sequence_parallel and cfg.parallel.strategy == "fsdp":  # Ulysses on FSDP2's mesh
+        sequence.around_attention(acc, model, cfg.parallel.sp_size, cfg.parallel.tp_size,
+                                  micro_batch or cfg.trainer.micro_batch_size)
+    elif cfg.parallel.sequence_parallel:  # Ulysses inside DeepSpeed, registered by Accelerate at prepare
         sequence.hand_to_accelerate(acc, model, cfg.parallel.sp_size)
     if cfg.peft.method != "none" and cfg.model.init == "config":
         log.warning("peft=%s on a randomly initialised base (model.init=config): adapters adapt what a pretrained "

@@ -43,7 +43,7 @@ def build_accelerator(parallel: ParallelConfig, trainer: TrainerConfig, plan: Ba
         kwargs += ddp_kwargs(trainer)
     if "deepspeed_plugin" in extra and not cuda:
         announce_op_build()
-    if parallel.sequence_parallel:
+    if parallel.sequence_parallel and parallel.strategy == "deepspeed":  # (under fsdp: the mesh below, model.sequence)
         extra["parallelism_config"] = sequence_parallelism(parallel.sp_size, plan)
     mesh = fsdp_parallelism(parallel, plan.world_size)  # set once the Accelerator is made (use_mesh)
     accelerator = Accelerator(
@@ -81,19 +81,20 @@ def sequence_parallelism(sp_size: int, plan: BatchPlan):
 
 
 def fsdp_parallelism(parallel: ParallelConfig, world: int):
-    """FSDP2's device mesh as Accelerate's ParallelismConfig: HSDP (sharded within each group of
-    ``strategy.shard_group`` data-parallel ranks, the groups replicas of each other, gradients all-reduced across
-    them) and tensor parallelism (``tp`` innermost: a node's neighbouring ranks); None for flat sharding without TP
-    or another strategy."""
+    """FSDP2's device mesh as Accelerate's ParallelismConfig, ``dp_replicate x dp_shard x sp x tp``: HSDP (sharded
+    within each group of ``strategy.shard_group`` ranks, the groups replicas of each other, gradients all-reduced
+    across them), Ulysses sequence parallelism (``sp``: FSDP2 shards over dp_shard x sp, whose ranks hold the same
+    weights) and tensor parallelism (``tp`` innermost: a node's neighbouring ranks); None for flat sharding without
+    TP or SP, or another strategy."""
     if parallel.strategy != "fsdp":
         return None
-    tp, group = parallel.tp_size, shard_group(parallel, world, local_world_size(world))
-    dp = world // tp
-    if group == dp and tp == 1:
+    tp, sp, group = parallel.tp_size, parallel.sp_size, shard_group(parallel, world, local_world_size(world))
+    peers = world // tp  # the ranks FSDP2 shards over (data- and sequence-parallel)
+    if group == peers and tp == 1 and sp == 1:
         return None
     from accelerate.parallelism_config import ParallelismConfig
 
-    return ParallelismConfig(dp_replicate_size=dp // group, dp_shard_size=group, tp_size=tp)
+    return ParallelismConfig(dp_replicate_size=peers // group, dp_shard_size=group // sp, sp_size=sp, tp_size=tp)
 
 
 def use_mesh(accelerator: Accelerator, pc) -> None:
@@ -104,13 +105,15 @@ def use_mesh(accelerator: Accelerator, pc) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     checked("trainer.tp_mesh")
-    sizes = {"dp_replicate": pc.dp_replicate_size, "dp_shard": pc.dp_shard_size, "tp": pc.tp_size}
+    sizes = {"dp_replicate": pc.dp_replicate_size, "dp_shard": pc.dp_shard_size, "sp": pc.sp_size, "tp": pc.tp_size}
     dims = {k: v for k, v in sizes.items() if v > 1 or k == "dp_shard"}
     mesh = init_device_mesh(accelerator.device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
     data = tuple(k for k in dims if k.startswith("dp"))
-    mesh[("dp_shard",)]._flatten("dp_shard_cp")  # the names Accelerate's FSDP2 and its data-parallel rank read
+    # the names Accelerate's FSDP2 reads: it shards over "dp_shard_cp" (here the sequence-parallel ranks too, which
+    # hold the same weights) and replicates over "dp_replicate"
+    mesh[tuple(k for k in ("dp_shard", "sp") if k in dims)]._flatten("dp_shard_cp")
     mesh[data]._flatten("dp")
-    mesh[data]._flatten("dp_cp")
+    mesh[tuple(k for k in dims if k != "tp")]._flatten("dp_cp")
     accelerator.state.parallelism_config, accelerator.state.device_mesh = pc, mesh
     pc.device_mesh = mesh
     if pc.tp_enabled:

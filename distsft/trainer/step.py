@@ -139,11 +139,11 @@ def tensor_replicas(accelerator) -> int:
 def gradient_divisor(accelerator, model) -> int:
     """What the strategy divides the gradients summed over all ranks by: the world size, but under sequence
     parallelism ZeRO-1/2 (and ZeRO-3 without reduce-scatter) divide by the data-parallel size (world / sp)
-    while ZeRO-3's reduce-scatter divides by the world (DeepSpeed 0.19); under tensor parallelism FSDP2 averages
-    over the data-parallel ranks (world / tp), each rank's gradient being its slice's whole. The sp=1 and tp=1
-    equivalence tests hold either way only if this is right."""
+    while ZeRO-3's reduce-scatter divides by the world (DeepSpeed 0.19); FSDP2 averages over the ranks it shards
+    over (data- and sequence-parallel: world / tp), a tensor-parallel rank's gradient being its slice's whole. The
+    sp=1 and tp=1 equivalence tests hold either way only if this is right."""
     pc, world = accelerator.parallelism_config, accelerator.num_processes
-    if tensor_replicas(accelerator) > 1:
+    if tensor_replicas(accelerator) > 1 or getattr(accelerator, "is_fsdp2", False):  # FSDP2: over its dp x sp ranks
         return world // tensor_replicas(accelerator)
     sp = pc.sp_size if pc is not None and pc.sp_enabled else 1
     if sp == 1:

@@ -207,7 +207,8 @@ def shard_group(parallel: ParallelConfig, world: int, local: int) -> int:
     world, local = world // tp, max(local // tp, 1)
     if not (parallel.strategy == "fsdp" or parallel.zero3):
         return world
-    # by default one node's ranks when the run spans nodes (one rank per node: nothing to keep inside a node)
+    # by default one node's ranks when the run spans nodes (one rank per node: nothing to keep inside a node);
+    # under sequence parallelism flat (its groups and the shard groups are not composed)
     size = parallel.dp_shard_size or (local if world > local > 1 and not parallel.sequence_parallel else world)
     if world % size:
         ranks = f"{world} data-parallel ranks (world / parallel.tp_size={tp})" if tp > 1 else f"{world} processes"
@@ -248,11 +249,15 @@ def describe(parallel: ParallelConfig) -> str:
 
 
 def describe_groups(parallel: ParallelConfig, world: int) -> str:
-    """How the ranks shard: flat, or in groups (hybrid), and tensor parallelism, for the start line."""
-    group, tp = shard_group(parallel, world, local_world_size(world)), parallel.tp_size
+    """How the ranks split the work, for the start line: tensor and sequence parallelism, and the shard groups (flat,
+    or hybrid)."""
+    group, tp, sp = shard_group(parallel, world, local_world_size(world)), parallel.tp_size, parallel.sp_size
+    parts = [f"tensor parallel over groups of {tp} ranks (parallel.tp_size={tp})"] * (tp > 1) + [
+        f"Ulysses sequence parallel over groups of {sp} ranks (parallel.sp_size={sp})"] * (sp > 1)
+    replicas = world // (tp * sp)
+    out = "".join(f"; {p}" for p in parts) + (
+        f", {replicas} data-parallel {'replica' if replicas == 1 else 'replicas'}" if parts else "")
     dp = world // tp
-    out = (f"; tensor parallel over groups of {tp} ranks (parallel.tp_size={tp}), {dp} data-parallel "
-           f"{'replica' if dp == 1 else 'replicas'}" if tp > 1 else "")
     if group == dp or dp == 1:
         return out
     ranks = "data-parallel ranks" if tp > 1 else "ranks"

@@ -122,8 +122,8 @@ def test_packed_sdpa_equals_sdpa_with_transformers_block_mask_and_a_causal_mask_
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (("parallel.sp_size=2",), "use parallel=zero1, zero2 or zero3"),
-    (("parallel=fsdp", "parallel.sp_size=2"), "parallel.strategy=fsdp"),
+    (("parallel.sp_size=2",), "use parallel=zero1, zero2, zero3 or fsdp with it .got parallel.strategy=ddp"),
+    (("parallel=fsdp", "parallel.sp_size=2", "parallel.dp_shard_size=1"), "parallel.dp_shard_size=1 with parallel.sp"),
     (("parallel=zero2", "parallel.sp_size=2", "data.mode=pad"), "use data.mode=pack"),
     (("parallel=zero2", "parallel.sp_size=2", "model.attn_implementation=eager"), "use sdpa or varlen"),
     (("parallel=zero2", "parallel.sp_size=2", "model.kernels=liger"), "model.kernels=liger with parallel.sp_size=2"),

@@ -104,3 +104,24 @@ def test_the_plan_divides_a_tp_ranks_state_by_tp_and_keeps_the_whole_activations
     h, per_layer = SHAPE.hidden, 7 * SHAPE.hidden + 2 * SHAPE.kv_dim + 4 * SHAPE.intermediate
     assert two["activations"] / one["activations"] == pytest.approx((3 * h + (per_layer - 3 * h) / 2) / per_layer)
     assert two["logits"] == one["logits"]  # the head's output is gathered whole on every rank
+
+
+def test_the_plan_offers_tp_and_sp_where_the_trainer_runs_them():
+    import sys
+
+    from distsft.comm import CLUSTERS
+    from distsft.layouts import Layout, candidates
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import published
+
+    cands = candidates(published.LLAMA31_8B, CLUSTERS["h100_ib"])
+    assert all(c.name in ("fsdp", "hsdp") for c in cands if c.tp > 1)  # TP over FSDP2
+    assert all(c.name in ("zero1", "zero2", "zero3", "fsdp") for c in cands if c.sp > 1)  # no shard groups with sp
+    assert Layout("fsdp", tp=2, sp=2) in cands and all(c.tp * c.sp <= 8 for c in cands)  # inside a node
+    # across nodes flat fsdp names its shard group, but not with sp (flat already; a group would be refused)
+    assert Layout("fsdp", tp=2).overrides(CLUSTERS["h100_ib"]).endswith("parallel.dp_shard_size=16 parallel.tp_size=2")
+    assert Layout("fsdp", tp=2, sp=2).overrides(CLUSTERS["h100_ib"]) == \
+        "parallel=fsdp parallel.tp_size=2 parallel.sp_size=2"
+    typed_cfg(*Layout("fsdp", tp=2, sp=2).overrides(CLUSTERS["h100_ib"]).split())  # the trainer accepts it
