@@ -4,7 +4,8 @@ and the final (exported, whole) weights of one process, through a stop and a res
 - 2 processes, tp=2 (one data-parallel replica) for steps 1-3, resumed under plain FSDP (tp=1) for steps 4-6:
   torch.distributed.checkpoint reshards the tensor-parallel DTensors into FSDP's shards;
 - 4 processes, tp=2 x 2 data-parallel ranks, stopped after step 3 and resumed as it was;
-- 4 processes, tp=2 x sp=2 (Ulysses' all-to-all over the heads a tensor-parallel rank holds);
+- 4 processes, tp=2 x sp=2 (Ulysses' all-to-all over the heads a tensor-parallel rank holds), and 2 processes of
+  FSDP2 with sp=2 alone (DeepSpeed's Ulysses module on FSDP2's mesh, no DeepSpeed engine);
 - the negative control: the two ranks of a tp group take different rows (one takes its micro-batches in reverse
   order); the losses part from the reference.
 
@@ -75,12 +76,15 @@ def test_tp_times_dp_matches_one_process_through_a_resume(reference, tmp_path):
     assert second["supervised_tokens"] == ref["supervised_tokens"]  # a tp group's tokens counted once
 
 
-def test_tp_times_sp_matches_one_process(reference, tmp_path):
+@pytest.mark.parametrize("n, layout, says", [
+    (4, TP, "data-parallel 1 (world_size 4 / sequence-parallel 2 x tensor-parallel 2)"),
+    (2, ["parallel=fsdp"], "data-parallel 1 (world_size 2 / sequence-parallel 2)"),
+], ids=["tp2_sp2", "fsdp_sp2"])
+def test_sequence_parallelism_under_fsdp_matches_one_process(n, layout, says, reference, tmp_path):
     ref, weights = reference
-    summary = launch(4, tmp_path, *TP, "parallel.sp_size=2", *STEPS, timeout=900)
+    summary = launch(n, tmp_path, *layout, "parallel.sp_size=2", *STEPS, timeout=900)
     log = (tmp_path / "train.log").read_text()
-    assert "data-parallel 1 (world_size 4 / sequence-parallel 2 x tensor-parallel 2)" in log
-    assert "Ulysses sequence parallel over groups of 2 ranks (parallel.sp_size=2), 1 data-parallel replica" in log
+    assert says in log and "Ulysses sequence parallel over groups of 2 ranks (parallel.sp_size=2)" in log
     assert _same_losses(summary, ref), (summary["train_loss_history"], ref)
     assert summary["eval_loss_history"][-1][1] == pytest.approx(ref["eval_loss_history"][-1][1], rel=1e-6)
     _same_weights(tmp_path, weights)
