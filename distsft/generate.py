@@ -50,10 +50,13 @@ def load_final(run_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .model.source import check_config, check_weights, loading
+
     final = run_dir / "final"
     if not final.is_dir():
         raise ConfigError(f"run_dir={run_dir}: no final/ (the run has not finished, or export.enabled=false)")
-    tokenizer = AutoTokenizer.from_pretrained(final)
+    with loading("run_dir", str(final), "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(final)
     if (final / "adapter_config.json").exists():
         from peft import PeftModel
 
@@ -61,9 +64,13 @@ def load_final(run_dir: Path):
 
         cfg = OmegaConf.to_container(OmegaConf.load(final / "distsft_config.yaml"))
         base = load_model(ModelConfig(**cfg["model"]), cfg["trainer"]["seed"])
-        model = PeftModel.from_pretrained(base, final)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+        with loading("run_dir", str(final), "adapter"):
+            model = PeftModel.from_pretrained(base, final)
+    else:  # a full or merged export: its files are checked first (one line naming the file, no traceback)
+        check_config(final, "run_dir", trust_remote_code=False)
+        check_weights(final, "run_dir")
+        with loading("run_dir", str(final), "model"):
+            model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     return model.eval(), tokenizer
 
 
@@ -87,22 +94,37 @@ def score(rows: list[dict], answers: list[str]) -> dict:
             for k, v in by.items()}
 
 
+def read_cases(path: Path) -> list[dict]:
+    """The prompts file's rows ({"prompt": str, "expected": ..., "split": optional}); a bad line is named."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"prompts_file={path}: cannot be read ({e.strerror if isinstance(e, OSError) else e})") \
+            from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path} line {n}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "expected" not in row:
+            raise ConfigError(f"{path} line {n}: expected {{\"prompt\": str, \"expected\": ...}}")
+        rows.append(row)
+    return rows
+
+
 def run_generate(cfg: GenerateConfig, stream=sys.stdout) -> dict | None:
     run_dir = Path(cfg.run_dir)
     if not cfg.prompt and not cfg.prompts_file:
         raise ConfigError("give prompt=\"...\" or prompts_file=cases.jsonl")
+    rows = read_cases(Path(cfg.prompts_file)) if cfg.prompts_file else None  # a bad file fails before the model loads
     model, tokenizer = load_final(run_dir)
     if cfg.prompt:
         print(answer(model, tokenizer, cfg.prompt, cfg.max_new_tokens), file=stream)
-    if not cfg.prompts_file:
+    if rows is None:
         return None
-    rows = []
-    for n, line in enumerate(Path(cfg.prompts_file).read_text().splitlines(), start=1):
-        if line.strip():
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str) or "expected" not in row:
-                raise ConfigError(f"{cfg.prompts_file} line {n}: expected {{\"prompt\": str, \"expected\": ...}}")
-            rows.append(row)
     answers = [answer(model, tokenizer, r["prompt"], cfg.max_new_tokens) for r in rows]
     report = {"scores": score(rows, answers),
               "answers": [{**r, "answer": a} for r, a in zip(rows, answers)]}

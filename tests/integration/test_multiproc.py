@@ -22,7 +22,8 @@ def test_two_processes_match_one(tmp_path):
     one = run_tiny(tmp_path / "one", *COMMON).summary  # 4 x 2 x 1
     two = launch(2, tmp_path / "two", *COMMON)  # 4 x 1 x 2
     assert one["batch"]["grad_accum"] == 2 and two["batch"] == {
-        "micro_batch_size": 4, "grad_accum": 1, "world_size": 2, "global_batch_size": 8, "sp_size": 1}
+        "micro_batch_size": 4, "grad_accum": 1, "world_size": 2, "global_batch_size": 8, "sp_size": 1,
+        "tp_size": 1}
     steps1, losses1 = zip(*one["train_loss_history"])
     steps2, losses2 = zip(*two["train_loss_history"])
     assert steps1 == steps2 == (1, 2, 3, 4, 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def test_run_dir_layout(default_run):
     assert len(ckpts) <= 2  # save_total_limit
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "finished" and s["steps"] == s["total_steps"] > 0
-    assert s["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8, "sp_size": 1}
+    assert s["batch"] == {"micro_batch_size": 4, "grad_accum": 2, "world_size": 1, "global_batch_size": 8, "sp_size": 1,
+                          "tp_size": 1}
     assert s["tokens"] > s["supervised_tokens"] > 0 and s["wall_time_s"] > 0
     assert s["final_eval_loss"] is not None
 
@@ -182,6 +184,17 @@ def test_generate_answers_and_scores_per_split(default_run, tmp_path):
     from distsft.generate import answer
 
     assert report["answers"][0]["answer"] == answer(model, tok, "What is 3 plus 4?", 16)
+    # bad input is one line naming the file (and line), before or instead of a traceback from deep inside a library
+    from distsft.config import ConfigError
+
+    cases.write_text('{"prompt": "p", "expected": "7"}\n{"prompt": "q", "expected": \n')
+    with pytest.raises(ConfigError, match=f"{cases} line 2: not JSON"):
+        run_generate(GenerateConfig(run_dir=str(out), prompts_file=str(cases)))
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "final", broken / "final")
+    (broken / "final" / "model.safetensors").write_bytes(b"\0" * 100)  # a truncated export
+    with pytest.raises(ConfigError, match="model.safetensors is not a readable safetensors file"):
+        load_final(broken)
     prompts = [{"prompt": "p", "expected": "7"}, {"prompt": "q", "expected": "x", "split": "s"}]
     assert score(prompts, ["7", "a x b"]) == {
         "overall": {"n": 2, "exact_match": 0.5, "contains_match": 1.0},
