@@ -38,8 +38,12 @@ GPU sends the ring share of them above, so ddp's all-reduce is 2Ψg(n-1)/n per G
                once                                                                        A(2P - root)w + Ψg
     hsdp       all-gathers and reduce-scatter within groups of S ranks on a node; then the 1/S shard all-reduced
                across the R = n/S groups, all over the NICs: 2(Ψg/S)(R-1)/R per GPU
-    tp         per layer and micro-batch 2 all-reduces in forward, 2 in backward, 2 more when recomputed, of
-               B*T*h*a bytes each, within the node
+    tp         per micro-batch, of B*T*h*a bytes each, within the node: in forward one all-reduce after each
+               row-wise layer (2 a layer) and one after the vocabulary-parallel embedding; in backward one per
+               column-wise layer's input (transformers' TP does not add q, k and v's input gradients before
+               reducing them: 5 a Llama layer, where Megatron reduces 2); 2 more a recomputed layer. The output
+               head: its logits all-gathered (rows x V x a, the rows its loss needs: the supervised positions)
+               and its input's gradient all-reduced (rows x h x a)
     sp         Ulysses: per layer and micro-batch all-to-alls of q, k, v in and the attention output back,
                B*T/sp*(2h + 2kv)*a bytes a rank, in forward, again in backward and when recomputed
 
@@ -194,6 +198,8 @@ class Volumes:
     recomputed: int = 0
     root: float = 0.0  # parameters FSDP2 keeps gathered from forward to backward: its root module's (embedding, norm)
     regather: float = 1.0  # share of the weights ZeRO-3 gathers again in backward (REUSE_DISTANCE)
+    head_acts: float = 0.0  # a micro-batch's rows through the output head: their inputs' bytes (rows x h x a)
+    logits: float = 0.0  # ... and their logits' bytes (rows x V x a)
 
     def quantized(self) -> Volumes:
         """ZeRO++: weights gathered as int8 blocks (qwZ), gradients reduced as int4 (qgZ)."""
@@ -234,13 +240,20 @@ def dp_collectives(layout: str, v: Volumes, n: int, m: int, shard: int, quantize
     raise ValueError(f"unknown layout {layout!r}")
 
 
+COLUMN_WISE = 5  # column-wise layers a decoder layer (q, k, v, gate, up): one input-gradient all-reduce each
+
+
 def model_collectives(v: Volumes, tp: int, sp: int) -> list[Collective]:
     """Tensor parallelism's all-reduces and Ulysses' all-to-alls (groups inside a node, on the critical path)."""
     out = []
     passes = 2 * v.layers * v.accum + v.recomputed * v.accum  # layer forwards and backwards, and recomputes
     if tp > 1:
-        out.append(Collective("TP all-reduce activations", "all_reduce", 2 * passes * v.layer_acts, tp, tp,
-                              2 * passes, "none"))
+        calls = v.accum * (2 * v.layers + 1 + COLUMN_WISE * v.layers + 2 * v.recomputed)
+        out.append(Collective("TP all-reduce activations", "all_reduce", calls * v.layer_acts, tp, tp, calls, "none"))
+        if v.logits:
+            out += [Collective("TP all-gather logits", "all_gather", v.accum * v.logits, tp, tp, v.accum, "none"),
+                    Collective("TP all-reduce head input gradient", "all_reduce", v.accum * v.head_acts, tp, tp,
+                               v.accum, "none")]
     if sp > 1:
         out.append(Collective("SP all-to-all q,k,v,out", "all_to_all", passes * v.sp_acts, sp, sp, 4 * passes,
                               "none"))

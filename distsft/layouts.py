@@ -100,7 +100,9 @@ def layout_config(cfg: Config, layout: Layout) -> Config:
     return replace(cfg, parallel=par)
 
 
-def volumes(cfg: Config, shape: ModelShape, layout: Layout, micro: int, accum: int) -> Volumes:
+def volumes(cfg: Config, shape: ModelShape, layout: Layout, micro: int, accum: int, sup_share: float = 1.0) -> Volumes:
+    """``sup_share``: the supervised share of the tokens (the rows the output head computes, with the supervised
+    head)."""
     from .model.precision import half_compute
 
     a = 2 if half_compute(cfg) else 4
@@ -110,11 +112,12 @@ def volumes(cfg: Config, shape: ModelShape, layout: Layout, micro: int, accum: i
         cfg.trainer.precision == "bf16" and cfg.trainer.grad_dtype == "bfloat16")
     tokens = micro * cfg.data.max_seq_len / layout.sp
     recomputed = recomputed_layers(shape.layers, cfg.model.checkpoint_every) if cfg.model.gradient_checkpointing else 0
+    rows = tokens * (sup_share if cfg.trainer.loss_head == "supervised" else 1.0)  # through the output head
     return Volumes(shape.params / layout.tp, shape.trainable / layout.tp, w, 2 if bf16_grads else 4,
                    tokens * shape.hidden * a, tokens * (2 * shape.hidden + 2 * shape.kv_dim) * a / layout.tp,
-                   shape.layers,
-                   accum, recomputed, root=(shape.vocab + 1) * shape.hidden / layout.tp,
-                   regather=min(1.0, max(0.0, 1 - REUSE_DISTANCE / (2 * shape.params))))
+                   shape.layers, accum, recomputed, root=(shape.vocab + 1) * shape.hidden / layout.tp,
+                   regather=min(1.0, max(0.0, 1 - REUSE_DISTANCE / (2 * shape.params))),
+                   head_acts=rows * shape.hidden * a, logits=rows * shape.vocab * a)
 
 
 def layout_memory(cfg: Config, shape: ModelShape, layout: Layout, dp: int, micro: int, accum: int,
@@ -132,7 +135,7 @@ def layout_memory(cfg: Config, shape: ModelShape, layout: Layout, dp: int, micro
 
 
 def evaluate(cfg: Config, shape: ModelShape, cluster: Cluster, layout: Layout, global_batch: int, peak: float,
-             mfu: float = ASSUMED_MFU, quantized: bool = False) -> dict:
+             mfu: float = ASSUMED_MFU, quantized: bool = False, sup_share: float = 1.0) -> dict:
     """One layout's memory, collectives, times and throughput per optimizer step (comm's and memory's formulas)."""
     micro = cfg.trainer.micro_batch_size or 1
     try:
@@ -140,7 +143,7 @@ def evaluate(cfg: Config, shape: ModelShape, cluster: Cluster, layout: Layout, g
     except ConfigError as e:
         return {"layout": layout.label, "error": str(e).split(";")[0]}
     c, accum, dp = layout_config(cfg, layout), batch.grad_accum, cluster.world // layout.tp
-    vol = volumes(c, shape, layout, micro, accum)
+    vol = volumes(c, shape, layout, micro, accum, sup_share)
     colls = dp_collectives(layout.name, vol, dp, cluster.gpus_per_node // layout.tp, layout.shard, quantized)
     colls += model_collectives(vol, layout.tp, layout.sp)
     forward = 1 / 2 if shape.trainable < shape.params else 1 / 3  # a frozen base has no weight gradients
@@ -166,11 +169,11 @@ def evaluate(cfg: Config, shape: ModelShape, cluster: Cluster, layout: Layout, g
 
 
 def plan_layouts(cfg: Config, shape: ModelShape, cluster: Cluster, name: str, global_batch: int, peak: float,
-                 mfu: float = ASSUMED_MFU) -> dict:
+                 mfu: float = ASSUMED_MFU, sup_share: float = 1.0) -> dict:
     """Every candidate evaluated; those within HEADROOM of the GPU ranked by tokens/s per GPU, then by the seconds of
     communication (among layouts that hide it all, the one with the most compute to spare)."""
     # parallel.quantized_comm: ZeRO-3's layouts with ZeRO++'s int8 weights and int4 gradients on the wire
-    rows = [evaluate(cfg, shape, cluster, lay, global_batch, peak, mfu, cfg.parallel.quantized_comm)
+    rows = [evaluate(cfg, shape, cluster, lay, global_batch, peak, mfu, cfg.parallel.quantized_comm, sup_share)
             for lay in candidates(shape, cluster)]
     budget = HEADROOM * cluster.memory_gib * GIB
     fits = sorted((r for r in rows if "error" not in r and r["memory"] <= budget),

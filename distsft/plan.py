@@ -154,7 +154,8 @@ def make_plan(cfg: Config, world_size: int) -> dict:
         "checkpoint_bytes": checkpoint_bytes(cfg, shape, world_size),
         "checkpoint_gbps": (cfg.plan.checkpoint_gbps, cfg.plan.stage_gbps),
         "layouts": plan_layouts(cfg, shape, cluster_of(cfg.plan), cfg.plan.cluster, plan.global_batch_size,
-                                plan_peak(cfg)) if cfg.plan.cluster else None,
+                                plan_peak(cfg), sup_share=st.supervised_tokens / max(st.tokens, 1))
+        if cfg.plan.cluster else None,
     }
 
 

@@ -9,9 +9,11 @@ included). ``measured`` and ``predicted`` compare them with the plan's communica
     gathers (all-gather)
         the model's tensor bytes / group size: every rank hands in its shard
 
-Held within 5% per kind by tests/integration/test_deepspeed.py (ddp, zero2, zero3, fsdp on 2 processes) and
-test_hybrid.py (HSDP and ZeRO-3 hpZ on 4, 2 groups x 2). (Measured 2026-12-07 on the tiny model, fp32: the trainer's
-own scalar all-reduces are the only extra, < 0.01%.)"""
+Held within 5% per kind by tests/integration/test_deepspeed.py (ddp, zero2, zero3, fsdp on 2 processes),
+test_hybrid.py (HSDP and ZeRO-3 hpZ on 4, 2 groups x 2) and test_tensor_parallel.py (FSDP2 x tp=2 on 4: TP's
+activation all-reduces, the head's logits all-gather and its input-gradient all-reduce besides FSDP2's own).
+(Measured 2026-12-07 on the tiny model, fp32: the trainer's own scalar all-reduces are the only extra, < 0.01%;
+2026-12-08, tp=2 x dp=2: 0.02% of the reduced bytes, 0.1% of the gathered.)"""
 
 from __future__ import annotations
 
@@ -41,18 +43,28 @@ def measured(out: Path, steps: int = 2) -> dict[str, float]:
     return per
 
 
-def predicted(layout: str, world: int, shard: int = 0, micro: int = 4) -> dict[str, float]:
-    """The same bytes from distsft.comm's collectives for this layout (one node: every rank on it)."""
-    from distsft.comm import dp_collectives
+def head_rows(out: Path) -> float:
+    """Rows the output head computed per micro-batch in the profiled steps on rank 0 (its supervised positions)."""
+    rows, batches = json.loads((out / "comm" / "head_rows_0.json").read_text())
+    return rows / batches
+
+
+def predicted(layout: str, world: int, shard: int = 0, micro: int = 4, tp: int = 1,
+              rows: float | None = None) -> dict[str, float]:
+    """The same bytes from distsft.comm's collectives for this layout (one node: every rank on it); under tensor
+    parallelism ``rows``: the output head's rows per micro-batch (head_rows)."""
+    from distsft.comm import dp_collectives, model_collectives
     from distsft.layouts import Layout, volumes
     from distsft.plan import model_shape
     from tests.conftest import typed_cfg
 
     cfg = typed_cfg()
-    accum = 8 // (micro * world)
-    v = volumes(cfg, model_shape(cfg), Layout(layout, shard=shard), micro, accum)
+    dp = world // tp
+    accum = 8 // (micro * dp)
+    share = rows / (micro * cfg.data.max_seq_len) if rows is not None else 1.0
+    v = volumes(cfg, model_shape(cfg), Layout(layout, tp=tp, shard=shard), micro, accum, sup_share=share)
     per = {"reduce": 0.0, "gather": 0.0}
-    for c in dp_collectives(layout, v, world, world, shard or world):
+    for c in dp_collectives(layout, v, dp, dp, shard or dp) + model_collectives(v, tp, 1):
         if c.kind == "all_gather":
             per["gather"] += c.size / c.n
         else:
@@ -79,6 +91,10 @@ if __name__ == "__main__":
         if calls[0] == FIRST:
             box["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
             box["prof"].__enter__()
+        if FIRST <= calls[0] <= LAST:  # the output head's rows (its supervised positions): what TP gathers
+            rows = box.setdefault("rows", [0, 0])
+            rows[0] += sum(int(mb["n_supervised"]) for mb in micro_batches)
+            rows[1] += len(micro_batches)
         out = step(model, micro_batches, accelerator, *args, **kwargs)
         if calls[0] == LAST:
             prof = box.pop("prof")
@@ -92,6 +108,7 @@ if __name__ == "__main__":
             ops = [[e["name"], (e.get("args", {}).get("Input type") or [""])[0], e.get("args", {}).get("Input Dims")]
                    for e in events if str(e.get("name", "")).startswith("gloo:")]
             (out_dir / f"rank_{os.environ.get('RANK', '0')}.json").write_text(json.dumps(ops))
+            (out_dir / f"head_rows_{os.environ.get('RANK', '0')}.json").write_text(json.dumps(box["rows"]))
         return out
 
     loop.train_step = profiled

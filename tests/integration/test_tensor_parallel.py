@@ -3,7 +3,8 @@ and the final (exported, whole) weights of one process, through a stop and a res
 
 - 2 processes, tp=2 (one data-parallel replica) for steps 1-3, resumed under plain FSDP (tp=1) for steps 4-6:
   torch.distributed.checkpoint reshards the tensor-parallel DTensors into FSDP's shards;
-- 4 processes, tp=2 x 2 data-parallel ranks, stopped after step 3 and resumed as it was;
+- 4 processes, tp=2 x 2 data-parallel ranks, stopped after step 3 and resumed as it was (its collectives' bytes,
+  profiled, are the plan's within 5%);
 - 4 processes, tp=2 x sp=2 (Ulysses' all-to-all over the heads a tensor-parallel rank holds), and 2 processes of
   FSDP2 with sp=2 alone (DeepSpeed's Ulysses module on FSDP2's mesh, no DeepSpeed engine);
 - the negative control: the two ranks of a tp group take different rows (one takes its micro-batches in reverse
@@ -68,10 +69,16 @@ def test_tp_times_dp_matches_one_process_through_a_resume(reference, tmp_path):
     ref, weights = reference
     first = launch(4, tmp_path, *TP, *STEPS, "trainer.stop_after=3", timeout=900)
     assert first["status"] == "stopped"
-    second = launch(4, tmp_path, *TP, *STEPS, timeout=900)
+    # the resumed run (steps 4-6) is profiled in steps 5-6: its collectives' bytes are the plan's (comm_entry)
+    second = launch(4, tmp_path, *TP, *STEPS, timeout=900, module="tests.integration.comm_entry",
+                    env={"DISTSFT_TEST_PROFILE": "2,3"})
     log = (tmp_path / "train.log").read_text()
     assert "2 data-parallel replicas" in log and "resumed from" in log
     assert second["status"] == "finished" and _same_losses(second, ref), (second["train_loss_history"], ref)
+    from tests.integration.comm_entry import close_enough, head_rows, measured, predicted
+
+    got, want = measured(tmp_path), predicted("fsdp", 4, micro=2, tp=2, rows=head_rows(tmp_path))
+    assert close_enough(got, want), (got, want)
     _same_weights(tmp_path, weights)
     assert second["supervised_tokens"] == ref["supervised_tokens"]  # a tp group's tokens counted once
 

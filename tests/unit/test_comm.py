@@ -95,8 +95,14 @@ def test_hsdp_crosses_nodes_only_with_the_all_reduce_of_its_shard():
 def test_tensor_and_sequence_parallel_activations():
     acts = Volumes(PSI, PSI, 2.0, 4.0, layer_acts=1e6, sp_acts=3e6, layers=10, accum=2, recomputed=10)
     (tp,) = model_collectives(acts, tp=4, sp=1)
+    # per micro-batch: forward 2 a layer + the embedding's, backward 5 a layer (q, k, v, gate, up: one each),
+    # recompute 2 a layer; 10 layers, all recomputed, 2 micro-batches
+    calls = 2 * (2 * 10 + 1 + 5 * 10 + 2 * 10)
+    assert tp.calls == calls and tp.bytes_per_gpu() == (pytest.approx(2 * calls * 1e6 * 3 / 4), 0.0)
+    head = replace(acts, head_acts=2e5, logits=4e6)
+    _, gather, grad = model_collectives(head, tp=4, sp=1)
+    assert (gather.kind, gather.size, grad.kind, grad.size) == ("all_gather", 2 * 4e6, "all_reduce", 2 * 2e5)
     passes = (2 * 10 + 10) * 2  # forward, backward and recompute of 10 layers, 2 micro-batches
-    assert tp.calls == 2 * passes and tp.bytes_per_gpu() == (pytest.approx(2 * 2 * passes * 1e6 * 3 / 4), 0.0)
     (sp,) = model_collectives(acts, tp=1, sp=2)
     assert sp.bytes_per_gpu()[0] == pytest.approx(passes * 3e6 / 2) and sp.window == "none"
 
