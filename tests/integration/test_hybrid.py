@@ -13,22 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import launch, run_tiny
+from tests.conftest import launch
+from tests.helpers import EQUIVALENCE_STEPS as STEPS
+from tests.helpers import reference_run, same_losses
 
 pytestmark = pytest.mark.multiproc
-STEPS = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=6", "logging.log_every=1",
-         "logging.sample_every=0", "trainer.micro_batch_size=2"]  # 2 x 1 x 4 = the global batch of 8
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    return run_tiny(out, *STEPS).summary, load_file(out / "final" / "model.safetensors")
-
-
-def _same_losses(summary: dict, ref: dict, rel: float = 1e-5) -> bool:
-    pairs = list(zip(ref["train_loss_history"], summary["train_loss_history"]))
-    return len(pairs) == 6 and all(s1 == s2 and b == pytest.approx(a, rel=rel) for (s1, a), (s2, b) in pairs)
+    return reference_run(tmp_path_factory.mktemp("ref"))
 
 
 @pytest.mark.parametrize("layout, says", [("fsdp", "HSDP: sharded within groups of 2 ranks, 2 groups"),
@@ -43,7 +37,7 @@ def test_hybrid_sharding_matches_one_process_through_a_resume(layout, says, refe
                     module="tests.integration.comm_entry", env={"DISTSFT_TEST_PROFILE": "2,3"})
     log = (tmp_path / "train.log").read_text()
     assert says in log and "resumed from" in log
-    assert second["status"] == "finished" and _same_losses(second, ref), (second["train_loss_history"], ref)
+    assert second["status"] == "finished" and same_losses(second, ref), (second["train_loss_history"], ref)
     from tests.integration.comm_entry import close_enough, measured, predicted
 
     got, want = measured(tmp_path), predicted({"fsdp": "hsdp", "zero3": "zero3_hpz"}[layout], 4, shard=2, micro=2)
@@ -60,4 +54,4 @@ def test_hsdp_replicas_not_averaged_part_from_one_process(reference, tmp_path):
            env={"DISTSFT_TEST_FAULT": "no_replica_mean"}, timeout=900)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["train_loss_history"][0][1] == pytest.approx(ref["train_loss_history"][0][1], rel=1e-5)
-    assert not _same_losses(summary, ref, rel=1e-4)  # from step 2 on, each replica followed its own gradients
+    assert not same_losses(summary, ref, rel=1e-4)  # from step 2 on, each replica followed its own gradients

@@ -23,23 +23,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import launch, run_tiny
+from tests.conftest import launch
+from tests.helpers import EQUIVALENCE_STEPS as STEPS
+from tests.helpers import reference_run, same_losses
 
 pytestmark = pytest.mark.multiproc
-STEPS = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=6", "logging.log_every=1",
-         "logging.sample_every=0", "trainer.micro_batch_size=2"]  # the global batch of 8
 TP = ["parallel=fsdp", "parallel.tp_size=2"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    return run_tiny(out, *STEPS).summary, load_file(out / "final" / "model.safetensors")
-
-
-def _same_losses(summary: dict, ref: dict, rel: float = 1e-5) -> bool:
-    pairs = list(zip(ref["train_loss_history"], summary["train_loss_history"]))
-    return len(pairs) == 6 and all(s1 == s2 and b == pytest.approx(a, rel=rel) for (s1, a), (s2, b) in pairs)
+    return reference_run(tmp_path_factory.mktemp("ref"))
 
 
 def _same_weights(out, weights: dict) -> None:
@@ -60,7 +54,7 @@ def test_tp2_matches_one_process_and_resumes_under_plain_fsdp(reference, tmp_pat
     second = launch(2, tmp_path, "parallel=fsdp", *STEPS)
     log = (tmp_path / "train.log").read_text()
     assert "written by 2 processes under fsdp tp_size=2, loaded by 2 under fsdp" in log
-    assert second["status"] == "finished" and _same_losses(second, ref), (second["train_loss_history"], ref)
+    assert second["status"] == "finished" and same_losses(second, ref), (second["train_loss_history"], ref)
     assert second["eval_loss_history"][-1][1] == pytest.approx(ref["eval_loss_history"][-1][1], rel=1e-6)
     _same_weights(tmp_path, weights)
 
@@ -74,7 +68,7 @@ def test_tp_times_dp_matches_one_process_through_a_resume(reference, tmp_path):
                     env={"DISTSFT_TEST_PROFILE": "2,3"})
     log = (tmp_path / "train.log").read_text()
     assert "2 data-parallel replicas" in log and "resumed from" in log
-    assert second["status"] == "finished" and _same_losses(second, ref), (second["train_loss_history"], ref)
+    assert second["status"] == "finished" and same_losses(second, ref), (second["train_loss_history"], ref)
     from tests.integration.comm_entry import close_enough, head_rows, measured, predicted
 
     got, want = measured(tmp_path), predicted("fsdp", 4, micro=2, tp=2, rows=head_rows(tmp_path))
@@ -92,7 +86,7 @@ def test_sequence_parallelism_under_fsdp_matches_one_process(n, layout, says, re
     summary = launch(n, tmp_path, *layout, "parallel.sp_size=2", *STEPS, timeout=900)
     log = (tmp_path / "train.log").read_text()
     assert says in log and "Ulysses sequence parallel over groups of 2 ranks (parallel.sp_size=2)" in log
-    assert _same_losses(summary, ref), (summary["train_loss_history"], ref)
+    assert same_losses(summary, ref), (summary["train_loss_history"], ref)
     assert summary["eval_loss_history"][-1][1] == pytest.approx(ref["eval_loss_history"][-1][1], rel=1e-6)
     _same_weights(tmp_path, weights)
 
@@ -102,4 +96,4 @@ def test_tp_ranks_on_different_rows_part_from_one_process(reference, tmp_path):
     launch(2, tmp_path, *TP, *STEPS, module="tests.integration.fault_entry",
            env={"DISTSFT_TEST_FAULT": "tp_rows_apart"})
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert not _same_losses(summary, ref, rel=1e-3)
+    assert not same_losses(summary, ref, rel=1e-3)
