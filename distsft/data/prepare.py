@@ -16,10 +16,10 @@ Preparation streams: rows stay in Arrow files (memory-mapped by ``datasets``), a
 (``data.num_proc`` of them, forked), so peak memory is set by the shard, not by the data. An entry
 is built in a temporary directory and renamed into place when complete: a reader sees all of it or
 nothing, and one whose files do not match the sizes in its index is rebuilt, never trusted. A write that fails
-(a full disk; ``writing``) removes the temporary directory and stops in one line naming the entry.
+(a full disk; ``entry.writing``) removes the temporary directory and stops in one line naming the entry.
 
 On a cluster the first process of each node builds the entry, or reads it when it is already
-there (a shared filesystem); the other processes of the node wait for it (``wait_for``), at most
+there (a shared filesystem); the other processes of the node wait for it (``entry.wait_for``), at most
 ``data.prepare_timeout`` seconds, and stop with the builder's error if it failed.
 """
 
@@ -34,18 +34,17 @@ import shutil
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from ..config import ConfigError, DataConfig
-from ..failures import why_write_failed, write_failure
+from ..config import DataConfig
 from . import cachekey
 from .cachekey import cache_key, cache_root, token_versions
 from .chatview import reasoning_mode, written_warning
+from .entry import failed_marker, read_entry, wait_for, writing
 from .multiturn import split_per_turn
 from .packing import Rows, best_fit_decreasing
 from .sources import DataError, Skipped, apply_weight, dedup, load_source, log_mixing
@@ -266,17 +265,6 @@ def _build(cfg: DataConfig, tokenizer, template: str, template_name: str, direct
     return index
 
 
-def _intact(directory: Path, index: dict) -> str | None:
-    """None when every file the index names has its recorded size, else what is wrong."""
-    for split in index["splits"].values():
-        files = [f for s in split["shards"] for f in s["files"].values()] + list(split["pack"]["files"].values())
-        for f in files:
-            p = directory / f["file"]
-            if not p.is_file() or p.stat().st_size != f["bytes"]:
-                return f"{p} is missing or has another size than its index records ({f['bytes']} bytes)"
-    return None
-
-
 def _open(directory: Path, index: dict, template: str, cache_hit: bool) -> Prepared:
     names = index["source_names"]
     split = {}
@@ -291,42 +279,11 @@ def _open(directory: Path, index: dict, template: str, cache_hit: bool) -> Prepa
                     cache_hit=cache_hit, sources=index["sources"])
 
 
-def _read_entry(path: Path) -> dict | None:
-    """The index of a complete, intact entry at ``path``, else None (a damaged one is moved aside)."""
-    try:
-        index = json.loads((path / "index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    problem = _intact(path, index) if index.get("version") == cachekey.CACHE_VERSION else "another cache version"
-    if problem is None:
-        return index
-    log.warning("token cache entry %s is damaged (%s): rebuilding it", path, problem)
-    shutil.rmtree(path, ignore_errors=True)
-    return None
-
-
-def _failed_marker(path: Path) -> Path:
-    return path.with_name(f"{path.name}.failed")
-
-
-@contextmanager
-def writing(path: Path, hint: str):
-    """A write of the tokenized data that fails (a full disk, a read-only or failing one, whatever library raised
-    it) becomes a DataError naming ``path``, the room left and what to do; bad data passes as it is."""
-    try:
-        yield
-    except Exception as e:
-        if isinstance(e, (DataError, ConfigError)) or not write_failure(e):
-            raise
-        raise DataError(f"writing the tokenized data into {path} failed: {why_write_failed(e, path)} ({hint})",
-                        reason="cache_write") from e
-
-
 def build_entry(cfg: DataConfig, tokenizer, template: str, template_name: str, path: Path) -> dict:
     """Build the entry at ``path`` atomically (temporary directory, then rename); -> its index."""
     with writing(path, CACHE_HINT):
         path.parent.mkdir(parents=True, exist_ok=True)
-        _failed_marker(path).unlink(missing_ok=True)
+        failed_marker(path).unlink(missing_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp", dir=path.parent))
     try:
         with writing(path, CACHE_HINT):
@@ -334,7 +291,7 @@ def build_entry(cfg: DataConfig, tokenizer, template: str, template_name: str, p
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         try:  # the node's other processes stop with this message instead of waiting for their timeout
-            _failed_marker(path).write_text(f"{socket.gethostname()} pid {os.getpid()}: {type(e).__name__}: {e}")
+            failed_marker(path).write_text(f"{socket.gethostname()} pid {os.getpid()}: {type(e).__name__}: {e}")
         except OSError:
             pass
         raise
@@ -344,26 +301,6 @@ def build_entry(cfg: DataConfig, tokenizer, template: str, template_name: str, p
         shutil.rmtree(tmp, ignore_errors=True)
         return json.loads((path / "index.json").read_text())
     return index
-
-
-def wait_for(path: Path, timeout: float, poll: float = 0.5) -> dict:
-    """The index of the entry at ``path`` once this node's first process has built it."""
-    start, since = time.monotonic(), time.time() - 5  # a failure marker older than this is an earlier run's
-    while True:
-        index = _read_entry(path) if (path / "index.json").exists() else None
-        if index is not None:
-            return index
-        marker = _failed_marker(path)
-        if marker.exists() and marker.stat().st_mtime >= since:
-            raise DataError(f"the first process of this node failed to prepare the data "
-                            f"({marker.read_text().strip()})", reason="prepare_failed")
-        if time.monotonic() - start > timeout:
-            raise DataError(
-                f"waited data.prepare_timeout={timeout:g} s for the token cache entry {path}, which the first "
-                "process of this node builds, and it did not appear: that process is slow (raise "
-                "data.prepare_timeout, or build the cache ahead of time with `python -m distsft.prepare` and "
-                "the same overrides) or it died (see its log)", reason="prepare_timeout")
-        time.sleep(poll)
 
 
 def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", builder: bool = True) -> Prepared:
@@ -391,7 +328,7 @@ def prepare(cfg: DataConfig, tokenizer, tokenizer_name: str = "the tokenizer", b
             shutil.rmtree(tmp, ignore_errors=True)  # mapped files stay readable until unmapped
     else:
         path = cache_root(cfg) / key
-        index = _read_entry(path) if (path / "index.json").exists() else None
+        index = read_entry(path) if (path / "index.json").exists() else None
         hit = index is not None or not builder  # a waiting process reads what its node's first one built
         if index is None:
             index = build_entry(cfg, tokenizer, template, template_name, path) if builder else \
