@@ -31,12 +31,18 @@ def attention(impl: str) -> str:
     return "sdpa_packed" if impl == "sdpa" else impl
 
 
+def held_heads(config, tp_size: int = 1) -> tuple[int, int]:
+    """(query heads, key/value heads) a rank holds: all of them, or its 1/tp under tensor parallelism."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return heads // tp_size, max(kv // tp_size, 1)
+
+
 def check_heads(config, sp_size: int, tp_size: int = 1) -> None:
     """Ulysses gives every rank H/S query heads: S must divide them (and the key/value heads, or be a multiple); under
     tensor parallelism, the H/tp heads a rank holds."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    heads, kv = heads // tp_size, max(kv // tp_size, 1)
+    heads, kv = held_heads(config, tp_size)
     held = f" (of the {heads} and {kv} a tensor-parallel rank holds)" if tp_size > 1 else ""
     if heads % sp_size or (kv % sp_size and sp_size % kv):
         raise ConfigError(f"parallel.sp_size={sp_size} must divide the model's {heads} attention heads and divide "
@@ -70,12 +76,11 @@ def around_attention(accelerator, model, sp_size: int, tp_size: int, micro_batch
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm over the existing process group
     text = model.config.get_text_config()
     impl = model.config._attn_implementation
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
+    heads, kv = held_heads(model.config, tp_size)
     ulysses = UlyssesSPAttentionHF(
-        attn=ALL_ATTENTION_FUNCTIONS[impl], batch_size=micro_batch, attn_head_count=heads // tp_size,
-        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        kv_head_count=max(kv // tp_size, 1), num_hidden_layers=text.num_hidden_layers,
+        attn=ALL_ATTENTION_FUNCTIONS[impl], batch_size=micro_batch, attn_head_count=heads,
+        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        kv_head_count=kv, num_hidden_layers=text.num_hidden_layers,
         process_group=accelerator.torch_device_mesh["sp"].get_group(), seq_length_is_variable=True)
     ulysses.core_attn_implementation = impl
 

@@ -143,7 +143,7 @@ def gradient_divisor(accelerator, model) -> int:
     over (data- and sequence-parallel: world / tp), a tensor-parallel rank's gradient being its slice's whole. The
     sp=1 and tp=1 equivalence tests hold either way only if this is right."""
     pc, world = accelerator.parallelism_config, accelerator.num_processes
-    if tensor_replicas(accelerator) > 1 or getattr(accelerator, "is_fsdp2", False):  # FSDP2: over its dp x sp ranks
+    if getattr(accelerator, "is_fsdp2", False):  # FSDP2 (tensor parallelism runs only under it): its dp x sp ranks
         return world // tensor_replicas(accelerator)
     sp = pc.sp_size if pc is not None and pc.sp_enabled else 1
     if sp == 1:
